@@ -1,0 +1,37 @@
+# Turns PyTorch's TORCH_CUDA_ARCH_LIST convention ("8.0;9.0+PTX", "8.0 9.0", "9.0a") into CMake's
+# CMAKE_CUDA_ARCHITECTURES ("80-real;90-real;90-virtual"). Precedence: -DCMAKE_CUDA_ARCHITECTURES,
+# then TORCH_CUDA_ARCH_LIST, then the default (A100 and Hopper machine code + Hopper PTX, so newer
+# GPUs can JIT it).
+set(EASGD_EXT_DEFAULT_CUDA_ARCHS "80-real;90-real;90-virtual")
+
+function(easgd_ext_cuda_architectures out_var)
+  if(DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT CMAKE_CUDA_ARCHITECTURES STREQUAL "")
+    set(${out_var} "${CMAKE_CUDA_ARCHITECTURES}" PARENT_SCOPE)
+    return()
+  endif()
+  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
+    set(${out_var} "${EASGD_EXT_DEFAULT_CUDA_ARCHS}" PARENT_SCOPE)
+    return()
+  endif()
+  string(REPLACE " " ";" _entries "$ENV{TORCH_CUDA_ARCH_LIST}")
+  set(_archs "")
+  foreach(_entry IN LISTS _entries)
+    if(_entry STREQUAL "")
+      continue()
+    endif()
+    if(NOT _entry MATCHES "^([0-9]+)\\.([0-9]+)([af]?)(\\+PTX)?$")
+      message(FATAL_ERROR "easgd_ext: cannot read '${_entry}' in TORCH_CUDA_ARCH_LIST="
+                          "'$ENV{TORCH_CUDA_ARCH_LIST}'; expected entries like 8.0, 9.0, 9.0a or 9.0+PTX")
+    endif()
+    set(_sm "${CMAKE_MATCH_1}${CMAKE_MATCH_2}${CMAKE_MATCH_3}")
+    list(APPEND _archs "${_sm}-real")
+    if(CMAKE_MATCH_4)
+      list(APPEND _archs "${_sm}-virtual")
+    endif()
+  endforeach()
+  if(_archs STREQUAL "")
+    message(FATAL_ERROR "easgd_ext: TORCH_CUDA_ARCH_LIST='$ENV{TORCH_CUDA_ARCH_LIST}' names no architecture")
+  endif()
+  list(REMOVE_DUPLICATES _archs)
+  set(${out_var} "${_archs}" PARENT_SCOPE)
+endfunction()

@@ -1,0 +1,60 @@
+// CPU backend: one pass over the buffers, split across OpenMP threads and vectorized by the
+// compiler (the functors are branch-free, the bf16/f16 conversions included). CMake compiles
+// this file once per x86-64 ISA level, each into its own namespace (EASGD_CPU_ISA); the
+// dispatcher in cpu_dispatch.cpp picks the best one the running CPU supports.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu_isa.h"
+#include "kernels.h"
+
+#ifndef EASGD_CPU_ISA
+#define EASGD_CPU_ISA baseline
+#endif
+
+namespace easgd {
+namespace cpu {
+namespace EASGD_CPU_ISA {
+namespace {
+
+// Below this many elements thread start-up costs more than it saves.
+constexpr int64_t kParallelThreshold = 1 << 15;
+
+int threads_for(int64_t n, int requested) {
+  return n >= kParallelThreshold && requested > 1 ? requested : 1;
+}
+
+struct CpuLauncher {
+  int num_threads;
+
+  template <typename F> void operator()(const F& f, int64_t n) const {
+    const int threads = threads_for(n, num_threads);
+    (void)threads;  // unused when built without OpenMP
+#pragma omp parallel for simd schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) f.template apply<1>(i);
+  }
+};
+
+}  // namespace
+
+void launch(Kernel kernel, const KernelArgs& args, const Exec& exec) {
+  if (args.numel == 0) return;
+  run_kernel(kernel, args, CpuLauncher{exec.num_threads});
+}
+
+void copy(void* dst, const void* src, size_t bytes, int num_threads) {
+  // One contiguous piece per thread: large memcpy calls let the C library use non-temporal
+  // stores, which skip reading the destination first, so this is the honest copy ceiling.
+  const int threads = threads_for(int64_t(bytes / 4), num_threads);
+  const size_t piece = (bytes / size_t(threads) + 63) & ~size_t(63);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int k = 0; k < threads; ++k) {
+    const size_t begin = std::min(bytes, size_t(k) * piece);
+    const size_t len = std::min(piece, bytes - begin);
+    std::memcpy(static_cast<char*>(dst) + begin, static_cast<const char*>(src) + begin, len);
+  }
+}
+
+}  // namespace EASGD_CPU_ISA
+}  // namespace cpu
+}  // namespace easgd

@@ -1,0 +1,29 @@
+"""easgd_ext: Elastic Averaging SGD (Zhang, Choromanska and LeCun, 2015) for PyTorch.
+
+The native core (`easgd_ext._C`) fuses each elastic update into one pass over flat parameter
+buffers on the CPU and, where built with CUDA, the GPU. `easgd_ext.ops` is its validated
+torch-facing API; `easgd_ext.ops.reference` holds float64 versions of every kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import ops
+from ._native import native
+
+__version__ = "0.1.0"
+__all__ = ["build_info", "ops", "__version__"]
+
+
+def build_info() -> dict[str, Any]:
+    """What this installation's native core was built with.
+
+    Keys: ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs`` (CMake architecture list,
+    e.g. ``["80-real", "90-real", "90-virtual"]``), ``cuda_compiler``, ``cxx_compiler``,
+    ``openmp`` (bool), ``openmp_version``, ``build_type``, and ``cuda_devices``: GPUs the core
+    can see now (0 on a host without a driver or GPU, which is fine for a CUDA build).
+    """
+    info = dict(native.build_info())
+    info["cuda_devices"] = native.cuda_device_count()
+    return info

@@ -1,0 +1,113 @@
+"""Torch-facing wrappers of the fused kernels, one function per kernel.
+
+Every function updates its tensors in place in one pass, on the tensors' device: CPU tensors
+run multi-threaded (``torch.get_num_threads()`` threads) with the GIL released; CUDA tensors are
+enqueued on the current CUDA stream of their device, with no synchronization.
+
+Dtypes: parameters (``x``, ``x_last``) and wire buffers (``wire``, ``reduced``) may be
+float32, bfloat16 or float16; the center is always float32, and all arithmetic is float32.
+All tensors of a call must be contiguous, on one device, of one shape, and must not overlap in
+memory (``average_apply`` alone allows ``reduced is x``). Violations raise ``TypeError`` (not a
+tensor, wrong dtype) or ``ValueError`` (everything else) naming the argument.
+
+:mod:`easgd_ext.ops.reference` computes each update in float64 for tests.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import torch
+
+from .._native import native
+
+__all__ = [
+    "sync_pre_exchange",
+    "sync_post_exchange",
+    "async_exchange",
+    "downpour_push",
+    "downpour_pull",
+    "downpour_async_exchange",
+    "average_apply",
+]
+
+
+def _tensor_ref(name: str, t: object) -> "native.TensorRef":
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got shape {tuple(t.shape)}, strides {t.stride()})")
+    dtype = str(t.dtype).removeprefix("torch.")
+    index = -1 if t.device.index is None else t.device.index
+    return native.TensorRef(name, t.data_ptr(), t.numel(), dtype, t.device.type, index)
+
+
+def _scalar(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _call(kernel: Callable[..., None], tensors: dict[str, torch.Tensor], written: tuple[str, ...],
+          *scalars: float) -> None:
+    refs = [_tensor_ref(name, t) for name, t in tensors.items()]
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
+                             f"{tuple(first.shape)}")
+    stream = torch.cuda.current_stream(first.device).cuda_stream if first.is_cuda else 0
+    kernel(*refs, *scalars, stream=stream, num_threads=torch.get_num_threads())
+    # The kernels write memory behind autograd's back: bump the version counters so a backward
+    # pass that saved these tensors fails loudly instead of using the new values silently.
+    torch.autograd.graph.increment_version([tensors[name] for name in written])
+
+
+def sync_pre_exchange(x: torch.Tensor, center: torch.Tensor, wire: torch.Tensor,
+                      alpha: float) -> None:
+    """Synchronous EASGD, before the all-reduce: ``d = alpha (x - center)``, rounded to
+    ``wire``'s dtype, is written to ``wire`` and subtracted from ``x`` (the rounded value, so
+    what ``x`` loses is exactly what the replicas of the center will gain)."""
+    _call(native.sync_pre_exchange, {"x": x, "center": center, "wire": wire}, ("x", "wire"),
+          _scalar("alpha", alpha))
+
+
+def sync_post_exchange(center: torch.Tensor, reduced: torch.Tensor) -> None:
+    """Synchronous EASGD, after the all-reduce: ``center += reduced`` (the sum of all d_i)."""
+    _call(native.sync_post_exchange, {"center": center, "reduced": reduced}, ("center",))
+
+
+def async_exchange(x: torch.Tensor, center: torch.Tensor, alpha: float) -> None:
+    """Asynchronous EASGD: ``e = alpha (x - center)``; ``x -= e``; ``center += e``, where the
+    ``e`` added to the center is what ``x`` actually lost after rounding to its dtype, so
+    ``x + center`` is conserved up to float32 rounding of the center."""
+    _call(native.async_exchange, {"x": x, "center": center}, ("x", "center"),
+          _scalar("alpha", alpha))
+
+
+def downpour_push(x: torch.Tensor, x_last: torch.Tensor, wire: torch.Tensor) -> None:
+    """DOWNPOUR push: ``wire = x - x_last``, the local change since the last pull."""
+    _call(native.downpour_push, {"x": x, "x_last": x_last, "wire": wire}, ("wire",))
+
+
+def downpour_pull(center: torch.Tensor, reduced: torch.Tensor, x: torch.Tensor,
+                  x_last: torch.Tensor) -> None:
+    """DOWNPOUR pull, synchronous form: ``center += reduced``; ``x = center``; ``x_last = x``
+    (``x`` and ``x_last`` rounded to their dtype)."""
+    _call(native.downpour_pull, {"center": center, "reduced": reduced, "x": x, "x_last": x_last},
+          ("center", "x", "x_last"))
+
+
+def downpour_async_exchange(x: torch.Tensor, x_last: torch.Tensor, center: torch.Tensor) -> None:
+    """DOWNPOUR against a shared center: ``center += x - x_last``; ``x = center``;
+    ``x_last = x``."""
+    _call(native.downpour_async_exchange, {"x": x, "x_last": x_last, "center": center},
+          ("x", "x_last", "center"))
+
+
+def average_apply(x: torch.Tensor, reduced: torch.Tensor, scale: float) -> None:
+    """Periodic averaging: ``x = reduced * scale`` (``scale = 1/p`` turns an all-reduced sum
+    into the mean). ``reduced`` may be ``x`` itself when it has ``x``'s dtype."""
+    _call(native.average_apply, {"x": x, "reduced": reduced}, ("x",), _scalar("scale", scale))
