@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import median_seconds  # noqa: E402
+from timing import interleaved_medians, median_seconds  # noqa: E402
 
 import easgd_ext  # noqa: E402
 from easgd_ext import ops  # noqa: E402
@@ -175,8 +175,7 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int, copy_b
     records = []
     dtype_name = str(dtype).removeprefix("torch.")
     for update, variants in impls.items():
-        # Small steps keep the values bounded over many repetitions.
-        seconds = {name: median_seconds(fn, device, reps) for name, fn in variants.items()}
+        seconds = interleaved_medians(variants, device, reps)
         nbytes = bytes_moved(update, n, dtype)
         ratios = {"vs_copy": nbytes / seconds["fused"] / copy_bw}
         ratios.update({f"vs_{peer}": s / seconds["fused"] for peer, s in seconds.items()
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [(d, n, DTYPES[t]) for d in devices for n in sizes for t in args.dtype]
     ceilings = {}
     for device, n, dtype in tqdm(cases, desc="kernel bandwidth", unit="case", file=sys.stderr):
-        reps = args.reps or (7 if device.type == "cpu" else 50)
+        reps = args.reps or (11 if device.type == "cpu" else 50)
         if (device, n) not in ceilings:
             ceilings[(device, n)] = copy_ceiling(n, device, reps)
         use_shapes = shapes if shapes and n == resnet_numel else None

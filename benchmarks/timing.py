@@ -30,3 +30,17 @@ def median_seconds(fn: Callable[[], object], device: torch.device, reps: int, wa
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, reps: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median time of each function, timed round-robin (one run of each per round) so that
+    drift in a shared machine's speed affects every variant alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(median_seconds(fn, device, reps=1, warmup=0))
+    return {name: statistics.median(ts) for name, ts in times.items()}
