@@ -26,3 +26,8 @@ echo "== tests =="
 echo "== kernel bandwidth (GPU) =="
 python3 benchmarks/kernel_bandwidth.py --device cuda --numel 16777216 25557032 124000000 \
   --dtype float32 bfloat16 float16 --json "$OUT/kernel_bandwidth_cuda.json" 2>&1 | tee "$OUT/bench.log"
+
+echo "== exchange latency (NCCL, world 1 per GPU present) =="
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+python3 benchmarks/comm_latency.py --device cuda --worlds $(seq 1 "$ngpu" | tr '\n' ' ') \
+  --sizes 1e6 1e7 25557032 --json "$OUT/comm_latency_cuda.json" 2>&1 | tee "$OUT/comm.log"

@@ -100,7 +100,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dst"), py::arg("src"), py::arg("num_threads") = 1, release,
         "Multi-threaded memcpy between CPU buffers: the copy ceiling the benchmarks compare with.");
 
-  m.def("sync_pre_exchange",
+  m.def("count_nonfinite",
+        [](const TensorRef& t, int num_threads) {
+          if (t.device_type != "cpu") throw py::value_error(t.name + " must be a CPU tensor");
+          const DType dtype = float_dtype(t);
+          check_call({&t}, {}, 0, num_threads);
+          return cpu::count_nonfinite(reinterpret_cast<const void*>(t.ptr), t.numel, dtype, num_threads);
+        },
+        py::arg("t"), py::arg("num_threads") = 1, release,
+        "Number of Inf/NaN elements of a CPU float32/bfloat16/float16 buffer (one pass).");
+
+  m.def("elastic_difference",
         [](const TensorRef& x, const TensorRef& center, const TensorRef& wire, double alpha,
            uintptr_t stream, int num_threads) {
           KernelArgs a;
@@ -109,21 +119,24 @@ PYBIND11_MODULE(_C, m) {
           a.bufs[2] = buf(wire, float_dtype(wire));
           a.scalar = finite_scalar("alpha", alpha);
           a.numel = x.numel;
-          run(Kernel::sync_pre_exchange, a, check_call({&x, &center, &wire}, {}, stream, num_threads));
+          run(Kernel::elastic_difference, a, check_call({&x, &center, &wire}, {}, stream, num_threads));
         },
         py::arg("x"), py::arg("center"), py::arg("wire"), py::arg("alpha"), py::arg("stream") = 0,
         py::arg("num_threads") = 1, release);
 
-  m.def("sync_post_exchange",
-        [](const TensorRef& center, const TensorRef& reduced, uintptr_t stream, int num_threads) {
+  m.def("sync_apply",
+        [](const TensorRef& x, const TensorRef& center, const TensorRef& reduced, double alpha,
+           uintptr_t stream, int num_threads) {
           KernelArgs a;
-          a.bufs[0] = buf(center, center_dtype(center));
-          a.bufs[1] = buf(reduced, float_dtype(reduced));
-          a.numel = center.numel;
-          run(Kernel::sync_post_exchange, a, check_call({&center, &reduced}, {}, stream, num_threads));
+          a.bufs[0] = buf(x, float_dtype(x));
+          a.bufs[1] = buf(center, center_dtype(center));
+          a.bufs[2] = buf(reduced, float_dtype(reduced));
+          a.scalar = finite_scalar("alpha", alpha);
+          a.numel = x.numel;
+          run(Kernel::sync_apply, a, check_call({&x, &center, &reduced}, {}, stream, num_threads));
         },
-        py::arg("center"), py::arg("reduced"), py::arg("stream") = 0, py::arg("num_threads") = 1,
-        release);
+        py::arg("x"), py::arg("center"), py::arg("reduced"), py::arg("alpha"), py::arg("stream") = 0,
+        py::arg("num_threads") = 1, release);
 
   m.def("async_exchange",
         [](const TensorRef& x, const TensorRef& center, double alpha, uintptr_t stream,

@@ -107,5 +107,15 @@ void copy(void* dst, const void* src, size_t bytes, int num_threads) {
   }
 }
 
+int64_t count_nonfinite(const void* data, int64_t n, DType dtype, int num_threads) {
+  switch (Isa(current().load())) {
+#if defined(EASGD_CPU_MULTI_ISA)
+    case Isa::v4: return v4::count_nonfinite(data, n, dtype, num_threads);
+    case Isa::v3: return v3::count_nonfinite(data, n, dtype, num_threads);
+#endif
+    default: return baseline::count_nonfinite(data, n, dtype, num_threads);
+  }
+}
+
 }  // namespace cpu
 }  // namespace easgd

@@ -13,6 +13,7 @@ namespace cpu {
   namespace isa {                                                             \
   void launch(Kernel kernel, const KernelArgs& args, const Exec& exec);       \
   void copy(void* dst, const void* src, size_t bytes, int num_threads);       \
+  int64_t count_nonfinite(const void* data, int64_t n, DType dtype, int nt);  \
   }
 
 EASGD_DECLARE_CPU_ISA(baseline)  // the compiler's default target (x86-64: SSE2)
@@ -27,6 +28,8 @@ void set_isa(const std::string& name);
 // Levels compiled into this build and supported by this CPU.
 std::string available_isas();  // comma-separated
 void copy(void* dst, const void* src, size_t bytes, int num_threads);
+// Elements of a float32/bfloat16/float16 buffer that are Inf or NaN (one read-only pass).
+int64_t count_nonfinite(const void* data, int64_t n, DType dtype, int num_threads);
 
 }  // namespace cpu
 }  // namespace easgd

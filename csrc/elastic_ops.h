@@ -36,40 +36,47 @@ template <int V, typename T> EASGD_HD bool aligned_for(const T* p) {
 #define EASGD_UNROLL
 #endif
 
-// Synchronous EASGD, before the all-reduce: d = alpha (x - c) rounded to the wire dtype;
-// x -= that rounded d, so what leaves x is exactly what the other replicas will add.
-template <typename X, typename W> struct SyncPreExchange {
-  X* x; const float* c; W* wire; float alpha;
+// Synchronous EASGD, before the all-reduce: wire = d = alpha (x - c), rounded to the wire
+// dtype. x is left alone, so an exchange that must be skipped (a non-finite d on some rank)
+// leaves every worker as it was.
+template <typename X, typename W> struct ElasticDifference {
+  const X* x; const float* c; W* wire; float alpha;
 
   template <int V> EASGD_HD void apply(int64_t i) const {
     const Vec<X, V> xv = load<V>(x + i);
     const Vec<float, V> cv = load<V>(c + i);
-    Vec<X, V> xo; Vec<W, V> dv;
-    EASGD_UNROLL for (int k = 0; k < V; ++k) {
-      const float xf = to_float(xv.v[k]);
-      dv.v[k] = from_float<W>(alpha * (xf - cv.v[k]));
-      xo.v[k] = from_float<X>(xf - to_float(dv.v[k]));
-    }
+    Vec<W, V> dv;
+    EASGD_UNROLL for (int k = 0; k < V; ++k)
+      dv.v[k] = from_float<W>(alpha * (to_float(xv.v[k]) - cv.v[k]));
     store<V>(wire + i, dv);
-    store<V>(x + i, xo);
   }
   template <int V> EASGD_HD bool vectorizable() const {
     return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(wire);
   }
 };
 
-// Synchronous EASGD, after the all-reduce: c += sum_i d_i.
-template <typename W> struct SyncPostExchange {
-  float* c; const W* reduced;
+// Synchronous EASGD, after the all-reduce: x -= d; c += sum_i d_i. d is recomputed from the
+// unchanged x and c with the same float32 operations and rounding as ElasticDifference, so x
+// loses bit for bit what it sent.
+template <typename X, typename W> struct SyncApply {
+  X* x; float* c; const W* reduced; float alpha;
 
   template <int V> EASGD_HD void apply(int64_t i) const {
+    const Vec<X, V> xv = load<V>(x + i);
     Vec<float, V> cv = load<V>(c + i);
     const Vec<W, V> sv = load<V>(reduced + i);
-    EASGD_UNROLL for (int k = 0; k < V; ++k) cv.v[k] += to_float(sv.v[k]);
+    Vec<X, V> xo;
+    EASGD_UNROLL for (int k = 0; k < V; ++k) {
+      const float xf = to_float(xv.v[k]);
+      const float d = to_float(from_float<W>(alpha * (xf - cv.v[k])));
+      xo.v[k] = from_float<X>(xf - d);
+      cv.v[k] += to_float(sv.v[k]);
+    }
+    store<V>(x + i, xo);
     store<V>(c + i, cv);
   }
   template <int V> EASGD_HD bool vectorizable() const {
-    return aligned_for<V>(c) && aligned_for<V>(reduced);
+    return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(reduced);
   }
 };
 

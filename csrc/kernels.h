@@ -11,8 +11,8 @@
 namespace easgd {
 
 enum class Kernel {
-  sync_pre_exchange,        // bufs: x, center, wire;  scalar: alpha
-  sync_post_exchange,       // bufs: center, reduced
+  elastic_difference,       // bufs: x, center, wire;  scalar: alpha
+  sync_apply,               // bufs: x, center, reduced; scalar: alpha
   async_exchange,           // bufs: x, center;        scalar: alpha
   downpour_push,            // bufs: x, x_last, wire
   downpour_pull,            // bufs: center, reduced, x, x_last
@@ -46,18 +46,21 @@ void run_kernel(Kernel kernel, const KernelArgs& a, const Launcher& launch) {
   const Buf* b = a.bufs;
   const int64_t n = a.numel;
   switch (kernel) {
-    case Kernel::sync_pre_exchange:
+    case Kernel::elastic_difference:
       return dispatch_dtype(b[0].dtype, [&](auto xt) {
         using X = decltype(xt);
         dispatch_dtype(b[2].dtype, [&](auto wt) {
           using W = decltype(wt);
-          launch(SyncPreExchange<X, W>{b[0].as<X>(), b[1].as<float>(), b[2].as<W>(), a.scalar}, n);
+          launch(ElasticDifference<X, W>{b[0].as<X>(), b[1].as<float>(), b[2].as<W>(), a.scalar}, n);
         });
       });
-    case Kernel::sync_post_exchange:
-      return dispatch_dtype(b[1].dtype, [&](auto wt) {
-        using W = decltype(wt);
-        launch(SyncPostExchange<W>{b[0].as<float>(), b[1].as<W>()}, n);
+    case Kernel::sync_apply:
+      return dispatch_dtype(b[0].dtype, [&](auto xt) {
+        using X = decltype(xt);
+        dispatch_dtype(b[2].dtype, [&](auto wt) {
+          using W = decltype(wt);
+          launch(SyncApply<X, W>{b[0].as<X>(), b[1].as<float>(), b[2].as<W>(), a.scalar}, n);
+        });
       });
     case Kernel::async_exchange:
       return dispatch_dtype(b[0].dtype, [&](auto xt) {

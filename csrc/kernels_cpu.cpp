@@ -55,6 +55,30 @@ void copy(void* dst, const void* src, size_t bytes, int num_threads) {
   }
 }
 
+namespace {
+// Non-finite means all exponent bits set (Inf or NaN): an integer test that vectorizes.
+template <typename Bits>
+int64_t count_exponent_all_ones(const Bits* p, int64_t n, Bits exponent, int threads) {
+  int64_t count = 0;
+  (void)threads;
+#pragma omp parallel for simd schedule(static) reduction(+ : count) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) count += (p[i] & exponent) == exponent;
+  return count;
+}
+}  // namespace
+
+int64_t count_nonfinite(const void* data, int64_t n, DType dtype, int num_threads) {
+  const int threads = threads_for(n, num_threads);
+  switch (dtype) {
+    case DType::f32:
+      return count_exponent_all_ones(static_cast<const uint32_t*>(data), n, uint32_t(0x7F800000u), threads);
+    case DType::bf16:
+      return count_exponent_all_ones(static_cast<const uint16_t*>(data), n, uint16_t(0x7F80u), threads);
+    case DType::f16: default:
+      return count_exponent_all_ones(static_cast<const uint16_t*>(data), n, uint16_t(0x7C00u), threads);
+  }
+}
+
 }  // namespace EASGD_CPU_ISA
 }  // namespace cpu
 }  // namespace easgd

@@ -1,8 +1,10 @@
 """easgd_ext: Elastic Averaging SGD (Zhang, Choromanska and LeCun, 2015) for PyTorch.
 
-The native core (`easgd_ext._C`) fuses each elastic update into one pass over flat parameter
-buffers on the CPU and, where built with CUDA, the GPU. `easgd_ext.ops` is its validated
-torch-facing API; `easgd_ext.ops.reference` holds float64 versions of every kernel.
+:class:`ElasticAverager` is the object a training loop calls once per step (EASGD, and EAMSGD
+with a Nesterov-momentum optimizer); :class:`DownpourAverager` and :class:`PeriodicAverager`
+are the baselines behind the same interface. The native core (`easgd_ext._C`) fuses each
+update into one pass over flat parameter buffers on the CPU and, where built with CUDA, the
+GPU; `easgd_ext.ops` is its validated torch-facing API.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from typing import Any
 
 from . import ops
 from ._native import native
+from .averager import ExchangeStats
+from .baselines import DownpourAverager, PeriodicAverager
+from .elastic import ElasticAverager
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "ExchangeStats",
+           "build_info", "ops", "__version__"]
 
 
 def build_info() -> dict[str, Any]:

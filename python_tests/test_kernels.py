@@ -31,33 +31,36 @@ size_and_offset = pytest.mark.parametrize("n,offset", [(n, 0) for n in SIZES] + 
 
 @size_and_offset
 @pytest.mark.parametrize("x_dtype,wire_dtype", DTYPE_PAIRS, ids=[_ids(p) for p in DTYPE_PAIRS])
-def test_sync_pre_exchange(device, gen, n, offset, x_dtype, wire_dtype):
+def test_elastic_difference(device, gen, n, offset, x_dtype, wire_dtype):
     x = random_tensor(n, x_dtype, device, gen, offset)
     c = random_tensor(n, torch.float32, device, gen, offset)
     wire = poisoned(n, wire_dtype, device, offset)
     x0, c0 = x.clone(), c.clone()
-    want_x, want_d = ref.sync_pre_exchange(x0, c0, wire_dtype, ALPHA)
 
-    ops.sync_pre_exchange(x, c, wire, ALPHA)
+    ops.elastic_difference(x, c, wire, ALPHA)
 
     mag_d = ALPHA * (x0.double().abs() + c0.double().abs())
     tol_d = 2 * eps(wire_dtype) * mag_d + 4 * EPS32 * mag_d
-    assert_close(wire, want_d, tol_d, "wire")
-    assert_close(x, want_x, 2 * eps(x_dtype) * (x0.double().abs() + mag_d) + tol_d, "x")
+    assert_close(wire, ref.elastic_difference(x0, c0, wire_dtype, ALPHA), tol_d, "wire")
+    assert torch.equal(x, x0), "x must be read-only"
     assert torch.equal(c, c0), "center must be read-only"
 
 
 @size_and_offset
-@pytest.mark.parametrize("wire_dtype", FLOAT_DTYPES, ids=str)
-def test_sync_post_exchange(device, gen, n, offset, wire_dtype):
+@pytest.mark.parametrize("x_dtype,wire_dtype", DTYPE_PAIRS, ids=[_ids(p) for p in DTYPE_PAIRS])
+def test_sync_apply(device, gen, n, offset, x_dtype, wire_dtype):
+    x = random_tensor(n, x_dtype, device, gen, offset)
     c = random_tensor(n, torch.float32, device, gen, offset)
-    s = random_tensor(n, wire_dtype, device, gen, offset)
-    c0, s0 = c.clone(), s.clone()
+    s = random_tensor(n, wire_dtype, device, gen, offset, scale=3.0)
+    x0, c0, s0 = x.clone(), c.clone(), s.clone()
+    want_x, want_c = ref.sync_apply(x0, c0, s0, ALPHA)
 
-    ops.sync_post_exchange(c, s)
+    ops.sync_apply(x, c, s, ALPHA)
 
-    assert_close(c, ref.sync_post_exchange(c0, s0), EPS32 * (c0.double().abs() + s0.double().abs()),
-                 "center")
+    mag_d = ALPHA * (x0.double().abs() + c0.double().abs())
+    tol_d = 2 * eps(wire_dtype) * mag_d + 4 * EPS32 * mag_d
+    assert_close(x, want_x, 2 * eps(x_dtype) * (x0.double().abs() + mag_d) + tol_d, "x")
+    assert_close(c, want_c, EPS32 * (c0.double().abs() + s0.double().abs()), "center")
     assert torch.equal(s, s0), "reduced must be read-only"
 
 
@@ -161,19 +164,21 @@ def test_multidimensional_tensors_of_one_shape(device, gen):
     assert_close(x, want_x, 4 * EPS32 * (x0.abs() + c0.abs()).double(), "x")
 
 
-@pytest.mark.parametrize("wire_dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_sync_pre_subtracts_the_rounded_wire_value(device, gen, wire_dtype):
-    """Replicas stay consistent only if x loses exactly the d that goes on the wire (rounded to
-    the wire dtype), not the float32 d before rounding."""
-    x = random_tensor(200_000, torch.float32, device, gen)
-    c = random_tensor(200_000, torch.float32, device, gen)
-    wire = poisoned(200_000, wire_dtype, device)
+@pytest.mark.parametrize("x_dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("wire_dtype", FLOAT_DTYPES, ids=str)
+def test_sync_apply_subtracts_exactly_the_wire_value(device, gen, x_dtype, wire_dtype):
+    """Replicas stay consistent only if x loses exactly the d that went on the wire (rounded to
+    the wire dtype), recomputed bit for bit by sync_apply; here the all-reduce is the identity
+    (one worker), so the center must gain the same d."""
+    n = 200_000
+    x = random_tensor(n, x_dtype, device, gen)
+    c = random_tensor(n, torch.float32, device, gen)
+    wire = poisoned(n, wire_dtype, device)
     x0 = x.clone()
-    ops.sync_pre_exchange(x, c, wire, ALPHA)
-    lost = x0.double() - x.double()
-    tol = 2 * EPS32 * (x0.double().abs() + x.double().abs())  # float32 rounding of x0 - d
-    assert_close(lost, wire.double(), tol, "x_before - x_after")
-
+    ops.elastic_difference(x, c, wire, ALPHA)
+    ops.sync_apply(x, c, wire, ALPHA)
+    want_x = (x0.double() - wire.double()).to(x_dtype)  # one rounding of x0 - d, nothing else
+    assert torch.equal(x, want_x), "x must lose exactly the rounded wire value"
 
 
 needs_cuda = pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU and easgd_ext built with CUDA")
@@ -189,8 +194,8 @@ def test_cuda_matches_cpu_bit_for_bit(gen, x_dtype, wire_dtype):
     wire = torch.empty(n, dtype=wire_dtype)
     xg, cg, wg = x.cuda(), c.cuda(), wire.cuda()
     for args in ((x, c, wire), (xg, cg, wg)):
-        ops.sync_pre_exchange(*args, ALPHA)
-        ops.sync_post_exchange(args[1], args[2])
+        ops.elastic_difference(*args, ALPHA)
+        ops.sync_apply(*args, ALPHA)
         ops.async_exchange(args[0], args[1], ALPHA)
     for cpu_t, gpu_t in ((x, xg), (c, cg), (wire, wg)):
         assert torch.equal(cpu_t, gpu_t.cpu())
@@ -226,3 +231,17 @@ def test_cuda_second_device(gen):
     ops.async_exchange(x, c, ALPHA)
     assert_close(x, want_x, 4 * EPS32 * (want_x.abs() + c.cpu().abs()).double(), "x")
     assert torch.cuda.current_device() == 0, "the caller's current device must be restored"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 4099, (1 << 20) + 3])
+def test_count_nonfinite_matches_torch(device, gen, dtype, n):
+    t = random_tensor(n, dtype, device, gen, scale=1e3)
+    picks = torch.randint(0, n, (min(n, 37),), generator=gen)
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 7.0], dtype=torch.float64)
+    t[picks.to(device)] = specials[torch.arange(len(picks)) % 4].to(dtype).to(device)
+    assert ops.count_nonfinite(t) == int((~torch.isfinite(t)).sum())
+    # the largest finite values and the subnormals are finite
+    edge = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max, torch.finfo(dtype).tiny / 4],
+                        dtype=dtype, device=device)
+    assert ops.count_nonfinite(edge) == 0

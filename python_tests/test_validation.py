@@ -29,7 +29,7 @@ def test_unsupported_parameter_dtype(dtype):
 
 def test_center_must_be_float32():
     with pytest.raises(TypeError, match=r"center must be float32 .* got bfloat16"):
-        ops.sync_pre_exchange(f32(), f32().bfloat16(), f32(), 0.5)
+        ops.elastic_difference(f32(), f32().bfloat16(), f32(), 0.5)
 
 
 def test_x_last_must_match_x_dtype():
@@ -39,12 +39,12 @@ def test_x_last_must_match_x_dtype():
 
 def test_wire_dtype_checked():
     with pytest.raises(TypeError, match="wire must be float32, bfloat16 or float16, got float64"):
-        ops.sync_pre_exchange(f32(), f32(), f32().double(), 0.5)
+        ops.elastic_difference(f32(), f32(), f32().double(), 0.5)
 
 
 def test_shape_mismatch():
     with pytest.raises(ValueError, match=r"wire has shape \(15,\) but x has shape \(16,\)"):
-        ops.sync_pre_exchange(f32(16), f32(16), f32(15), 0.5)
+        ops.elastic_difference(f32(16), f32(16), f32(15), 0.5)
     with pytest.raises(ValueError, match=r"center has shape \(4, 4\) but x has shape \(16,\)"):
         ops.async_exchange(f32(16), f32(16).view(4, 4), 0.5)
 
@@ -60,7 +60,7 @@ def test_overlapping_buffers():
     with pytest.raises(ValueError, match="x and center overlap in memory"):
         ops.async_exchange(buf[:16], buf[8:24], 0.5)
     with pytest.raises(ValueError, match="x and wire overlap in memory"):
-        ops.sync_pre_exchange(buf[:16], f32(), buf[:16], 0.5)
+        ops.elastic_difference(buf[:16], f32(), buf[:16], 0.5)
 
 
 def test_aliasing_only_where_allowed():
@@ -69,7 +69,7 @@ def test_aliasing_only_where_allowed():
     with pytest.raises(ValueError, match="overlap"):
         ops.average_apply(x[:8], x[4:12], 0.5)  # partial overlap is not
     with pytest.raises(ValueError, match="overlap"):
-        ops.sync_post_exchange(x, x)  # same buffer twice is not allowed elsewhere
+        ops.sync_apply(x, f32(), x, 0.5)  # same buffer twice is not allowed elsewhere
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), 1e39])
@@ -94,7 +94,7 @@ def test_inputs_untouched_after_an_error():
     x, c = f32(), f32()
     x0, c0 = x.clone(), c.clone()
     with pytest.raises(TypeError):
-        ops.sync_pre_exchange(x, c, f32().double(), 0.5)
+        ops.elastic_difference(x, c, f32().double(), 0.5)
     assert torch.equal(x, x0) and torch.equal(c, c0)
 
 

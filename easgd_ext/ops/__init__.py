@@ -23,13 +23,14 @@ import torch
 from .._native import native
 
 __all__ = [
-    "sync_pre_exchange",
-    "sync_post_exchange",
+    "elastic_difference",
+    "sync_apply",
     "async_exchange",
     "downpour_push",
     "downpour_pull",
     "downpour_async_exchange",
     "average_apply",
+    "count_nonfinite",
 ]
 
 
@@ -65,18 +66,22 @@ def _call(kernel: Callable[..., None], tensors: dict[str, torch.Tensor], written
     torch.autograd.graph.increment_version([tensors[name] for name in written])
 
 
-def sync_pre_exchange(x: torch.Tensor, center: torch.Tensor, wire: torch.Tensor,
-                      alpha: float) -> None:
-    """Synchronous EASGD, before the all-reduce: ``d = alpha (x - center)``, rounded to
-    ``wire``'s dtype, is written to ``wire`` and subtracted from ``x`` (the rounded value, so
-    what ``x`` loses is exactly what the replicas of the center will gain)."""
-    _call(native.sync_pre_exchange, {"x": x, "center": center, "wire": wire}, ("x", "wire"),
+def elastic_difference(x: torch.Tensor, center: torch.Tensor, wire: torch.Tensor,
+                       alpha: float) -> None:
+    """Synchronous EASGD, before the all-reduce: ``wire = alpha (x - center)``, rounded to
+    ``wire``'s dtype. ``x`` and ``center`` are only read, so a skipped exchange changes nothing."""
+    _call(native.elastic_difference, {"x": x, "center": center, "wire": wire}, ("wire",),
           _scalar("alpha", alpha))
 
 
-def sync_post_exchange(center: torch.Tensor, reduced: torch.Tensor) -> None:
-    """Synchronous EASGD, after the all-reduce: ``center += reduced`` (the sum of all d_i)."""
-    _call(native.sync_post_exchange, {"center": center, "reduced": reduced}, ("center",))
+def sync_apply(x: torch.Tensor, center: torch.Tensor, reduced: torch.Tensor,
+               alpha: float) -> None:
+    """Synchronous EASGD, after the all-reduce of the wire: ``x -= d``; ``center += reduced``,
+    where ``d`` is recomputed bit for bit as :func:`elastic_difference` wrote it (rounded to
+    ``reduced``'s dtype), so ``x`` loses exactly what it sent. Call it with the same ``alpha``
+    and the unchanged ``x`` and ``center``."""
+    _call(native.sync_apply, {"x": x, "center": center, "reduced": reduced}, ("x", "center"),
+          _scalar("alpha", alpha))
 
 
 def async_exchange(x: torch.Tensor, center: torch.Tensor, alpha: float) -> None:
@@ -111,3 +116,12 @@ def average_apply(x: torch.Tensor, reduced: torch.Tensor, scale: float) -> None:
     """Periodic averaging: ``x = reduced * scale`` (``scale = 1/p`` turns an all-reduced sum
     into the mean). ``reduced`` may be ``x`` itself when it has ``x``'s dtype."""
     _call(native.average_apply, {"x": x, "reduced": reduced}, ("x",), _scalar("scale", scale))
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many elements of ``t`` (float32, bfloat16 or float16) are Inf or NaN. On the CPU one
+    multi-threaded pass over the raw bits; on CUDA ``torch.isfinite`` (and a synchronization,
+    since the answer is a Python int)."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
+        return int((~torch.isfinite(t)).sum().item())
+    return native.count_nonfinite(_tensor_ref("t", t), num_threads=torch.get_num_threads())

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "sync_pre_exchange",
-    "sync_post_exchange",
+    "elastic_difference",
+    "sync_apply",
     "async_exchange",
     "downpour_push",
     "downpour_pull",
@@ -26,17 +26,17 @@ def _stored(values: Tensor, dtype: torch.dtype) -> Tensor:
     return values.to(dtype).double()
 
 
-def sync_pre_exchange(x: Tensor, center: Tensor, wire_dtype: torch.dtype,
-                      alpha: float) -> tuple[Tensor, Tensor]:
-    """Returns ``(x_new, wire)``."""
-    xd = x.double()
-    d = _stored(alpha * (xd - center.double()), wire_dtype)
-    return _stored(xd - d, x.dtype), d
+def elastic_difference(x: Tensor, center: Tensor, wire_dtype: torch.dtype,
+                       alpha: float) -> Tensor:
+    """Returns ``wire``."""
+    return _stored(alpha * (x.double() - center.double()), wire_dtype)
 
 
-def sync_post_exchange(center: Tensor, reduced: Tensor) -> Tensor:
-    """Returns ``center_new``."""
-    return _stored(center.double() + reduced.double(), torch.float32)
+def sync_apply(x: Tensor, center: Tensor, reduced: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Returns ``(x_new, center_new)``."""
+    d = elastic_difference(x, center, reduced.dtype, alpha)
+    x_new = _stored(x.double() - d, x.dtype)
+    return x_new, _stored(center.double() + reduced.double(), torch.float32)
 
 
 def async_exchange(x: Tensor, center: Tensor, alpha: float) -> tuple[Tensor, Tensor]:

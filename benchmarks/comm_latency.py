@@ -1,0 +1,13 @@
+"""Latency of one exchange (ElasticAverager, fp32 and bf16 wire) against a raw all_reduce of
+the same bytes and PyTorch's PeriodicModelAverager, by size and world size, in one run.
+The implementation lives in easgd_ext.bench.comm (also: python -m easgd_ext.bench comm).
+
+    python benchmarks/comm_latency.py --help
+"""
+
+import sys
+
+from easgd_ext.bench.comm import main
+
+if __name__ == "__main__":
+    sys.exit(main())

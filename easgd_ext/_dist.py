@@ -1,0 +1,102 @@
+"""torch.distributed plumbing shared by the averagers: which group, who am I, and a
+construction-time agreement that turns a local mistake into the same error on every rank
+(instead of one rank raising while the others wait forever in the next collective)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Comm:
+    """A process group (``None``: a single process without torch.distributed) and this rank's
+    place in it."""
+    group: Any
+    rank: int
+    world_size: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.group is not None
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.distributed else group_rank
+
+
+def resolve(process_group: Any = None) -> Comm:
+    """The given group, else the default one; a single process where torch.distributed is not
+    initialized and no launcher asked for more than one."""
+    if process_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            launched = int(os.environ.get("WORLD_SIZE", "1"))
+            if launched > 1:
+                raise RuntimeError(
+                    f"WORLD_SIZE is {launched} but torch.distributed is not initialized: call "
+                    "torch.distributed.init_process_group() before building the averager")
+            return Comm(None, 0, 1)
+        process_group = dist.group.WORLD
+    return Comm(process_group, dist.get_rank(process_group), dist.get_world_size(process_group))
+
+
+class AgreementError(ValueError):
+    """Raised on every rank when the ranks disagree or one of them failed at construction."""
+
+
+def agree(comm: Comm, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs ``build()`` (local validation; returns what must be identical on every rank), then
+    compares across ranks. Any exception on any rank, or any difference, is raised on every
+    rank with the same message, naming the rank and the first thing that differs."""
+    try:
+        local, error = build(), None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not comm.distributed:
+            raise
+        local, error = None, (type(exc).__name__, str(exc))
+    if not comm.distributed:
+        return local
+    everyone: list[Any] = [None] * comm.world_size
+    dist.all_gather_object(everyone, {"value": local, "error": error}, group=comm.group)
+    for rank, item in enumerate(everyone):
+        if item["error"] is not None:
+            kind, message = item["error"]
+            exc_type = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
+            raise exc_type(f"rank {rank}: {message}")
+    reference = everyone[0]["value"]
+    for rank, item in enumerate(everyone[1:], start=1):
+        difference = _first_difference(reference, item["value"], rank)
+        if difference is not None:
+            raise AgreementError(f"ranks disagree: {difference}")
+    return local
+
+
+def _first_difference(ref: Any, other: Any, rank: int, path: str = "") -> str | None:
+    """A description of the first place where rank 0's ``ref`` and ``rank``'s ``other`` differ
+    (``settings.tau``, ``layout[3]``, ...)."""
+    if ref == other:
+        return None
+    if isinstance(ref, dict) and isinstance(other, dict):
+        for key in list(ref) + [k for k in other if k not in ref]:
+            found = _first_difference(ref.get(key), other.get(key), rank,
+                                      f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    if isinstance(ref, list) and isinstance(other, list):
+        if len(ref) != len(other):
+            return f"{path}: rank 0 has {len(ref)} entries, rank {rank} has {len(other)}"
+        i = next(i for i, (a, b) in enumerate(zip(ref, other)) if a != b)
+        return _first_difference(ref[i], other[i], rank, f"{path}[{i}]")
+    return f"{path} is {ref!r} on rank 0 but {other!r} on rank {rank}"
+
+
+def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
+    """Every rank's ``tensors`` become group rank 0's."""
+    if not comm.distributed:
+        return
+    src = comm.global_rank(0)
+    for t in tensors:
+        dist.broadcast(t, src=src, group=comm.group)

@@ -1,0 +1,140 @@
+"""Parameters re-pointed as views into one flat buffer per (device, dtype).
+
+An exchange is then a handful of passes over a few large buffers instead of a loop over
+hundreds of tensors, with no cat before the all-reduce and no copy back after it. The
+``Parameter`` objects stay the same (only their ``.data`` moves), so gradients, optimizers and
+``model.state_dict()`` keep working; ``model.load_state_dict()`` copies into the views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Bucket and group boundaries fall on multiples of this many elements, so every slice handed
+# to a kernel stays aligned for its vector loads.
+ALIGN_ELEMENTS = 64
+
+
+def describe(t: torch.Tensor) -> str:
+    """``float32[64, 3, 7, 7] on cpu``: how layouts are named in error messages."""
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device.type}"
+
+
+def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The distinct tensors of ``params`` (a tied weight listed twice counts once), checked."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors (e.g. model.parameters()), "
+                        "got a single tensor; wrap it in a list")
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}") from None
+    unique: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for i, p in enumerate(items):
+        if isinstance(p, dict):
+            raise TypeError("params must be tensors, not optimizer-style parameter groups; "
+                            "pass model.parameters()")
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"params[{i}] is {describe(p)}; parameters must be float32, bfloat16 "
+                            "or float16")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"params[{i}] is {describe(p)}; only CPU and CUDA tensors are supported")
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    if not unique:
+        raise ValueError("params is empty: there is nothing to average")
+    return unique
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+
+
+@dataclass
+class FlatGroup:
+    """The parameters of one (device, dtype) and the flat buffer their ``.data`` views.
+
+    Each parameter's slot starts at an aligned offset; the gaps between slots are zero and
+    stay zero under every update this package applies (they are never written by the user)."""
+    params: list[torch.Tensor]
+    offsets: list[int]
+    flat: torch.Tensor
+    # Per-algorithm buffers of the same length (center, wire, x_last), by name.
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flat.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    def slot(self, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return self.flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
+
+    def repoint(self) -> int:
+        """Makes every parameter a view of its slot again; returns how many had to be fixed.
+
+        Code that assigns ``p.data = ...`` detaches a parameter from the flat buffer; its new
+        values are copied into the slot so nothing is lost and the next exchange sees them.
+        (``load_state_dict(assign=True)`` replaces the Parameter objects themselves, which no
+        averager or optimizer built earlier can follow: build them again after it.)"""
+        fixed = 0
+        for i, p in enumerate(self.params):
+            slot = self.slot(i)
+            if p.data_ptr() == slot.data_ptr() and p.shape == slot.shape and p.dtype == slot.dtype:
+                continue
+            if p.shape != slot.shape or p.dtype != slot.dtype or p.device != slot.device:
+                raise ValueError(f"parameter {i} changed from {describe(slot)} to {describe(p)} "
+                                 "after the averager was built; move or cast the model first, "
+                                 "then build the averager")
+            with torch.no_grad():
+                slot.copy_(p.data)
+            p.data = slot
+            fixed += 1
+        return fixed
+
+
+def flatten(params: list[torch.Tensor]) -> list[FlatGroup]:
+    """Moves ``params`` into flat buffers, one per (device, dtype) in order of first appearance,
+    and re-points each parameter's ``.data`` at its slot."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for p in params:
+        by_key.setdefault((p.device, p.dtype), []).append(p)
+    groups = []
+    for (device, dtype), members in by_key.items():
+        offsets, total = [], 0
+        for p in members:
+            offsets.append(total)
+            total = _aligned(total + p.numel())
+        flat = torch.zeros(total, dtype=dtype, device=device)
+        group = FlatGroup(members, offsets, flat)
+        with torch.no_grad():
+            for i, p in enumerate(members):
+                slot = group.slot(i)
+                slot.copy_(p.data)
+                p.data = slot
+        groups.append(group)
+    return groups
+
+
+def layout_of(params: list[torch.Tensor]) -> list[str]:
+    """One line per parameter (dtype, shape, device type): what must agree across ranks."""
+    return [describe(p) for p in params]
+
+
+def bucket_ranges(numel: int, bucket_elements: int) -> list[tuple[int, int]]:
+    """[start, end) ranges covering ``numel``, each at most ``bucket_elements`` long (rounded
+    up to the alignment) and starting on an aligned offset."""
+    step = max(ALIGN_ELEMENTS, _aligned(bucket_elements))
+    return [(s, min(s + step, numel)) for s in range(0, numel, step)]

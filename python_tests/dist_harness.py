@@ -1,0 +1,79 @@
+"""Real multi-process runs for the tests: p spawned processes joined in a Gloo group on
+localhost (a FileStore, so no port can collide), each calling ``fn(rank, world, *args)``.
+
+A rank's return value or exception comes back to the test; a rank that neither returns nor
+raises within the deadline is a hang, and every process is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass
+class RankResult:
+    value: Any = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+
+
+def _entry(rank: int, world: int, store_path: str, out_dir: str, fn: Callable[..., Any],
+           args: tuple) -> None:
+    torch.set_num_threads(1)  # p processes share a few cores
+    os.environ.pop("WORLD_SIZE", None)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        result = RankResult(value=fn(rank, world, *args))
+    except BaseException as exc:  # noqa: BLE001 -- reported to the test, which decides
+        result = RankResult(error_type=type(exc).__name__, error=str(exc),
+                            traceback=traceback.format_exc())
+    torch.save(result.__dict__, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 240.0) -> list[RankResult]:
+    """Runs ``fn(rank, world, *args)`` on ``world`` processes; returns each rank's result.
+    Raises ``TimeoutError`` if any process is still running after ``timeout`` seconds."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_entry, args=(r, world, store, tmp, fn, args), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        if hung:
+            for p in procs:
+                p.kill()
+            raise TimeoutError(f"ranks {hung} of {world} hung (still running after the deadline)")
+        results = []
+        for r, p in enumerate(procs):
+            path = Path(tmp) / f"rank{r}.pt"
+            if not path.exists():
+                raise RuntimeError(f"rank {r} died with exit code {p.exitcode} without a result")
+            results.append(RankResult(**torch.load(path, weights_only=False)))
+        return results
+
+
+def values(results: list[RankResult]) -> list[Any]:
+    """Every rank's return value; re-raises the first rank's failure with its traceback."""
+    for r, res in enumerate(results):
+        if res.error_type is not None:
+            raise AssertionError(f"rank {r} raised {res.error_type}: {res.error}\n{res.traceback}")
+    return [res.value for res in results]
