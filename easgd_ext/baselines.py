@@ -12,18 +12,8 @@ from .averager import SyncAverager
 from .flat_params import FlatGroup
 
 
-class DownpourAverager(SyncAverager):
-    """DOWNPOUR (Dean et al., 2012), synchronous form: every ``tau`` local steps each worker
-    pushes its change since the last pull, ``v_i = x_i - x_i(last pull)``; the center (a
-    float32 replica on every rank) takes ``center += sum_i v_i`` and every worker pulls
-    ``x_i = center``.
-
-    Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
-    ``beta``/``alpha``. A non-finite ``v`` on any rank skips the exchange on every rank.
-    """
-
-    algorithm = "downpour"
-    state_buffers = ("center", "x_last")
+class _Baseline(SyncAverager):
+    """The constructor the baselines share: ElasticAverager's arguments without beta/alpha."""
 
     def __init__(self, params: Iterable[torch.Tensor], tau: int = 10, mode: str = "sync",
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
@@ -36,6 +26,20 @@ class DownpourAverager(SyncAverager):
         super().__init__(params, _dist.resolve(process_group), tau, comm_dtype, bucket_cap_mb,
                          check_settings)
         self.mode = mode
+
+
+class DownpourAverager(_Baseline):
+    """DOWNPOUR (Dean et al., 2012), synchronous form: every ``tau`` local steps each worker
+    pushes its change since the last pull, ``v_i = x_i - x_i(last pull)``; the center (a
+    float32 replica on every rank) takes ``center += sum_i v_i`` and every worker pulls
+    ``x_i = center``.
+
+    Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
+    ``beta``/``alpha``. A non-finite ``v`` on any rank skips the exchange on every rank.
+    """
+
+    algorithm = "downpour"
+    state_buffers = ("center", "x_last")
 
     def _init_buffers(self, group: FlatGroup) -> None:
         group.buffers["center"] = group.flat.to(torch.float32, copy=True)
@@ -51,7 +55,7 @@ class DownpourAverager(SyncAverager):
                           b["x_last"][start:end])
 
 
-class PeriodicAverager(SyncAverager):
+class PeriodicAverager(_Baseline):
     """Periodic model averaging (what PyTorch ships as ``PeriodicModelAverager``): every
     ``tau`` local steps, ``x_i = mean_j x_j``.
 
@@ -66,18 +70,6 @@ class PeriodicAverager(SyncAverager):
     """
 
     algorithm = "average"
-
-    def __init__(self, params: Iterable[torch.Tensor], tau: int = 10, mode: str = "sync",
-                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
-                 bucket_cap_mb: float = 25.0) -> None:
-        def check_settings() -> dict[str, Any]:
-            if mode != "sync":
-                raise ValueError(f"mode must be 'sync', got {mode!r}")
-            return {"mode": mode}
-
-        super().__init__(params, _dist.resolve(process_group), tau, comm_dtype, bucket_cap_mb,
-                         check_settings)
-        self.mode = mode
 
     def _prepare(self, group: FlatGroup, start: int, end: int) -> None:
         # Through a separate wire buffer, so a skipped averaging leaves the parameters alone.

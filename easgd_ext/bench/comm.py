@@ -171,6 +171,37 @@ def print_table(records: list[dict]) -> None:
               f"{r['GBps']:>7.2f}{cells}")
 
 
+def plot(records: list[dict], path: Path) -> None:
+    """Latency against payload bytes (float32 parameters), one line per variant and world."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ["-", "--", ":", "-."]
+    worlds = sorted({r["world_size"] for r in records})
+    names = list(dict.fromkeys(r["name"] for r in records))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
+    for w_i, world in enumerate(worlds):
+        for name in names:
+            rs = sorted((r for r in records if r["name"] == name and r["world_size"] == world),
+                        key=lambda r: r["numel"])
+            if rs:
+                ax.plot([r["numel"] * 4 for r in rs], [r["seconds"] * 1e3 for r in rs],
+                        styles[w_i % 4], color=colors[name], marker="o", markersize=3,
+                        label=f"{name} (p={world})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model size (bytes of float32 parameters)")
+    ax.set_ylabel("latency of one exchange (ms)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4],
@@ -183,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["pytorch_periodic", "per_param"],
                         help="slower peers to include besides the raw all_reduce")
     parser.add_argument("--json", type=Path, help="write the records (DESIGN.md section 4) here")
+    parser.add_argument("--plot", type=Path, help="write a latency-vs-bytes PNG here")
     args = parser.parse_args(argv)
     for size in args.sizes:
         if size != "resnet18":
@@ -215,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"device {args.device}, median of {args.reps}")
     print_table(records)
+    if args.plot:
+        plot(records, args.plot)
+        print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
         print(f"\nwrote {len(records)} records to {args.json}")

@@ -1,0 +1,319 @@
+"""Train one model per worker with EASGD, EAMSGD, DOWNPOUR, periodic averaging and
+synchronous SGD on real data, and compare them: test error of the center against wall time
+and against bytes sent.
+
+    python -m easgd_ext.train                         # 4 workers, digits, every algorithm
+    python -m easgd_ext.train --algo easgd,downpour --tau 8 --steps 600 --json out.json
+    python -m easgd_ext.train --dataset cifar10 --data-root ~/data --device cuda
+    torchrun --nproc-per-node 4 -m easgd_ext.train    # under a launcher: it spawns nothing
+
+Without a launcher it starts ``--workers`` processes itself (Gloo on CPU; NCCL with one GPU per
+worker). Each worker draws its own shuffled stream of the training set. Every ``--eval-every``
+steps all workers pause their clocks and the center's test error is measured (for periodic
+averaging and sync SGD, which have no separate center: the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from . import data
+from .averager import SyncAverager
+from .baselines import DownpourAverager, PeriodicAverager
+from .elastic import ElasticAverager, elastic_rates
+
+ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
+
+
+@dataclass
+class Result:
+    """One algorithm's run, as rank 0 saw it."""
+    algo: str
+    steps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)      # training wall time, eval excluded
+    bytes_sent: list[int] = field(default_factory=list)     # all workers together
+    test_error: list[float] = field(default_factory=list)   # of the center
+    comm_seconds: float = 0.0
+    exchanges: int = 0
+    skipped_exchanges: int = 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m easgd_ext.train",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--algo", default=",".join(ALGORITHMS),
+                   help=f"comma-separated, from {', '.join(ALGORITHMS)}")
+    p.add_argument("--mode", choices=["sync"], default="sync",
+                   help="exchange mode (asynchronous mode is not built yet)")
+    p.add_argument("--workers", type=int, default=4, help="processes to spawn (no launcher)")
+    p.add_argument("--tau", type=int, default=4, help="local steps between exchanges")
+    p.add_argument("--beta", type=float, default=0.9, help="EASGD/EAMSGD beta = p * alpha")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the local SGD")
+    p.add_argument("--momentum", type=float, default=0.9, help="EAMSGD's Nesterov momentum")
+    p.add_argument("--batch", type=int, default=32, help="minibatch per worker")
+    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="wire dtype of the exchanges (default: the parameters')")
+    p.add_argument("--steps", type=int, default=None, help="local steps per worker (default 1000)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="alternatively: passes over the training set, by all workers together")
+    p.add_argument("--eval-every", type=int, default=25, help="steps between test evaluations")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits")
+    p.add_argument("--data-root", type=Path, default=None, help="folder holding CIFAR-10")
+    p.add_argument("--plot", type=Path, default=Path("easgd_train.png"), help="PNG to write")
+    p.add_argument("--json", type=Path, default=None, help="write the curves as JSON here")
+    args = p.parse_args(argv)
+
+    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    unknown = [a for a in algos if a not in ALGORITHMS]
+    if unknown or not algos:
+        p.error(f"--algo: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")
+    args.algos = list(dict.fromkeys(algos))
+    for name in ("workers", "tau", "batch", "eval_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.steps is not None and args.epochs is not None:
+        p.error("give --steps or --epochs, not both")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.epochs is not None and not args.epochs > 0:
+        p.error(f"--epochs must be positive, got {args.epochs}")
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.momentum < 1:
+        p.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    launched = int(os.environ.get("WORLD_SIZE", "0"))
+    try:
+        elastic_rates(launched or args.workers, args.beta, None, False)
+    except (TypeError, ValueError) as exc:
+        p.error(f"--beta: {exc}")
+    if args.dataset == "cifar10":
+        if args.data_root is None:
+            p.error("--dataset cifar10 needs --data-root DIR " + data.CIFAR_HELP.format(root="DIR"))
+        if not (args.data_root / "cifar-10-batches-py").is_dir():
+            p.error(data.CIFAR_HELP.format(root=args.data_root))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def load_split(args: argparse.Namespace) -> data.Split:
+    return data.digits(args.seed) if args.dataset == "digits" else data.cifar10(args.data_root)
+
+
+def steps_for(args: argparse.Namespace, train_size: int, world: int) -> int:
+    if args.steps is not None:
+        return args.steps
+    if args.epochs is not None:
+        return max(1, round(args.epochs * train_size / (args.batch * world)))
+    return 1000
+
+
+def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace) -> SyncAverager | None:
+    common = {"tau": args.tau, "comm_dtype": args.comm_dtype}
+    if algo in ("easgd", "eamsgd"):
+        return ElasticAverager(model.parameters(), beta=args.beta, **common)
+    if algo == "downpour":
+        return DownpourAverager(model.parameters(), **common)
+    if algo == "average":
+        return PeriodicAverager(model.parameters(), **common)
+    return None
+
+
+class GradientAllReduce:
+    """Synchronous SGD, the usual DDP baseline: every step, the mean gradient over the workers
+    (one all-reduce of a flat buffer)."""
+
+    def __init__(self, model: torch.nn.Module, world: int) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world = world
+        self.comm_seconds = 0.0
+        self.bytes_sent = 0
+        self.exchanges = 0
+        if dist.is_initialized():
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        grads = [p.grad for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        flat.div_(self.world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        self.comm_seconds += time.perf_counter() - start
+        self.bytes_sent += flat.nbytes
+        self.exchanges += 1
+
+
+def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int, world: int,
+              device: torch.device, steps: int) -> Result:
+    torch.manual_seed(args.seed)
+    model = data.make_model(args.dataset).to(device)
+    momentum = args.momentum if algo == "eamsgd" else 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum,
+                          nesterov=algo == "eamsgd")
+    averager = make_averager(algo, model, args)
+    sync_sgd = GradientAllReduce(model, world) if averager is None else None
+    stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
+    result = Result(algo)
+    elapsed = 0.0
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        xb, yb = stream.next()
+        loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
+        loss.backward()
+        if sync_sgd is not None:
+            sync_sgd()
+        opt.step()
+        opt.zero_grad()
+        if averager is not None:
+            averager.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed += time.perf_counter() - start
+        if step % args.eval_every == 0 or step == steps:
+            if averager is not None:
+                with averager.center_parameters():
+                    error = data.test_error(model, split.test_x, split.test_y)
+                sent = averager.stats.bytes_sent
+            else:
+                error = data.test_error(model, split.test_x, split.test_y)
+                sent = sync_sgd.bytes_sent
+            result.steps.append(step)
+            result.seconds.append(elapsed)
+            result.bytes_sent.append(sent * world)
+            result.test_error.append(error)
+            if bar is not None:
+                bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if averager is not None:
+        stats = averager.stats
+        result.comm_seconds, result.exchanges = stats.comm_seconds, stats.exchanges
+        result.skipped_exchanges = stats.skipped_exchanges
+    else:
+        result.comm_seconds, result.exchanges = sync_sgd.comm_seconds, sync_sgd.exchanges
+    return result
+
+
+def worker(rank: int, world: int, store: str | None, args: argparse.Namespace, out: str) -> None:
+    if args.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if store is None:
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    else:
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
+                                world_size=world, timeout=timedelta(minutes=10))
+    try:
+        split = load_split(args)
+        steps = steps_for(args, len(split.train_y), world)
+        results = [asdict(train_one(algo, args, split, rank, world, device, steps))
+                   for algo in args.algos]
+        if rank == 0:
+            Path(out).write_text(json.dumps({"results": results, "steps": steps}))
+    finally:
+        dist.destroy_process_group()
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'algorithm':<10}{'test error':>11}{'best':>8}{'wall s':>9}{'comm s':>9}"
+          f"{'comm %':>8}{'MB sent':>10}{'exchanges':>11}")
+    for r in results:
+        wall, comm = r["seconds"][-1], r["comm_seconds"]
+        print(f"{r['algo']:<10}{r['test_error'][-1]:>11.4f}{min(r['test_error']):>8.4f}"
+              f"{wall:>9.2f}{comm:>9.2f}{comm / wall:>8.1%}{r['bytes_sent'][-1] / 1e6:>10.2f}"
+              f"{r['exchanges']:>11}")
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for r in results:
+        left.plot(r["seconds"], r["test_error"], label=r["algo"], marker=".", markersize=3)
+        right.plot([max(b, 1) / 1e6 for b in r["bytes_sent"]], r["test_error"], label=r["algo"],
+                   marker=".", markersize=3)
+    left.set_xlabel("training wall time (s)")
+    right.set_xlabel("MB sent, all workers")
+    right.set_xscale("log")
+    left.set_ylabel("test error of the center")
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        if launched:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            worker(rank, world, None, args, out)
+            if rank != 0:
+                return 0
+        else:
+            world = args.workers
+            if args.device == "cuda" and torch.cuda.device_count() < world:
+                print(f"note: {world} workers share {torch.cuda.device_count()} GPU(s); using Gloo",
+                      file=sys.stderr)
+            mp.spawn(worker, args=(world, os.path.join(tmp, "store"), args, out), nprocs=world,
+                     join=True)
+        summary = json.loads(Path(out).read_text())
+    results = summary["results"]
+    title = (f"{args.dataset}, {world} workers, tau={args.tau}, {summary['steps']} steps, "
+             f"lr={args.lr:g}, wire={args.comm_dtype or 'param dtype'}")
+    print(title)
+    print_table(results)
+    plot(results, args.plot, title)
+    print(f"\nplot: {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()},
+                                         "world_size": world, **summary}, indent=1))
+        print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
