@@ -197,7 +197,7 @@ class SyncAverager:
                     works.append((g, s, e, dist.all_reduce(g.buffers["wire"][s:e], group=group,
                                                            async_op=True)))
         flag = (~torch.stack(finite).all()).to(torch.float32).reshape(1)
-        self._local_flag = flag.clone()  # the all-reduce overwrites flag; the warning wants ours
+        locally_bad = flag.clone()  # the all-reduce overwrites flag; the warning wants ours
         if self._comm.distributed:
             dist.all_reduce(flag, group=group)
         bad_ranks = int(flag.item())
@@ -209,7 +209,7 @@ class SyncAverager:
                            works, timer)
                 return False
         if bad_ranks:
-            here = "yes" if self._local_flag.item() else "no"
+            here = "yes" if locally_bad.item() else "no"
             self._skip(f"non-finite values on {bad_ranks} of {self.world_size} ranks "
                        f"(this rank: {here})", works, timer)
             return False

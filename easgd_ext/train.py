@@ -19,18 +19,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from . import data
+from ._launch import join_group, launcher_rank_world, run_workers
 from .averager import SyncAverager
 from .baselines import DownpourAverager, PeriodicAverager
 from .elastic import ElasticAverager, elastic_rates
@@ -223,19 +221,8 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
     return result
 
 
-def worker(rank: int, world: int, store: str | None, args: argparse.Namespace, out: str) -> None:
-    if args.device == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if store is None:
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
-    else:
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
-                                world_size=world, timeout=timedelta(minutes=10))
+def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
+    device = join_group(rank, world, store, args.device)
     try:
         split = load_split(args)
         steps = steps_for(args, len(split.train_y), world)
@@ -284,22 +271,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.json")
-        if launched:
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            worker(rank, world, None, args, out)
-            if rank != 0:
-                return 0
-        else:
-            world = args.workers
-            if args.device == "cuda" and torch.cuda.device_count() < world:
-                print(f"note: {world} workers share {torch.cuda.device_count()} GPU(s); using Gloo",
-                      file=sys.stderr)
-            mp.spawn(worker, args=(world, os.path.join(tmp, "store"), args, out), nprocs=world,
-                     join=True)
-        summary = json.loads(Path(out).read_text())
+    launched = launcher_rank_world()
+    world = launched[1] if launched else args.workers
+    if not launched and args.device == "cuda" and torch.cuda.device_count() < world:
+        print(f"note: {world} workers share {torch.cuda.device_count()} GPU(s); using Gloo",
+              file=sys.stderr)
+    summary = run_workers(worker, world, args)
+    if summary is None:  # a launched rank other than 0
+        return 0
     results = summary["results"]
     title = (f"{args.dataset}, {world} workers, tau={args.tau}, {summary['steps']} steps, "
              f"lr={args.lr:g}, wire={args.comm_dtype or 'param dtype'}")

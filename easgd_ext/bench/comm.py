@@ -24,18 +24,16 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import easgd_ext
+from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
 RESNET18_NUMEL = 11_689_512
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "1e8"]
@@ -135,29 +133,21 @@ def measure(size: str, world: int, device: torch.device, reps: int, peers: set[s
     return records
 
 
-def rank_main(rank: int, world: int, store: str | None, args: argparse.Namespace, out: str) -> None:
-    device = torch.device("cuda", rank % max(1, torch.cuda.device_count())) \
-        if args.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if store is None:  # under torchrun
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=10))
+def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
+    device = join_group(rank, world, store, args.device)
     records = []
     sizes = args.sizes
     if rank == 0:
         from tqdm import tqdm
 
         sizes = tqdm(sizes, desc=f"world {world}", unit="size", file=sys.stderr)
-    for size in sizes:
-        records += measure(size, world, device, args.reps, set(args.peers))
-    if rank == 0:
-        Path(out).write_text(json.dumps(records))
-    dist.destroy_process_group()
+    try:
+        for size in sizes:
+            records += measure(size, world, device, args.reps, set(args.peers))
+        if rank == 0:
+            Path(out).write_text(json.dumps(records))
+    finally:
+        dist.destroy_process_group()
 
 
 def print_table(records: list[dict]) -> None:
@@ -227,23 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no CUDA device is available")
 
     records: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "records.json")
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            rank_main(rank, world, None, args, out)
-            if rank != 0:
-                return 0
-            records = json.loads(Path(out).read_text())
-        else:
-            for world in args.worlds:
-                if args.device == "cuda" and torch.cuda.device_count() < world:
-                    print(f"skipping world {world}: NCCL needs one GPU per rank, "
-                          f"{torch.cuda.device_count()} present", file=sys.stderr)
-                    continue
-                store = os.path.join(tmp, f"store{world}")
-                mp.spawn(rank_main, args=(world, store, args, out), nprocs=world, join=True)
-                records += json.loads(Path(out).read_text())
+    launched = launcher_rank_world()
+    for world in [launched[1]] if launched else args.worlds:
+        if not launched and args.device == "cuda" and torch.cuda.device_count() < world:
+            print(f"skipping world {world}: NCCL needs one GPU per rank, "
+                  f"{torch.cuda.device_count()} present", file=sys.stderr)
+            continue
+        got = run_workers(rank_main, world, args)
+        if got is None:  # a launched rank other than 0
+            return 0
+        records += got
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"device {args.device}, median of {args.reps}")
     print_table(records)
