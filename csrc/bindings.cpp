@@ -11,6 +11,10 @@
 namespace py = pybind11;
 using namespace easgd;
 
+namespace easgd {
+void bind_shared_segment(py::module_& m);  // bindings_shared.cpp
+}
+
 namespace {
 
 void run(Kernel kernel, const KernelArgs& args, const Exec& exec) {
@@ -77,6 +81,8 @@ PYBIND11_MODULE(_C, m) {
         return "TensorRef(" + t.name + ", " + std::to_string(t.numel) + " x " + t.dtype + " on " +
                t.device_str() + ")";
       });
+
+  bind_shared_segment(m);
 
   m.def("build_info", &build_info, "What this build of the native core contains.");
   m.def("cuda_device_count", &cuda_device_count,

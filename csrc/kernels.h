@@ -3,6 +3,7 @@
 // mapping from a kernel id to its functor exists once.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 
@@ -108,6 +109,9 @@ void launch(Kernel kernel, const KernelArgs& args, const Exec& exec);
 namespace cuda {
 void launch(Kernel kernel, const KernelArgs& args, const Exec& exec);
 int device_count();  // 0 (not an error) where no driver or GPU is present
+// Page-locks host memory for fast, asynchronous copies (false where no GPU is usable).
+bool host_register(void* ptr, size_t bytes);
+void host_unregister(void* ptr);
 }
 #endif
 

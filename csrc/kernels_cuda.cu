@@ -97,6 +97,22 @@ int cuda::device_count() {
   return count;
 }
 
+bool cuda::host_register(void* ptr, size_t bytes) {
+  if (device_count() == 0) return false;
+  // Portable: pinned for every context of this process, whichever device the worker uses.
+  const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable);
+  if (err == cudaErrorHostMemoryAlreadyRegistered) {
+    cudaGetLastError();
+    return false;  // someone else pinned it and will unpin it
+  }
+  check(err, "cudaHostRegister of the shared center");
+  return true;
+}
+
+void cuda::host_unregister(void* ptr) {
+  if (cudaHostUnregister(ptr) != cudaSuccess) cudaGetLastError();  // at exit the context may be gone
+}
+
 void cuda::launch(Kernel kernel, const KernelArgs& args, const Exec& exec) {
   if (args.numel == 0) return;
   DeviceGuard guard(exec.device);

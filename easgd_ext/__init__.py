@@ -16,9 +16,11 @@ from ._native import native
 from .averager import ExchangeStats
 from .baselines import DownpourAverager, PeriodicAverager
 from .elastic import ElasticAverager
+from .shared_center import SharedCenter, StaleSegmentError
 
 __version__ = "0.1.0"
-__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "ExchangeStats",
+__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "SharedCenter",
+           "StaleSegmentError", "ExchangeStats",
            "build_info", "ops", "__version__"]
 
 

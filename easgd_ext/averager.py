@@ -152,6 +152,24 @@ class SyncAverager:
     def _center_of(self, group: FlatGroup) -> torch.Tensor | None:
         return group.buffers.get("center")
 
+    def _centers(self) -> list[torch.Tensor | None]:
+        """The center, one tensor per group (``None`` entries: no center)."""
+        return [self._center_of(g) for g in self._groups]
+
+    def _state_tensors(self, name: str) -> list[torch.Tensor]:
+        return [g.buffers[name] for g in self._groups]
+
+    def _load_state_tensors(self, name: str, saved: list[torch.Tensor]) -> None:
+        for s, g in zip(saved, self._groups):
+            g.buffers[name].copy_(s)
+
+    def _bytes_per_exchange(self, skipped: bool) -> int:
+        """Payload this rank handed to the network in this exchange (0 without one; a skipped
+        synchronous exchange still all-reduced its buckets)."""
+        if not self._comm.distributed:
+            return 0
+        return 4 + sum(g.buffers["wire"].nbytes for g in self._groups)
+
     # ---- the loop-facing surface ---------------------------------------------------------------
     @property
     def world_size(self) -> int:
@@ -227,7 +245,7 @@ class SyncAverager:
         """This rank's replica of the center: one float32 flat buffer per (device, dtype) group of
         parameters, in order of first appearance (empty for :class:`PeriodicAverager`). Read
         them; to evaluate the center use :meth:`center_parameters`."""
-        centers = [self._center_of(g) for g in self._groups]
+        centers = self._centers()
         return [] if centers[0] is None else [c.detach() for c in centers]
 
     @contextlib.contextmanager
@@ -235,7 +253,7 @@ class SyncAverager:
         """Within the block the model's parameters hold this rank's replica of the center (rounded
         to the parameters' dtype), e.g. for evaluation; on leaving, the worker's own values come
         back exactly. Local: no communication, so it may be used on one rank only."""
-        centers = [self._center_of(g) for g in self._groups]
+        centers = self._centers()
         if self._in_center:
             raise RuntimeError("center_parameters() is already active")
         stash = []
@@ -263,7 +281,7 @@ class SyncAverager:
             "algorithm": self.algorithm, "format": STATE_FORMAT, "world_size": self.world_size,
             "clock": self.clock, "settings": dict(self._settings), "layout": list(self._layout),
             "stats": asdict(self.stats),
-            "buffers": {name: [g.buffers[name].detach().cpu().clone() for g in self._groups]
+            "buffers": {name: [t.detach().cpu().clone() for t in self._state_tensors(name)]
                         for name in self.state_buffers},
         }
 
@@ -289,12 +307,11 @@ class SyncAverager:
         for name in self.state_buffers:
             saved = buffers.get(name)
             if saved is None or len(saved) != len(self._groups) or any(
-                    s.shape != g.buffers[name].shape for s, g in zip(saved, self._groups)):
+                    s.shape != g.flat.shape for s, g in zip(saved, self._groups)):
                 raise ValueError(f"state buffer {name!r} does not match this averager's layout")
         with torch.no_grad():
             for name in self.state_buffers:
-                for s, g in zip(buffers[name], self._groups):
-                    g.buffers[name].copy_(s)
+                self._load_state_tensors(name, buffers[name])
         self.clock = int(state["clock"])
         self._pending.clear()
         self._stats = ExchangeStats(**state["stats"])
@@ -325,8 +342,7 @@ class SyncAverager:
             self._stats.skipped_exchanges += 1
         else:
             self._stats.exchanges += 1
-        if self._comm.distributed:
-            self._stats.bytes_sent += 4 + sum(g.buffers["wire"].nbytes for g in self._groups)
+        self._stats.bytes_sent += self._bytes_per_exchange(skipped)
 
 
 def _short(value: Any) -> str:

@@ -3,6 +3,7 @@ optimizer, EAMSGD (Zhang, Choromanska and LeCun, 2015)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Iterable
@@ -46,6 +47,24 @@ def elastic_rates(world_size: int, beta: object, alpha: object,
     return alpha, beta
 
 
+def _mode_argument(init: Any, args: tuple, kwargs: dict) -> Any:
+    """The ``mode`` a constructor call asks for (``"sync"`` when the call does not bind: the
+    constructor then raises the usual TypeError)."""
+    try:
+        bound = inspect.signature(init).bind(None, *args, **kwargs)
+    except TypeError:
+        return "sync"
+    return bound.arguments.get("mode", "sync")
+
+
+def check_mode(mode: object, center: object, servers: object) -> None:
+    if mode not in ("sync", "async"):
+        raise ValueError(f"mode must be 'sync' or 'async', got {mode!r}")
+    if mode == "sync" and (center is not None or servers is not None):
+        raise ValueError("center= and servers= place the center of mode='async'; "
+                         "mode='sync' replicates it on every rank")
+
+
 class ElasticAverager(SyncAverager):
     """Elastic averaging for any training loop: every ``tau`` local steps each worker is pulled
     towards a center variable, and the center towards the workers.
@@ -70,7 +89,8 @@ class ElasticAverager(SyncAverager):
         tau: local steps between exchanges (``step()`` exchanges when its clock is a multiple).
         beta: ``p * alpha``; defaults to 0.9 (the paper's choice). Must be in (0, 1).
         alpha: the moving rate; give ``alpha`` or ``beta``, not both (or both, consistent).
-        mode: ``"sync"``.
+        mode: ``"sync"`` (all workers exchange together over an all-reduce) or ``"async"``
+            (each worker exchanges with a shared center on its own clock; see below).
         process_group: the group to average over (default: the default group; a single process
             needs no torch.distributed at all).
         comm_dtype: dtype of ``d`` on the wire: ``None`` (the parameters' dtype),
@@ -78,6 +98,23 @@ class ElasticAverager(SyncAverager):
         bucket_cap_mb: all-reduce bucket size; buckets let the apply kernel of one bucket run
             while later buckets are still in flight.
         allow_unstable: accept ``beta >= 1``.
+        center: ``mode="async"`` on one machine: a :class:`~easgd_ext.SharedCenter` or the name
+            of one. Default: a single process makes a private one; under torch.distributed
+            rank 0 creates one under a fresh name and the other ranks attach to it.
+        servers: ``mode="async"`` across machines: the ranks that hold the center, sharded; they
+            call :meth:`serve` while the other ranks train.
+        lock_timeout: ``mode="async"``: seconds to wait for a chunk lock before raising
+            ``TimeoutError`` (a live worker stuck while holding it).
+
+    Asynchronous mode (``mode="async"``), worker ``i`` alone whenever its clock says so::
+
+        e = alpha (x_i - center);   x_i -= e;   center += e
+
+    where ``p`` in ``alpha = beta / p`` is the number of workers (the shared center's
+    ``workers``, or the ranks that are not servers). Each exchange locks one chunk of the
+    center at a time, so workers never wait for each other except on a chunk being updated;
+    a worker that dies holding a lock does not block the others. Call :meth:`close` (or use
+    the averager as a context manager) when a worker is done.
 
     A non-finite ``d`` on any rank (a diverged worker) skips the exchange on every rank, leaving
     every worker and every center replica as they were; it is counted in
@@ -87,15 +124,21 @@ class ElasticAverager(SyncAverager):
     algorithm = "easgd"
     state_buffers = ("center",)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ElasticAverager":
+        if cls is ElasticAverager and _mode_argument(cls.__init__, args, kwargs) == "async":
+            from .async_averager import AsyncElasticAverager
+            return super().__new__(AsyncElasticAverager)
+        return super().__new__(cls)
+
     def __init__(self, params: Iterable[torch.Tensor], tau: int = 10, beta: float | None = None,
                  alpha: float | None = None, mode: str = "sync", process_group: Any = None,
                  comm_dtype: torch.dtype | str | None = None, bucket_cap_mb: float = 25.0,
-                 allow_unstable: bool = False) -> None:
+                 allow_unstable: bool = False, center: Any = None, servers: Any = None,
+                 lock_timeout: float = 300.0) -> None:
         comm = _dist.resolve(process_group)
 
         def check_settings() -> dict[str, Any]:
-            if mode not in ("sync",):
-                raise ValueError(f"mode must be 'sync', got {mode!r}")
+            check_mode(mode, center, servers)
             self.alpha, self.beta = elastic_rates(comm.world_size, beta, alpha, allow_unstable)
             return {"mode": mode, "alpha": self.alpha, "beta": self.beta}
 

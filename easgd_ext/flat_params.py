@@ -105,18 +105,27 @@ class FlatGroup:
         return fixed
 
 
-def flatten(params: list[torch.Tensor]) -> list[FlatGroup]:
-    """Moves ``params`` into flat buffers, one per (device, dtype) in order of first appearance,
-    and re-points each parameter's ``.data`` at its slot."""
+def plan(params: list[torch.Tensor]) -> list[tuple[tuple[torch.device, torch.dtype], list[torch.Tensor], list[int], int]]:
+    """How :func:`flatten` lays ``params`` out, without touching them: per (device, dtype) in
+    order of first appearance, the members, their aligned offsets and the buffer length."""
     by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         by_key.setdefault((p.device, p.dtype), []).append(p)
-    groups = []
-    for (device, dtype), members in by_key.items():
+    out = []
+    for key, members in by_key.items():
         offsets, total = [], 0
         for p in members:
             offsets.append(total)
             total = _aligned(total + p.numel())
+        out.append((key, members, offsets, total))
+    return out
+
+
+def flatten(params: list[torch.Tensor]) -> list[FlatGroup]:
+    """Moves ``params`` into flat buffers, one per (device, dtype) in order of first appearance,
+    and re-points each parameter's ``.data`` at its slot."""
+    groups = []
+    for (device, dtype), members, offsets, total in plan(params):
         flat = torch.zeros(total, dtype=dtype, device=device)
         group = FlatGroup(members, offsets, flat)
         with torch.no_grad():

@@ -71,6 +71,64 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
         return results
 
 
+def _plain_entry(out_path: str, fn: Callable[..., Any], args: tuple) -> None:
+    torch.set_num_threads(1)
+    try:
+        result = RankResult(value=fn(*args))
+    except BaseException as exc:  # noqa: BLE001 -- reported to the test, which decides
+        result = RankResult(error_type=type(exc).__name__, error=str(exc),
+                            traceback=traceback.format_exc())
+    torch.save(result.__dict__, out_path)
+
+
+class Processes:
+    """Plain spawned processes (no process group), each running ``fn(*args)``; for code that
+    needs the test to act in between (kill one of them, say)."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory()
+        self.procs: list[Any] = []
+
+    def start(self, fn: Callable[..., Any], *args: Any) -> Any:
+        out = os.path.join(self._tmp.name, f"proc{len(self.procs)}.pt")
+        p = self.ctx.Process(target=_plain_entry, args=(out, fn, args), daemon=True)
+        p.start()
+        p.out_path = out
+        self.procs.append(p)
+        return p
+
+    def results(self, timeout: float = 240.0, skip: tuple[Any, ...] = ()) -> list[RankResult]:
+        """Waits for every process not in ``skip``; returns their results in start order."""
+        deadline = time.monotonic() + timeout
+        wanted = [p for p in self.procs if p not in skip]
+        for p in wanted:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [i for i, p in enumerate(self.procs) if p in wanted and p.is_alive()]
+        if hung:
+            self.close()
+            raise TimeoutError(f"processes {hung} hung (still running after the deadline)")
+        out = []
+        for p in wanted:
+            if not Path(p.out_path).exists():
+                raise RuntimeError(f"a process died with exit code {p.exitcode} without a result")
+            out.append(RankResult(**torch.load(p.out_path, weights_only=False)))
+        return out
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def values(results: list[RankResult]) -> list[Any]:
     """Every rank's return value; re-raises the first rank's failure with its traceback."""
     for r, res in enumerate(results):

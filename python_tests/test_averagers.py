@@ -40,7 +40,7 @@ def test_comm_dtype_and_bucket_checked(cls):
         cls(model().parameters(), comm_dtype=torch.float64)
     with pytest.raises(ValueError, match=r"bucket_cap_mb must be positive"):
         cls(model().parameters(), bucket_cap_mb=0)
-    with pytest.raises(ValueError, match=r"mode must be 'sync', got 'sideways'"):
+    with pytest.raises(ValueError, match=r"mode must be 'sync' or 'async', got 'sideways'"):
         cls(model().parameters(), mode="sideways")
     assert cls(model().parameters(), comm_dtype="bf16").comm_dtype == torch.bfloat16
 

@@ -2,7 +2,8 @@
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile
     comm      exchange latency vs size and world size, vs a raw all_reduce and PyTorch's
-              PeriodicModelAverager (table, --json, --plot PNG)
+              PeriodicModelAverager (table, --json, --plot PNG); with --mode async the
+              shared-memory and sharded centers against the memory-traffic floor
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ and ratios against the peers. Gloo on CPU tensors; NCCL with one GPU per rank wh
     python -m easgd_ext.bench comm                              # worlds 2 and 4, 1e5..1e8
     python -m easgd_ext.bench comm --worlds 2 --sizes 1e6 resnet18 --json comm.json
     torchrun --nproc-per-node 4 -m easgd_ext.bench comm         # under a launcher: one world
+    python -m easgd_ext.bench comm --mode async                 # asynchronous transports
 """
 
 from __future__ import annotations
@@ -193,7 +194,18 @@ def plot(records: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode", choices=["sync", "async"], default="sync")
+    known, rest = mode.parse_known_args(argv)
+    if known.mode == "async":
+        from .async_comm import main as async_main
+
+        return async_main(rest)
+    argv = rest
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="--mode async: the asynchronous transports (shared "
+                                            "and sharded centers); see --mode async --help")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4],
                         help="world sizes to spawn (ignored under torchrun)")
     parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,

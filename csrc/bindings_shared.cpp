@@ -1,0 +1,150 @@
+// Python bindings of the shared-memory center (easgd_ext._C.SharedSegment). The segment exports
+// its float32 data through the buffer protocol, so torch.frombuffer(segment) is a zero-copy view
+// that keeps the mapping alive for as long as the view exists.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "shared_segment.h"
+#include "tensor_ref.h"
+
+namespace py = pybind11;
+
+namespace easgd {
+namespace {
+
+using shm::Segment;
+
+py::dict header_dict(const Segment& s) {
+  const shm::SegmentHeader& h = s.header();
+  py::dict d;
+  d["name"] = s.name();
+  d["version"] = h.version;
+  d["numel"] = h.numel;
+  d["chunk_numel"] = h.chunk_numel;
+  d["num_chunks"] = h.num_chunks;
+  d["max_workers"] = h.max_workers;
+  d["total_bytes"] = h.total_bytes;
+  d["creator_pid"] = h.creator_pid;
+  d["creator_host"] = std::string(h.creator_host, strnlen(h.creator_host, sizeof h.creator_host));
+  d["created_unix_ns"] = h.created_unix_ns;
+  d["creator_alive"] = s.creator_alive();
+  d["layout_digest"] = std::string(h.layout_digest, strnlen(h.layout_digest, sizeof h.layout_digest));
+  d["clean_recoveries"] = h.clean_recoveries.load();
+  d["partial_recoveries"] = h.partial_recoveries.load();
+  return d;
+}
+
+Buf cpu_buf(const TensorRef& t) {
+  if (t.device_type != "cpu") {
+    throw py::value_error(t.name + " is on " + t.device_str() + "; the shared center's native "
+                          "exchange takes CPU tensors");
+  }
+  return Buf{reinterpret_cast<void*>(t.ptr), float_dtype(t)};
+}
+
+}  // namespace
+
+void bind_shared_segment(py::module_& m) {
+  py::register_exception<shm::Stale>(m, "StaleSegmentError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const shm::NotFound& e) {
+      PyErr_SetString(PyExc_FileNotFoundError, e.what());
+    } catch (const shm::Exists& e) {
+      PyErr_SetString(PyExc_FileExistsError, e.what());
+    } catch (const shm::Incompatible& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const shm::LockTimeout& e) {
+      PyErr_SetString(PyExc_TimeoutError, e.what());
+    }
+  });
+
+  const auto release = py::call_guard<py::gil_scoped_release>();
+  py::class_<Segment, std::shared_ptr<Segment>>(m, "SharedSegment", py::buffer_protocol(),
+      "A float32 center in named shared memory with per-chunk robust locks (see SharedCenter).")
+      .def_static("create",
+                  [](const std::string& name, int64_t numel, int64_t chunk_numel, int workers,
+                     const std::string& digest) {
+                    return std::shared_ptr<Segment>(
+                        Segment::create(name, numel, chunk_numel, workers, digest));
+                  },
+                  py::arg("name"), py::arg("numel"), py::arg("chunk_numel"), py::arg("workers"),
+                  py::arg("layout_digest"))
+      .def_static("attach",
+                  [](const std::string& name, bool allow_stale) {
+                    return std::shared_ptr<Segment>(Segment::attach(name, allow_stale));
+                  },
+                  py::arg("name"), py::arg("allow_stale") = false)
+      .def_static("unlink", &Segment::unlink, py::arg("name"))
+      .def_property_readonly("name", &Segment::name)
+      .def_property_readonly("numel", &Segment::numel)
+      .def_property_readonly("data_ptr", [](const Segment& s) { return uintptr_t(s.data()); })
+      .def("info", &header_dict)
+      .def("lock", [](Segment& s, int64_t k, double timeout) { return int(s.lock(k, timeout)); },
+           py::arg("chunk"), py::arg("timeout") = 0.0, release,
+           "Locks a chunk; returns 0, or 1/2 when it recovered the lock of a dead holder that "
+           "was between/inside updates.")
+      .def("unlock", &Segment::unlock, py::arg("chunk"), release)
+      .def("set_dirty", &Segment::set_dirty, py::arg("chunk"), py::arg("dirty"))
+      .def("register_worker", &Segment::register_worker)
+      .def("finish_worker", &Segment::finish_worker, py::arg("worker"))
+      .def("record_exchange", &Segment::record_exchange, py::arg("worker"), py::arg("clock"))
+      .def("chunk_updates", &Segment::chunk_updates)
+      .def("workers",
+           [](const Segment& s) {
+             py::list out;
+             for (const auto& w : s.workers()) {
+               py::dict d;
+               d["id"] = w.id; d["state"] = w.state; d["pid"] = w.pid; d["alive"] = w.alive;
+               d["clock"] = w.clock; d["exchanges"] = w.exchanges; d["last_unix_ns"] = w.last_unix_ns;
+               out.append(d);
+             }
+             return out;
+           })
+      .def("pin_for_cuda", &Segment::pin_for_cuda, release)
+      .def("exchange",
+           [](Segment& s, int worker, const std::string& kind, const TensorRef& x,
+              const TensorRef* x_last, int64_t offset, double alpha, int num_threads,
+              double timeout) {
+             shm::ExchangeKind k;
+             if (kind == "easgd") k = shm::ExchangeKind::easgd;
+             else if (kind == "downpour") k = shm::ExchangeKind::downpour;
+             else throw py::value_error("kind must be 'easgd' or 'downpour', got '" + kind + "'");
+             const Buf xb = cpu_buf(x);
+             // The center slice as a TensorRef, so the usual checks catch overlaps with it.
+             if (offset < 0 || offset + x.numel > s.numel()) {
+               throw py::value_error(x.name + " (" + std::to_string(x.numel) + " elements at offset " +
+                                     std::to_string(offset) + ") does not fit the shared center of " +
+                                     std::to_string(s.numel()) + " elements");
+             }
+             const TensorRef center{"center", uintptr_t(s.data() + offset), x.numel, "float32", "cpu", -1};
+             Buf lb;
+             if (x_last != nullptr) {
+               lb = Buf{reinterpret_cast<void*>(x_last->ptr), same_dtype_as(*x_last, x)};
+               check_call({&x, x_last, &center}, {}, 0, num_threads);
+             } else {
+               check_call({&x, &center}, {}, 0, num_threads);
+             }
+             const float a = k == shm::ExchangeKind::easgd ? finite_scalar("alpha", alpha) : 0.f;
+             py::gil_scoped_release no_gil;
+             return s.exchange(worker, k, xb, x_last != nullptr ? &lb : nullptr, offset, x.numel, a,
+                               num_threads, timeout);
+           },
+           py::arg("worker"), py::arg("kind"), py::arg("x"), py::arg("x_last"), py::arg("offset"),
+           py::arg("alpha"), py::arg("num_threads") = 1, py::arg("timeout") = 0.0,
+           "One exchange of CPU parameters with center[offset:offset+x.numel], chunk by chunk "
+           "under the chunks' locks; returns how many dead holders' locks were recovered. "
+           "Record the whole exchange with record_exchange afterwards.")
+      .def_buffer([](Segment& s) {
+        return py::buffer_info(s.data(), sizeof(float), py::format_descriptor<float>::format(), 1,
+                               {s.numel()}, {int64_t(sizeof(float))});
+      });
+
+  m.def("process_alive", [](int64_t pid) { return shm::process_alive(pid, 0); }, py::arg("pid"),
+        "Whether pid is a running (not zombie) process.");
+}
+
+}  // namespace easgd

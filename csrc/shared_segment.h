@@ -1,0 +1,152 @@
+// A float32 center variable in a named POSIX shared-memory segment, for asynchronous EASGD
+// between processes of one machine. Layout (all offsets 64-byte aligned, data page aligned):
+//
+//   SegmentHeader | ChunkSlot[num_chunks] | WorkerSlot[max_workers] | float data[numel]
+//
+// Each chunk of the data has a robust process-shared mutex: if its holder dies, the next
+// locker gets EOWNERDEAD, marks it consistent and goes on. A `dirty` flag set around every
+// write tells a clean recovery (the holder died between writes) from a partial one (it died
+// inside a chunk update: every element is then either its old or its new value, both finite).
+#pragma once
+
+#include <pthread.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace easgd {
+namespace shm {
+
+constexpr char kMagic[8] = {'E', 'A', 'S', 'G', 'D', 'C', 'T', 'R'};
+constexpr uint32_t kVersion = 1;
+constexpr uint32_t kDtypeFloat32 = 0;
+
+// Errors the bindings turn into specific Python exceptions.
+struct NotFound : std::runtime_error { using std::runtime_error::runtime_error; };      // FileNotFoundError
+struct Exists : std::runtime_error { using std::runtime_error::runtime_error; };        // FileExistsError
+struct Stale : std::runtime_error { using std::runtime_error::runtime_error; };         // StaleSegmentError
+struct Incompatible : std::runtime_error { using std::runtime_error::runtime_error; };  // ValueError
+struct LockTimeout : std::runtime_error { using std::runtime_error::runtime_error; };   // TimeoutError
+
+struct SegmentHeader {
+  char magic[8];
+  uint32_t version;
+  uint32_t header_bytes;  // sizeof(SegmentHeader) of the writer: catches layout drift
+  uint64_t total_bytes;
+  uint32_t dtype;
+  uint32_t max_workers;
+  int64_t numel;
+  int64_t chunk_numel;
+  int64_t num_chunks;
+  uint64_t chunks_offset, workers_offset, data_offset;
+  int64_t creator_pid;
+  uint64_t creator_start_ticks;  // the creator's start time: a reused PID is not the creator
+  int64_t created_unix_ns;
+  uint32_t creator_uid;
+  uint32_t reserved;
+  char creator_host[64];
+  char layout_digest[80];  // given by the creator (the Python layer hashes the parameter layout)
+  std::atomic<uint32_t> ready;  // set last, with release order, once everything above is written
+  std::atomic<uint32_t> next_worker;
+  std::atomic<uint64_t> clean_recoveries;
+  std::atomic<uint64_t> partial_recoveries;
+};
+
+struct alignas(64) ChunkSlot {
+  pthread_mutex_t mutex;
+  std::atomic<int64_t> holder_pid;  // who holds the lock now (0: nobody), for error messages
+  std::atomic<uint32_t> dirty;      // non-zero while the holder is writing the chunk
+  std::atomic<uint64_t> updates;    // completed exchanges on this chunk
+};
+
+enum WorkerState : uint32_t { kFree = 0, kActive = 1, kFinished = 2 };
+
+struct alignas(64) WorkerSlot {
+  std::atomic<uint32_t> state;
+  std::atomic<int64_t> pid;
+  std::atomic<uint64_t> start_ticks;
+  std::atomic<uint64_t> clock;       // the worker's local step count at its last exchange
+  std::atomic<uint64_t> exchanges;   // completed exchanges
+  std::atomic<int64_t> last_unix_ns;
+};
+
+struct WorkerInfo {
+  int id;
+  std::string state;
+  int64_t pid;
+  bool alive;
+  uint64_t clock, exchanges;
+  int64_t last_unix_ns;
+};
+
+// Whether `pid` (started at `start_ticks`, 0 = unknown) is a live, non-zombie process.
+bool process_alive(int64_t pid, uint64_t start_ticks);
+uint64_t process_start_ticks(int64_t pid);  // 0 where /proc cannot tell
+
+enum class LockResult { acquired = 0, recovered_clean = 1, recovered_partial = 2 };
+enum class ExchangeKind { easgd = 0, downpour = 1 };
+
+class Segment {
+ public:
+  // O_EXCL create with mode 0600; a name already taken raises Exists, saying whether the
+  // holder is alive or the segment was left by a crashed run.
+  static Segment* create(const std::string& name, int64_t numel, int64_t chunk_numel,
+                         int max_workers, const std::string& layout_digest);
+  // Opens and validates (magic, version, header size, sizes, owner, readiness, creator alive).
+  static Segment* attach(const std::string& name, bool allow_stale);
+  // shm_unlink; false if the name did not exist.
+  static bool unlink(const std::string& name);
+
+  ~Segment();
+  Segment(const Segment&) = delete;
+  Segment& operator=(const Segment&) = delete;
+
+  const std::string& name() const { return name_; }
+  const SegmentHeader& header() const { return *header_; }
+  float* data() const { return data_; }
+  int64_t numel() const { return header_->numel; }
+  bool creator_alive() const;
+
+  // Blocks up to timeout_s for chunk k; recovers a lock whose holder died.
+  LockResult lock(int64_t chunk, double timeout_s);
+  void unlock(int64_t chunk);
+  void set_dirty(int64_t chunk, bool dirty);
+
+  int register_worker();
+  void finish_worker(int worker);
+  void record_exchange(int worker, uint64_t clock);
+  std::vector<WorkerInfo> workers() const;
+  std::vector<uint64_t> chunk_updates() const;
+
+  // One exchange of a CPU buffer x (and x_last for DOWNPOUR) against center[offset, offset+n):
+  // chunk by chunk, each under its lock, starting at a chunk that depends on the worker so
+  // concurrent workers spread over the chunks. Returns how many locks were recovered. The
+  // caller records the whole exchange (all its buffers) with record_exchange.
+  int exchange(int worker, ExchangeKind kind, const Buf& x, const Buf* x_last, int64_t offset,
+               int64_t n, float alpha, int num_threads, double timeout_s);
+
+  // cudaHostRegister of the whole mapping (a no-op returning false without CUDA in the build).
+  bool pin_for_cuda();
+
+ private:
+  Segment(std::string name, int fd, void* base, size_t bytes);
+  ChunkSlot& chunk(int64_t k) const;
+  WorkerSlot& worker(int id) const;
+
+  std::string name_;
+  int fd_ = -1;
+  void* base_ = nullptr;
+  size_t bytes_ = 0;
+  SegmentHeader* header_ = nullptr;
+  float* data_ = nullptr;
+  bool pinned_ = false;
+};
+
+}  // namespace shm
+}  // namespace easgd

@@ -1,0 +1,215 @@
+"""The center of asynchronous EASGD/DOWNPOUR across machines: sharded over server ranks, reached
+with torch.distributed point-to-point messages, as the paper's parameter server was.
+
+Each flat parameter buffer is cut into one contiguous, aligned shard per server. A worker's
+exchange sends a request header and its slice of every buffer to every server at once, then
+receives the replies; a server answers requests in the order they arrive, from any worker
+(any-source receive), so nobody waits for anybody but the server of a shard.
+
+Messages (tags keep them apart; the data always follow their header from the same sender):
+
+==========  ================================  =========================================
+request     worker -> server, data             server -> worker
+==========  ================================  =========================================
+EXCHANGE    EASGD: x slice                     x slice after ``x -= e``, having done ``c += e``
+EXCHANGE    DOWNPOUR: v = x - x_last           the center slice after ``c += v``
+READ        -                                  the center slice (float32)
+WRITE       float32 center slice               -
+DONE        -                                  - (the server returns once all workers are done)
+==========  ================================  =========================================
+
+The traffic goes over Gloo (a Gloo group over the same ranks is made when the given group is
+NCCL: NCCL has no any-source receive); CUDA parameters are staged through host memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from ._dist import Comm
+from .flat_params import ALIGN_ELEMENTS, FlatGroup
+
+OP_EXCHANGE, OP_READ, OP_WRITE, OP_DONE = 1, 2, 3, 4
+TAG_REQUEST, TAG_DATA, TAG_REPLY = 0x4EA1, 0x4EA2, 0x4EA3
+
+
+def shard_ranges(numel: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous [start, end) ranges covering ``numel``, aligned, as even as the
+    alignment allows (trailing shards may be empty for tiny buffers)."""
+    blocks = -(-numel // ALIGN_ELEMENTS)
+    out, start = [], 0
+    for j in range(shards):
+        take = blocks // shards + (1 if j < blocks % shards else 0)
+        end = min(numel, start + take * ALIGN_ELEMENTS)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def check_servers(servers: object, world_size: int) -> list[int]:
+    """Server ranks: a non-empty list of distinct ranks of the group, leaving at least one
+    worker."""
+    if isinstance(servers, (str, bytes)) or not hasattr(servers, "__iter__"):
+        raise TypeError(f"servers must be a list of ranks, got {type(servers).__name__}")
+    ranks = list(servers)  # type: ignore[call-overload]
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"servers must hold int ranks, got {r!r}")
+        if not 0 <= r < world_size:
+            raise ValueError(f"server rank {r} is not in the group of {world_size} ranks")
+    if not ranks or len(set(ranks)) != len(ranks):
+        raise ValueError(f"servers must be a non-empty list of distinct ranks, got {ranks}")
+    if len(ranks) >= world_size:
+        raise ValueError(f"servers={ranks} leaves no worker among {world_size} ranks")
+    return sorted(ranks)
+
+
+class ShardedCenter:
+    """One rank's end of the sharded center: a server's shards, or a worker's client."""
+
+    def __init__(self, comm: Comm, groups: list[FlatGroup], servers: list[int], kind: str,
+                 alpha: float) -> None:
+        self.kind, self.alpha = kind, alpha
+        self.servers = servers
+        self.workers = [r for r in range(comm.world_size) if r not in servers]
+        self.is_server = comm.rank in servers
+        # Control and data go over Gloo, the backend with any-source receives.
+        self._group = comm.group
+        if dist.get_backend(comm.group) != "gloo":
+            self._group = dist.new_group([comm.global_rank(r) for r in range(comm.world_size)],
+                                         backend="gloo")
+        self._global = comm.global_rank
+        self._groups = groups
+        self._shards = [shard_ranges(g.flat.numel(), len(servers)) for g in groups]
+        self._closed = False
+        if self.is_server:
+            me = servers.index(comm.rank)
+            self._mine = [shards[me] for shards in self._shards]
+            self.center = [g.flat[s:e].detach().to("cpu", torch.float32, copy=True)
+                           for g, (s, e) in zip(groups, self._mine)]
+            self._inbox = [torch.empty(e - s, dtype=g.dtype) for g, (s, e) in zip(groups, self._mine)]
+            self.requests: dict[str, int] = {"exchange": 0, "read": 0, "write": 0}
+        else:
+            # Host-side staging for CUDA parameters (Gloo moves CPU tensors), and the replies
+            # (a buffer of their own: they are received while the request is still being sent).
+            self._host = [g.flat if g.device.type == "cpu" else torch.empty(g.flat.numel(), dtype=g.dtype)
+                          for g in groups]
+            self._reply = [torch.empty(g.flat.numel(), dtype=g.dtype) for g in groups]
+
+    # ---- server side ------------------------------------------------------------------------------
+    def serve(self, on_request: Callable[[str, int], None] | None = None) -> dict[str, int]:
+        """Answers requests until every worker has sent DONE; returns request counts.
+        ``on_request(op, worker_rank)`` is called after each (e.g. to update a progress bar)."""
+        if not self.is_server:
+            raise RuntimeError("serve() runs on server ranks only")
+        header = torch.zeros(2, dtype=torch.int64)
+        done: set[int] = set()
+        names = {OP_EXCHANGE: "exchange", OP_READ: "read", OP_WRITE: "write", OP_DONE: "done"}
+        while len(done) < len(self.workers):
+            src = dist.recv(header, src=None, group=self._group, tag=TAG_REQUEST)
+            op = int(header[0])
+            if op == OP_EXCHANGE:
+                self._serve_exchange(src)
+            elif op == OP_READ:
+                for c in self.center:
+                    if c.numel():
+                        dist.send(c, dst=src, group=self._group, tag=TAG_REPLY)
+            elif op == OP_WRITE:
+                for c in self.center:
+                    if c.numel():
+                        dist.recv(c, src=src, group=self._group, tag=TAG_DATA)
+            elif op == OP_DONE:
+                done.add(src)
+            else:
+                raise RuntimeError(f"server got unknown request {op} from rank {src}")
+            if op != OP_DONE:
+                self.requests[names[op]] += 1
+            if on_request is not None:
+                on_request(names.get(op, "?"), src)
+        return dict(self.requests)
+
+    def _serve_exchange(self, src: int) -> None:
+        for c, box in zip(self.center, self._inbox):
+            if not c.numel():
+                continue
+            dist.recv(box, src=src, group=self._group, tag=TAG_DATA)
+            if self.kind == "easgd":
+                ops.async_exchange(box, c, self.alpha)   # box: the worker's new x; c += what it lost
+            else:
+                c.add_(box.to(torch.float32))            # DOWNPOUR: c += v, reply with c
+                box.copy_(c)
+            dist.send(box, dst=src, group=self._group, tag=TAG_REPLY)
+
+    # ---- worker side ------------------------------------------------------------------------------
+    def _transact(self, op: int, clock: int = 0, send: list[torch.Tensor] | None = None,
+                  receive: list[torch.Tensor] | None = None) -> None:
+        """Posts the request header, the data and the receives for the replies, to and from every
+        server at once, then waits for all of them. Posting everything first matters: Gloo moves
+        a message only once its receive is posted, so a worker that waited for one server before
+        posting to the next could wait in a cycle with another worker and both servers."""
+        headers = [torch.tensor([op, clock], dtype=torch.int64) for _ in self.servers]
+        works = [dist.isend(h, dst=self._global(s), group=self._group, tag=TAG_REQUEST)
+                 for h, s in zip(headers, self.servers)]
+        if send is not None:
+            works += [dist.isend(t, dst=dst, group=self._group, tag=TAG_DATA)
+                      for dst, t in self._each_slice(send)]
+        if receive is not None:
+            works += [dist.irecv(t, src=src, group=self._group, tag=TAG_REPLY)
+                      for src, t in self._each_slice(receive)]
+        for w in works:
+            w.wait()
+
+    def _each_slice(self, buffers: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        """(server global rank, that server's slice of each buffer), non-empty slices only."""
+        out = []
+        for j, server in enumerate(self.servers):
+            for buf, shards in zip(buffers, self._shards):
+                s, e = shards[j]
+                if e > s:
+                    out.append((self._global(server), buf[s:e]))
+        return out
+
+    def exchange(self, clock: int, x_last: list[torch.Tensor] | None, wire: list[torch.Tensor] | None) -> None:
+        """One exchange with every shard: the parameters (EASGD) or their change since the last
+        pull (DOWNPOUR) go out, the new parameters come back."""
+        for g, host in zip(self._groups, self._host):
+            if host is not g.flat:
+                host.copy_(g.flat)
+        if self.kind == "easgd":
+            payload = self._host
+        else:
+            assert x_last is not None and wire is not None
+            for host, last, w in zip(self._host, x_last, wire):
+                ops.downpour_push(host, last, w)
+            payload = wire
+        self._transact(OP_EXCHANGE, clock, send=payload, receive=self._reply)
+        with torch.no_grad():
+            for g, reply in zip(self._groups, self._reply):
+                g.flat.copy_(reply)
+            if x_last is not None:
+                for last, reply in zip(x_last, self._reply):
+                    last.copy_(reply)
+
+    def read(self) -> list[torch.Tensor]:
+        """The whole center (float32, on the CPU), assembled from every server."""
+        out = [torch.empty(g.flat.numel(), dtype=torch.float32) for g in self._groups]
+        self._transact(OP_READ, receive=out)
+        return out
+
+    def write(self, centers: list[torch.Tensor]) -> None:
+        """Overwrites the center on every server (e.g. from a checkpoint)."""
+        self._transact(OP_WRITE, send=[c.detach().to("cpu", torch.float32).contiguous()
+                                       for c in centers])
+
+    def close(self) -> None:
+        """Tells every server this worker is done (once)."""
+        if not self.is_server and not self._closed:
+            self._closed = True
+            self._transact(OP_DONE)
+
+    def describe(self) -> dict[str, Any]:
+        return {"servers": self.servers, "workers": self.workers}

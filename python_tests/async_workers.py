@@ -1,0 +1,189 @@
+"""What the spawned processes of the asynchronous tests run (importable, so spawn can find it).
+
+Workers "train" without gradients: after joining they perturb their parameters once (a local
+step) and then only exchange, so ``sum_i x_i + center`` must stay what it was.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from easgd_ext import DownpourAverager, ElasticAverager, SharedCenter
+
+CHUNK_MB = 16 * 1024 * 4 / 2**20  # 16K-element chunks: many chunks, many lock hand-overs
+
+
+def model_params(numel: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Two parameters (so the flat buffer has a gap) of random values."""
+    g = torch.Generator().manual_seed(seed)
+    first = numel // 3
+    return [torch.nn.Parameter(torch.randn(first, generator=g).to(dtype)),
+            torch.nn.Parameter(torch.randn(numel - first, generator=g).to(dtype))]
+
+
+def perturb(params: list[torch.Tensor], seed: int) -> None:
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def flat_values(avg: Any) -> torch.Tensor:
+    return torch.cat([g.flat.double() for g in avg._groups])
+
+
+def shared_worker(name: str, numel: int, dtype: torch.dtype, seed: int, exchanges: int,
+                  algo: str = "easgd", alpha: float = 0.2) -> dict[str, Any]:
+    """Attaches to ``name``, perturbs, exchanges ``exchanges`` times; returns its mass."""
+    params = model_params(numel, dtype, seed)
+    if algo == "easgd":
+        avg = ElasticAverager(params, tau=1, mode="async", center=name, alpha=alpha)
+    else:
+        avg = DownpourAverager(params, tau=1, mode="async", center=name)
+    start = flat_values(avg)
+    perturb(params, seed)
+    initial = flat_values(avg)
+    for _ in range(exchanges):
+        avg.step()
+    final = flat_values(avg)
+    avg.close()
+    return {"start": start, "initial": initial, "final": final, "exchanges": avg.stats.exchanges,
+            "worker_id": avg.worker_id}
+
+
+def uniform_chunk_worker(name: str, seed: int, exchanges: int) -> int:
+    """Parameters constant on every center chunk, so the center stays constant on every chunk
+    after every complete chunk update; exchanges and returns how many it made."""
+    center = SharedCenter.attach(name)
+    values = torch.empty(center.numel)
+    g = torch.Generator().manual_seed(seed)
+    for k in range(center.num_chunks):
+        s, e = center.chunk_range(k)
+        values[s:e] = float(torch.randn(1, generator=g)) * 10
+    param = torch.nn.Parameter(torch.zeros(center.numel))
+    avg = ElasticAverager([param], tau=1, mode="async", center=center, alpha=0.25)
+    done = 0
+    for i in range(exchanges):
+        with torch.no_grad():  # a new uniform-per-chunk target each time: lots of change
+            param.copy_(values * (1 + (i % 7)))
+        avg.exchange()
+        done += 1
+    avg.close()
+    return done
+
+
+def locked_reader(name: str, seconds: float) -> tuple[int, int]:
+    """Reads random chunks under their locks for ``seconds``; returns (reads, torn reads)."""
+    center = SharedCenter.attach(name)
+    g = torch.Generator().manual_seed(7)
+    reads = torn = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        k = int(torch.randint(center.num_chunks, (1,), generator=g))
+        s, e = center.chunk_range(k)
+        with center.lock(k):
+            chunk = center.tensor[s:e].clone()
+        reads += 1
+        torn += int(chunk.max() != chunk.min())
+    return reads, torn
+
+
+def victim(name: str, numel: int, seed: int, exchanges: int, chunk: int, dirty: bool,
+           report: str, ready: Any) -> None:
+    """Exchanges, saves its parameters after its last complete exchange, then takes ``chunk``'s
+    lock (and marks it mid-update if ``dirty``) and waits to be killed."""
+    params = model_params(numel, torch.float32, seed)
+    avg = ElasticAverager(params, tau=1, mode="async", center=name, alpha=0.2)
+    perturb(params, seed)
+    torch.save(flat_values(avg), report + ".initial")
+    for _ in range(exchanges):
+        avg.exchange()
+    torch.save(flat_values(avg), report)
+    avg.center.segment.lock(chunk, 0.0)
+    if dirty:
+        avg.center.segment.set_dirty(chunk, True)
+    ready.set()
+    time.sleep(600)
+
+
+def hold_lock(name: str, chunk: int, ready: Any, seconds: float) -> None:
+    center = SharedCenter.attach(name)
+    with center.lock(chunk):
+        ready.set()
+        time.sleep(seconds)
+
+
+def try_lock(name: str, chunk: int, timeout: float) -> float:
+    """Seconds it took to get ``chunk``'s lock."""
+    center = SharedCenter.attach(name)
+    start = time.monotonic()
+    with center.lock(chunk, timeout):
+        return time.monotonic() - start
+
+
+def create_and_die(name: str, numel: int, ready: Any) -> None:
+    """Creates a center and is then killed (no clean exit: the name stays behind)."""
+    SharedCenter.create(name, like=[torch.zeros(numel)], workers=2)
+    ready.set()
+    time.sleep(600)
+
+
+# ---- under torch.distributed (dist_harness.run_ranks) -------------------------------------------
+def auto_center(rank: int, world: int, numel: int, exchanges: int, algo: str) -> dict[str, Any]:
+    """mode='async' with no center: rank 0 creates one, the others attach."""
+    params = model_params(numel, torch.float32, rank)
+    cls = ElasticAverager if algo == "easgd" else DownpourAverager
+    avg = cls(params, tau=1, mode="async")
+    start_center = avg.center.snapshot().double()
+    start = flat_values(avg)
+    dist.barrier()  # nobody exchanges before everyone has seen the starting center
+    perturb(params, rank)
+    initial = flat_values(avg)
+    for _ in range(exchanges):
+        avg.step()
+    final = flat_values(avg)
+    avg.close()
+    dist.barrier()  # every worker is done: the center is final
+    center = torch.cat([c.double() for c in avg.center_state()])
+    return {"name": avg.center.name, "owner": avg.center.owner, "start": start, "initial": initial,
+            "final": final, "center0": start_center, "center": center,
+            "workers": avg.center.workers, "alpha": getattr(avg, "alpha", None)}
+
+
+def other_host(rank: int, world: int) -> None:
+    """Rank 1 pretends to run on another machine."""
+    if rank == 1:
+        socket.gethostname = lambda: "another-machine"  # type: ignore[assignment]
+    ElasticAverager([torch.nn.Parameter(torch.randn(10))], mode="async")
+
+
+def sharded(rank: int, world: int, servers: list[int], numel: int, exchanges: int,
+            algo: str, dtype: torch.dtype) -> dict[str, Any]:
+    """A sharded center on ``servers``; the other ranks perturb and exchange at different paces,
+    then (all workers done) read the final center."""
+    workers = [r for r in range(world) if r not in servers]
+    worker_group = dist.new_group(workers)
+    params = model_params(numel, dtype, 0)  # identical everywhere, as after the broadcast
+    cls = ElasticAverager if algo == "easgd" else DownpourAverager
+    kwargs = {"alpha": 0.2} if algo == "easgd" else {}
+    avg = cls(params, tau=1, mode="async", servers=servers, **kwargs)
+    if avg.is_server:
+        return {"served": avg.serve()}
+    center0 = torch.cat([c.double() for c in avg.center_state()])
+    start = flat_values(avg)
+    dist.barrier(group=worker_group)  # nobody exchanges before every worker read the start
+    perturb(params, rank)
+    initial = flat_values(avg)
+    for _ in range(exchanges + 7 * rank):
+        avg.step()
+    final = flat_values(avg)
+    dist.barrier(group=worker_group)
+    center = torch.cat([c.double() for c in avg.center_state()])
+    avg.close()
+    return {"start": start, "initial": initial, "final": final, "center0": center0,
+            "center": center, "exchanges": avg.stats.exchanges, "bytes": avg.stats.bytes_sent}

@@ -1,0 +1,302 @@
+"""SharedCenter and the asynchronous averagers in one process: the exchange against the float64
+reference, and every way of holding it wrong (names, layouts, stale or foreign segments,
+truncation, layout versions, worker slots, locks, arguments)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import warnings
+from multiprocessing import shared_memory
+
+import pytest
+import torch
+
+import async_workers as aw
+from conftest import cuda_usable
+from dist_harness import Processes
+from easgd_ext import DownpourAverager, ElasticAverager, SharedCenter, StaleSegmentError, ops
+from easgd_ext.ops import reference
+from easgd_ext.shared_center import unique_name
+
+
+@pytest.fixture
+def name():
+    n = unique_name("unit")
+    yield n
+    SharedCenter.remove(n)
+
+
+def mixed_params(seed: int) -> list[torch.nn.Parameter]:
+    """float32 and bfloat16 parameters: two flat groups, so two ranges of the center."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(5000, generator=g)),
+            torch.nn.Parameter(torch.randn(3, 700, generator=g).to(torch.bfloat16)),
+            torch.nn.Parameter(torch.randn(2100, generator=g))]
+
+
+# ---- the exchange ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["easgd", "downpour"])
+def test_exchange_matches_the_kernel_and_the_float64_reference(name, algo):
+    params = mixed_params(0)
+    center = SharedCenter.create(name, like=params, workers=2, chunk_mb=1024 * 4 / 2**20)
+    assert center.num_chunks > 5  # 1K-element chunks: groups straddle chunk boundaries
+    cls = ElasticAverager if algo == "easgd" else DownpourAverager
+    kwargs = {"alpha": 0.37} if algo == "easgd" else {}
+    avg = cls(params, tau=1, mode="async", center=center, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    center.load_(torch.randn(center.numel, generator=g))  # fresh random center, never zeros
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+    x0 = [grp.flat.clone() for grp in avg._groups]
+    last0 = [grp.buffers["x_last"].clone() for grp in avg._groups] if algo == "downpour" else None
+    c0 = center.snapshot()
+    assert avg.exchange()
+    c1 = center.snapshot()
+    for i, (grp, off) in enumerate(zip(avg._groups, avg._offsets)):
+        n = grp.flat.numel()
+        x, c = x0[i].clone(), c0[off:off + n].clone()
+        if algo == "easgd":
+            ops.async_exchange(x, c, 0.37)
+            ref_x, ref_c = reference.async_exchange(x0[i], c0[off:off + n], 0.37)
+        else:
+            ops.downpour_async_exchange(x, last0[i].clone(), c)
+            ref_x, ref_c = reference.downpour_async_exchange(x0[i], last0[i], c0[off:off + n])
+        # Chunked under locks == one kernel call over the whole buffer, bit for bit ...
+        assert torch.equal(grp.flat, x) and torch.equal(c1[off:off + n], c)
+        # ... and within a few roundings of the float64 reference, element by element (the
+        # tolerances of test_kernels.py: magnitudes of the inputs times the epsilons).
+        mag = x0[i].double().abs() + c0[off:off + n].double().abs()
+        if last0 is not None:
+            mag += last0[i].double().abs()
+        tol = 2 * torch.finfo(grp.dtype).eps * mag + 8 * torch.finfo(torch.float32).eps * mag
+        assert ((grp.flat.double() - ref_x).abs() <= tol).all()
+        assert ((c1[off:off + n].double() - ref_c).abs() <= tol).all()
+    assert avg.stats.exchanges == 1 and avg.stats.bytes_sent == 0
+
+
+def test_workers_start_from_the_center_and_conserve_mass(name):
+    params = mixed_params(2)
+    center = SharedCenter.create(name, like=params, workers=1)
+    other = mixed_params(3)  # another worker's different values: replaced by the center's
+    avg = ElasticAverager(other, tau=2, mode="async", center=name, alpha=0.5)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(params, other))
+    with torch.no_grad():
+        for p in other:
+            p.mul_(3)
+    before = sum(float(p.detach().double().sum()) for p in other) + float(center.snapshot().double().sum())
+    assert avg.step() is False and avg.step() is True  # tau = 2
+    after = sum(float(p.detach().double().sum()) for p in other) + float(center.snapshot().double().sum())
+    assert after == pytest.approx(before, rel=1e-5)
+    info = center.worker_info()
+    assert info[0]["exchanges"] == 1 and info[0]["clock"] == 2 and info[0]["pid"] == os.getpid()
+
+
+def test_non_finite_parameters_skip_the_exchange(name):
+    params = [torch.nn.Parameter(torch.randn(300))]
+    avg = ElasticAverager(params, tau=1, mode="async", center=SharedCenter.create(name, like=params))
+    before = avg.center.snapshot()
+    with torch.no_grad():
+        params[0][7] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert avg.exchange() is False
+    assert torch.equal(avg.center.snapshot(), before)
+    assert avg.stats.skipped_exchanges == 1 and avg.stats.exchanges == 0
+
+
+def test_center_parameters_state_dict_and_close(name):
+    params = mixed_params(4)
+    avg = ElasticAverager(params, tau=1, mode="async",
+                          center=SharedCenter.create(name, like=params), alpha=0.5)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1)
+    avg.exchange()
+    state = avg.state_dict()
+    mine = [p.detach().clone() for p in params]
+    with avg.center_parameters():
+        inside = [p.detach().clone() for p in params]
+    assert all(torch.equal(p, m) for p, m in zip(params, mine))
+    snapshot = avg.center.snapshot()
+    for grp, off, p in zip(avg._groups, avg._offsets, inside[:1]):
+        assert torch.equal(p.float().reshape(-1), snapshot[off:off + p.numel()])
+    avg.exchange()
+    assert not torch.equal(avg.center.snapshot(), snapshot)
+    avg.load_state_dict(state)
+    assert torch.equal(avg.center.snapshot(), snapshot) and avg.clock == state["clock"]
+    with avg:
+        pass
+    with pytest.raises(RuntimeError, match="after close"):
+        avg.exchange()
+
+
+@pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU and easgd_ext built with CUDA")
+@pytest.mark.parametrize("algo", ["easgd", "downpour"])
+def test_cuda_parameters_match_cpu_parameters(algo):
+    """The chunked copy-in / kernel / copy-back pipeline equals the CPU exchange bit for bit."""
+    results = []
+    for device in ("cpu", "cuda"):
+        params = [torch.nn.Parameter(p.detach().to(device)) for p in mixed_params(5)]
+        with SharedCenter.create(unique_name("cuda"), like=params, workers=1,
+                                 chunk_mb=64 * 1024 * 4 / 2**20) as center:
+            cls = ElasticAverager if algo == "easgd" else DownpourAverager
+            avg = cls(params, tau=1, mode="async", center=center,
+                      **({"alpha": 0.4} if algo == "easgd" else {}))
+            center.load_(torch.randn(center.numel, generator=torch.Generator().manual_seed(6)))
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(-2)
+            for _ in range(3):
+                avg.exchange()
+            torch.cuda.synchronize()
+            results.append(([p.detach().cpu() for p in params], center.snapshot()))
+    (cpu_x, cpu_c), (gpu_x, gpu_c) = results
+    assert all(torch.equal(a, b) for a, b in zip(cpu_x, gpu_x)) and torch.equal(cpu_c, gpu_c)
+
+
+# ---- the segment -------------------------------------------------------------------------------
+def test_owner_only_permissions_and_removal_at_close(name):
+    with SharedCenter.create(name, like=[torch.randn(10)]) as center:
+        mode = stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode)
+        assert mode == 0o600
+        assert center.info()["creator_pid"] == os.getpid()
+    assert not os.path.exists(f"/dev/shm/{name}")
+    with pytest.raises(FileNotFoundError, match="no shared center named"):
+        SharedCenter.attach(name)
+
+
+def test_a_name_in_use_is_not_taken_twice(name):
+    center = SharedCenter.create(name, like=[torch.randn(10)])
+    with pytest.raises(FileExistsError, match="in use"):
+        SharedCenter.create(name, like=[torch.randn(10)])
+    attached = SharedCenter.attach(name, like=[torch.randn(10)])
+    assert attached.numel == center.numel and not attached.owner
+
+
+def test_a_stale_center_is_reported_not_reused(name):
+    with Processes() as procs:
+        ready = procs.ctx.Event()
+        creator = procs.start(aw.create_and_die, name, 100, ready)
+        assert ready.wait(60)
+        creator.kill()
+        creator.join(10)
+    assert os.path.exists(f"/dev/shm/{name}")  # killed: no clean exit, the name stayed
+    with pytest.raises(StaleSegmentError, match="stale.*SharedCenter.remove"):
+        SharedCenter.attach(name)
+    with pytest.raises(FileExistsError, match="stale: it was left by a run that crashed"):
+        SharedCenter.create(name, like=[torch.zeros(100)])
+    assert SharedCenter.attach(name, allow_stale=True).numel == 128  # on purpose: allowed
+    assert SharedCenter.remove(name) is True
+    SharedCenter.create(name, like=[torch.zeros(100)]).close()
+
+
+def test_foreign_truncated_and_other_version_segments_are_refused(name):
+    foreign = shared_memory.SharedMemory(name=name, create=True, size=8192)
+    try:
+        with pytest.raises(ValueError, match="not an easgd_ext shared center"):
+            SharedCenter.attach(name)
+        with pytest.raises(FileExistsError, match="not an easgd_ext center"):
+            SharedCenter.create(name, like=[torch.zeros(3)])
+    finally:
+        foreign.close()
+        foreign.unlink()
+    tiny = shared_memory.SharedMemory(name=name, create=True, size=16)
+    try:
+        with pytest.raises(ValueError, match="too small"):
+            SharedCenter.attach(name)
+    finally:
+        tiny.close()
+        tiny.unlink()
+
+    SharedCenter.create(name, like=[torch.zeros(5000)])
+    path = f"/dev/shm/{name}"
+    size = os.path.getsize(path)
+    os.truncate(path, size - 4096)
+    with pytest.raises(ValueError, match="truncated"):
+        SharedCenter.attach(name)
+    os.truncate(path, size)
+    with open(path, "r+b") as f:  # the version field follows the 8-byte magic
+        f.seek(8)
+        f.write(struct.pack("<I", 99))
+    with pytest.raises(ValueError, match="layout version 99"):
+        SharedCenter.attach(name)
+
+
+def test_attaching_with_another_layout_is_an_error(name):
+    SharedCenter.create(name, like=[torch.zeros(10, 10)])
+    for other in ([torch.zeros(100)], [torch.zeros(10, 10, dtype=torch.bfloat16)],
+                  [torch.zeros(10, 10), torch.zeros(1)]):
+        with pytest.raises(ValueError, match="made for another model"):
+            SharedCenter.attach(name, like=other)
+    with pytest.raises(ValueError, match="made for another model"):
+        ElasticAverager([torch.nn.Parameter(torch.zeros(99))], mode="async", center=name)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    ("a/b", ValueError, "may only contain"), ("", ValueError, "1 to 200"),
+    ("x" * 201, ValueError, "1 to 200"), ("..", ValueError, "not allowed"),
+    (5, TypeError, "name must be a str"),
+])
+def test_bad_names(bad, error, match):
+    with pytest.raises(error, match=match):
+        SharedCenter.create(bad, like=[torch.zeros(3)])
+    with pytest.raises(error, match=match):
+        SharedCenter.attach(bad)
+
+
+def test_bad_create_arguments(name):
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        SharedCenter.create(name, like=[torch.zeros(3)], workers=0)
+    with pytest.raises(TypeError, match="workers must be an int"):
+        SharedCenter.create(name, like=[torch.zeros(3)], workers=2.0)
+    with pytest.raises(ValueError, match="chunk_mb must be positive"):
+        SharedCenter.create(name, like=[torch.zeros(3)], chunk_mb=-1)
+    with pytest.raises(TypeError, match="params"):
+        SharedCenter.create(name, like=[torch.zeros(3, dtype=torch.int32)])
+    with pytest.raises(ValueError, match="params is empty"):
+        SharedCenter.create(name, like=[])
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_worker_slots_and_locks(name):
+    center = SharedCenter.create(name, like=[torch.zeros(3)], workers=1)
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    ElasticAverager(params, mode="async", center=center)
+    with pytest.raises(ValueError, match="all 1 worker slots"):
+        ElasticAverager([torch.nn.Parameter(torch.zeros(3))], mode="async", center=center)
+    with center.lock(0) as recovered:
+        assert recovered == 0
+        with pytest.raises(RuntimeError, match="already locked by this thread"):
+            center.segment.lock(0, 1.0)
+    with pytest.raises(RuntimeError, match="not locked by this thread"):
+        center.segment.unlock(0)
+    with pytest.raises(IndexError, match="out of range"):
+        center.segment.lock(1, 1.0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"comm_dtype": torch.bfloat16}, ValueError, "comm_dtype applies to mode='sync'"),
+    ({"servers": [0]}, ValueError, "servers= needs torch.distributed"),
+    ({"center": "x", "servers": [0]}, ValueError, "not both"),
+    ({"center": 3}, TypeError, "center must be a SharedCenter"),
+    ({"lock_timeout": 0}, ValueError, "lock_timeout must be positive"),
+    ({"lock_timeout": "1"}, TypeError, "lock_timeout must be a number"),
+    ({"tau": 0}, ValueError, "tau must be >= 1"),
+    ({"alpha": 1.5}, ValueError, "stability"),
+])
+def test_bad_async_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ElasticAverager([torch.nn.Parameter(torch.zeros(3))], mode="async", **kwargs)
+
+
+def test_mode_is_checked():
+    with pytest.raises(ValueError, match="mode must be 'sync' or 'async'"):
+        ElasticAverager([torch.nn.Parameter(torch.zeros(3))], mode="asynchronous")
+    with pytest.raises(ValueError, match="center= and servers= place the center"):
+        DownpourAverager([torch.nn.Parameter(torch.zeros(3))], center="x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        avg = DownpourAverager([torch.nn.Parameter(torch.zeros(3))], mode="async")
+        assert type(avg).__name__ == "AsyncDownpourAverager" and isinstance(avg, DownpourAverager)
