@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build easgd_ext with CUDA for the local GPU, run every test (the
-# CUDA ones included), then the kernel bandwidth benchmark on the GPU. Logs and JSON go to
+# CUDA ones included), then the kernel bandwidth, NCCL latency and asynchronous-exchange
+# benchmarks on the GPU. Logs and JSON go to
 # $OUT (the device tool's output folder) or ./gpu-out. From the repository root:
 #     bash benchmarks/gpu_session.sh
 # On the lent H100/H200 (no package registry there; its image has torch, pybind11, cmake, ninja):
@@ -31,3 +32,11 @@ echo "== exchange latency (NCCL, world 1 per GPU present) =="
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 benchmarks/comm_latency.py --device cuda --worlds $(seq 1 "$ngpu" | tr '\n' ' ') \
   --sizes 1e6 1e7 25557032 --json "$OUT/comm_latency_cuda.json" 2>&1 | tee "$OUT/comm.log"
+
+echo "== asynchronous exchange: CUDA parameters, shared pinned center (target: 1.3x the overlapped PCIe floor) =="
+python3 benchmarks/comm_latency.py --mode async --device cuda --sizes 1e6 1e7 2.56e7 \
+  --json "$OUT/async_cuda.json" 2>&1 | tee "$OUT/async_cuda.log"
+
+echo "== asynchronous exchange: CPU parameters, concurrent workers, sharded center over Gloo =="
+python3 benchmarks/comm_latency.py --mode async --sizes 1e6 1e7 2.56e7 --scaling --sharded \
+  --json "$OUT/async_cpu.json" 2>&1 | tee "$OUT/async_cpu.log"

@@ -100,6 +100,7 @@ void bind_shared_segment(py::module_& m) {
                py::dict d;
                d["id"] = w.id; d["state"] = w.state; d["pid"] = w.pid; d["alive"] = w.alive;
                d["clock"] = w.clock; d["exchanges"] = w.exchanges; d["last_unix_ns"] = w.last_unix_ns;
+               d["lock_wait_s"] = double(w.lock_wait_ns) * 1e-9;
                out.append(d);
              }
              return out;

@@ -419,6 +419,7 @@ int Segment::register_worker() {
     w.clock.store(0);
     w.exchanges.store(0);
     w.last_unix_ns.store(0);
+    w.lock_wait_ns.store(0);
     w.pid.store(me);
     return int(id);
   }
@@ -444,7 +445,7 @@ std::vector<WorkerInfo> Segment::workers() const {
     const int64_t pid = w.pid.load();
     out.push_back({int(id), state == kActive ? "active" : "finished", pid,
                    process_alive(pid, w.start_ticks.load()), w.clock.load(), w.exchanges.load(),
-                   w.last_unix_ns.load()});
+                   w.last_unix_ns.load(), w.lock_wait_ns.load()});
   }
   return out;
 }
@@ -457,7 +458,7 @@ std::vector<uint64_t> Segment::chunk_updates() const {
 
 int Segment::exchange(int worker_id, ExchangeKind kind, const Buf& x, const Buf* x_last,
                       int64_t offset, int64_t n, float alpha, int num_threads, double timeout_s) {
-  worker(worker_id);  // range check
+  WorkerSlot& me = worker(worker_id);  // range-checked
   if (offset < 0 || n < 0 || offset + n > header_->numel) {
     throw std::invalid_argument("center range [" + std::to_string(offset) + ", " + std::to_string(offset + n) +
                                 ") is outside shared center '" + name_ + "' of " +
@@ -493,7 +494,11 @@ int Segment::exchange(int worker_id, ExchangeKind kind, const Buf& x, const Buf*
       a.bufs[1] = Buf{static_cast<char*>(x_last->ptr) + (lo - offset) * elt, x.dtype};
       a.bufs[2] = cs;
     }
+    const auto asked = std::chrono::steady_clock::now();
     if (lock(k, timeout_s) != LockResult::acquired) ++recovered;
+    me.lock_wait_ns.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                  std::chrono::steady_clock::now() - asked).count()),
+                              std::memory_order_relaxed);
     ChunkSlot& s = chunk(k);
     s.dirty.store(1, std::memory_order_release);
     try {

@@ -74,6 +74,7 @@ struct alignas(64) WorkerSlot {
   std::atomic<uint64_t> clock;       // the worker's local step count at its last exchange
   std::atomic<uint64_t> exchanges;   // completed exchanges
   std::atomic<int64_t> last_unix_ns;
+  std::atomic<uint64_t> lock_wait_ns;  // time spent waiting for chunk locks (contention)
 };
 
 struct WorkerInfo {
@@ -83,6 +84,7 @@ struct WorkerInfo {
   bool alive;
   uint64_t clock, exchanges;
   int64_t last_unix_ns;
+  uint64_t lock_wait_ns;
 };
 
 // Whether `pid` (started at `start_ticks`, 0 = unknown) is a live, non-zombie process.

@@ -205,7 +205,8 @@ class SharedCenter:
         return dict(self.segment.info())
 
     def worker_info(self) -> list[dict[str, Any]]:
-        """Per registered worker: id, state, pid, alive, clock, exchanges, last exchange time."""
+        """Per registered worker: id, state, pid, alive, clock, exchanges, last exchange time,
+        and ``lock_wait_s``: seconds spent waiting for chunk locks held by other workers."""
         return [dict(w) for w in self.segment.workers()]
 
     def pin_for_cuda(self) -> bool:

@@ -6,11 +6,13 @@ and against bytes sent.
     python -m easgd_ext.train --algo easgd,downpour --tau 8 --steps 600 --json out.json
     python -m easgd_ext.train --dataset cifar10 --data-root ~/data --device cuda
     torchrun --nproc-per-node 4 -m easgd_ext.train    # under a launcher: it spawns nothing
+    python -m easgd_ext.train --mode async            # asynchronous EASGD/EAMSGD/DOWNPOUR
 
 Without a launcher it starts ``--workers`` processes itself (Gloo on CPU; NCCL with one GPU per
 worker). Each worker draws its own shuffled stream of the training set. Every ``--eval-every``
 steps all workers pause their clocks and the center's test error is measured (for periodic
-averaging and sync SGD, which have no separate center: the model).
+averaging and sync SGD, which have no separate center: the model). With ``--mode async`` the
+workers share a center in shared memory (one machine) and never wait for each other.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .baselines import DownpourAverager, PeriodicAverager
 from .elastic import ElasticAverager, elastic_rates
 
 ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
+ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")  # the paper's asynchronous methods
 
 
 @dataclass
@@ -53,10 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m easgd_ext.train",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--algo", default=",".join(ALGORITHMS),
-                   help=f"comma-separated, from {', '.join(ALGORITHMS)}")
-    p.add_argument("--mode", choices=["sync"], default="sync",
-                   help="exchange mode (asynchronous mode is not built yet)")
+    p.add_argument("--algo", default=None,
+                   help=f"comma-separated, from {', '.join(ALGORITHMS)} (default: all; with "
+                        f"--mode async: {', '.join(ASYNC_ALGORITHMS)})")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync",
+                   help="sync: all workers exchange together; async: each worker exchanges with "
+                        "a shared-memory center on its own clock (one machine)")
     p.add_argument("--workers", type=int, default=4, help="processes to spawn (no launcher)")
     p.add_argument("--tau", type=int, default=4, help="local steps between exchanges")
     p.add_argument("--beta", type=float, default=0.9, help="EASGD/EAMSGD beta = p * alpha")
@@ -77,11 +82,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the curves as JSON here")
     args = p.parse_args(argv)
 
+    offered = ASYNC_ALGORITHMS if args.mode == "async" else ALGORITHMS
+    if args.algo is None:
+        args.algo = ",".join(offered)
     algos = [a.strip() for a in args.algo.split(",") if a.strip()]
-    unknown = [a for a in algos if a not in ALGORITHMS]
+    unknown = [a for a in algos if a not in offered]
     if unknown or not algos:
-        p.error(f"--algo: unknown {unknown or 'empty list'}; choose from {', '.join(ALGORITHMS)}")
+        p.error(f"--algo: {'unknown ' + str(unknown) if unknown else 'empty list'} with --mode "
+                f"{args.mode}; choose from {', '.join(offered)}")
     args.algos = list(dict.fromkeys(algos))
+    if args.mode == "async" and args.comm_dtype is not None:
+        p.error("--comm-dtype applies to --mode sync (asynchronous exchanges move parameters "
+                "in their own dtype)")
     for name in ("workers", "tau", "batch", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -123,7 +135,9 @@ def steps_for(args: argparse.Namespace, train_size: int, world: int) -> int:
 
 
 def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace) -> SyncAverager | None:
-    common = {"tau": args.tau, "comm_dtype": args.comm_dtype}
+    common: dict = {"tau": args.tau, "mode": args.mode}
+    if args.mode == "sync":
+        common["comm_dtype"] = args.comm_dtype
     if algo in ("easgd", "eamsgd"):
         return ElasticAverager(model.parameters(), beta=args.beta, **common)
     if algo == "downpour":
@@ -194,6 +208,9 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
+        if step == steps and args.mode == "async":
+            averager.close()
+            dist.barrier()  # the final center: after every worker's last exchange
         if step % args.eval_every == 0 or step == steps:
             if averager is not None:
                 with averager.center_parameters():
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary is None:  # a launched rank other than 0
         return 0
     results = summary["results"]
-    title = (f"{args.dataset}, {world} workers, tau={args.tau}, {summary['steps']} steps, "
+    title = (f"{args.dataset}, {world} {args.mode} workers, tau={args.tau}, {summary['steps']} steps, "
              f"lr={args.lr:g}, wire={args.comm_dtype or 'param dtype'}")
     print(title)
     print_table(results)

@@ -18,6 +18,8 @@ from easgd_ext import data, train
     (["--dataset", "cifar10"], "--dataset cifar10 needs --data-root DIR"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "cifar-10-batches-py"),
     (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
+    (["--mode", "async", "--algo", "average"], "--algo: unknown ['average'] with --mode async"),
+    (["--mode", "async", "--comm-dtype", "bfloat16"], "--comm-dtype applies to --mode sync"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -55,3 +57,15 @@ def test_two_workers_learn_and_report(tmp_path, capsys):
         assert r["exchanges"] == (300 if algo == "sync-sgd" else 75)
         assert r["skipped_exchanges"] == 0
     assert png.stat().st_size > 10_000
+
+
+def test_two_async_workers_learn(tmp_path, capsys):
+    out = tmp_path / "async.json"
+    assert train.main(["--mode", "async", "--workers", "2", "--steps", "200", "--eval-every", "100",
+                       "--lr", "0.1", "--plot", str(tmp_path / "a.png"), "--json", str(out)]) == 0
+    assert "2 async workers" in capsys.readouterr().out
+    by_algo = {r["algo"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(by_algo) == {"easgd", "eamsgd", "downpour"}
+    for algo, r in by_algo.items():
+        assert r["test_error"][-1] < 0.5, f"{algo} did not learn: {r['test_error']}"
+        assert r["exchanges"] == 50 and r["skipped_exchanges"] == 0

@@ -13,8 +13,10 @@ With ``--device cuda`` (CUDA parameters, center in pinned shared memory):
   torch_staged      H2D of the center, the update, D2H of e, a CPU add: plain torch ops
   floor             PCIe is full duplex: max(H2D, D2H) of the center at the pinned bandwidth
                     measured now; the target is shared_easgd within 1.3x of it
-Scaling (``--scaling``): 1, 2, 4 processes exchanging with one center at once, exchanges per
-second in total, with the default chunks and with one lock over the whole center.
+Scaling (``--scaling``): 1, 2, 4 single-threaded processes exchanging with one center at once,
+exchanges per second in total, with the center in 16 chunks and with one lock over the whole
+center (the serialized peer). Up to the cores and the memory bandwidth, chunked throughput
+should grow with the workers while one lock stays flat.
 Sharded center (``--sharded``): rank 0 serves, 1 or 2 workers exchange over Gloo; latency
 against a raw ping-pong of the same bytes between the same ranks.
 
@@ -145,36 +147,43 @@ def _scaling_worker(name: str, n: int, exchanges: int, threads: int, barrier, ou
                           alpha=0.1)
     avg.exchange()
     barrier.wait()
+    first_wait = [w["lock_wait_s"] for w in avg.center.worker_info() if w["id"] == avg.worker_id][0]
     start = time.perf_counter()
     for _ in range(exchanges):
         avg.exchange()
-    out.put(time.perf_counter() - start)
+    took = time.perf_counter() - start
+    waited = [w["lock_wait_s"] for w in avg.center.worker_info() if w["id"] == avg.worker_id][0]
+    out.put((took, waited - first_wait))
     avg.close()
 
 
 def scaling(n: int, exchanges: int, worker_counts: list[int]) -> list[dict]:
     ctx = mp.get_context("spawn")
     records = []
-    for label, chunk_mb in (("chunked", 4.0), ("one_lock", n * 4 / 2**20 + 1)):
+    chunks = 16  # small enough for several workers to be in different chunks at once
+    for label, chunk_mb in (("chunked", n * 4 / 2**20 / chunks), ("one_lock", n * 4 / 2**20 + 1)):
         base = None
         for p in worker_counts:
             name = unique_name("bench")
             with SharedCenter.create(name, like=_params(n, torch.device("cpu")), workers=p,
                                      chunk_mb=chunk_mb):
                 barrier, out = ctx.Barrier(p), ctx.Queue()
-                threads = max(1, (os.cpu_count() or 1) // p)
+                threads = 1  # one core each: p workers can use p cores unless a lock serializes them
                 procs = [ctx.Process(target=_scaling_worker,
                                      args=(name, n, exchanges, threads, barrier, out)) for _ in range(p)]
                 for proc in procs:
                     proc.start()
-                took = [out.get(timeout=600) for _ in procs]
+                got = [out.get(timeout=600) for _ in procs]
                 for proc in procs:
                     proc.join()
+            took = [t for t, _ in got]
+            wait_share = sum(w for _, w in got) / sum(took)
             rate = p * exchanges / max(took)
             base = base or rate
             records.append({"name": f"scaling_{label}", "device": "cpu", "numel": n,
                             "dtype": "float32", "workers": p, "seconds": max(took) / exchanges,
                             "exchanges_per_s": rate, "GBps": rate * 16 * n / 1e9,
+                            "lock_wait_share": wait_share,
                             "ratios": {"vs_one_worker": rate / base}, "transport": "shared"})
     return records
 
@@ -229,6 +238,8 @@ def print_table(records: list[dict]) -> None:
     print(f"{'transport':<9} {'variant':<18}{'numel':>11}{'workers':>8}{'ms':>10}{'GB/s':>8}  ratios")
     for r in records:
         ratios = "  ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items())
+        if "lock_wait_share" in r:
+            ratios += f"  waiting for locks {r['lock_wait_share']:.0%} of the time"
         print(f"{r['transport']:<9} {r['name']:<18}{r['numel']:>11}{r.get('workers', 1):>8}"
               f"{r['seconds'] * 1e3:>10.3f}{r['GBps']:>8.2f}  {ratios}")
 
@@ -240,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--scaling", action="store_true", help="1, 2, 4 concurrent workers")
-    parser.add_argument("--scaling-size", default="1e7")
+    parser.add_argument("--scaling-size", default="1e6",
+                        help="elements per worker for --scaling (1e6: in cache, so the cores, "
+                             "not the memory bus, are what the workers share)")
     parser.add_argument("--sharded", action="store_true", help="the sharded center over Gloo")
     parser.add_argument("--json", type=Path, help="write the records (DESIGN.md section 4) here")
     args = parser.parse_args(argv)
@@ -262,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         n = int(float(size))
         records += shared_cuda(n, args.reps) if args.device == "cuda" else shared_cpu(n, args.reps)
     if args.scaling:
-        records += scaling(int(float(args.scaling_size)), 20, [1, 2, 4])
+        records += scaling(int(float(args.scaling_size)), 300, [1, 2, 4])
     if args.sharded:
         for world in (2, 3):
             records += run_workers(_sharded_rank, world, [s for s in args.sizes if float(s) <= 1e7],
