@@ -53,7 +53,7 @@ def agree(comm: Comm, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     rank with the same message, naming the rank and the first thing that differs."""
     try:
         local, error = build(), None
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, OSError) as exc:
         if not comm.distributed:
             raise
         local, error = None, (type(exc).__name__, str(exc))
@@ -64,7 +64,10 @@ def agree(comm: Comm, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     for rank, item in enumerate(everyone):
         if item["error"] is not None:
             kind, message = item["error"]
-            exc_type = {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)
+            exc_type = {"TypeError": TypeError, "ValueError": ValueError,
+                        "FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError,
+                        "PermissionError": PermissionError, "TimeoutError": TimeoutError,
+                        "StaleSegmentError": RuntimeError}.get(kind, RuntimeError)
             raise exc_type(f"rank {rank}: {message}")
     reference = everyone[0]["value"]
     for rank, item in enumerate(everyone[1:], start=1):

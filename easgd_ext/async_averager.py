@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 
 from . import _dist, ops
-from .averager import ExchangeStats, SyncAverager, _Timer, check_tau
+from .averager import SyncAverager, _Timer, check_tau
 from .elastic import ElasticAverager
 from .baselines import DownpourAverager
-from .flat_params import FlatGroup, collect_parameters, flatten, layout_of
+from .flat_params import FlatGroup, collect_parameters, layout_of
 from .shared_center import SharedCenter, unique_name
 from .sharded_center import ShardedCenter, check_servers
 
@@ -72,8 +72,9 @@ class _AsyncMode(SyncAverager):
                     raise ValueError("servers= needs torch.distributed: the center lives on "
                                      "server ranks of the process group")
                 server_ranks = check_servers(servers, comm.world_size)
+            where = center.name if isinstance(center, SharedCenter) else center
             settings = {"tau": check_tau(tau), "lock_timeout": check_lock_timeout(lock_timeout),
-                        "servers": server_ranks}
+                        "servers": server_ranks, "center": where}
             self._params = collect_parameters(params)
             if isinstance(center, str):
                 self._center = SharedCenter.attach(center, like=self._params)
@@ -90,19 +91,9 @@ class _AsyncMode(SyncAverager):
             return {"algorithm": self.algorithm, "settings": settings,
                     "layout": layout_of(self._params)}
 
-        agreed = _dist.agree(comm, build)
-        self._settings = agreed["settings"]
-        self._layout = agreed["layout"]
-        self.tau = self._settings["tau"]
+        self._start(comm, _dist.agree(comm, build))
         self.comm_dtype = None
         self.lock_timeout: float = self._settings["lock_timeout"]
-        self.clock = 0
-        self._stats = ExchangeStats()
-        self._pending: list[_Timer] = []
-        self._in_center = False
-
-        self._groups: list[FlatGroup] = flatten(self._params)
-        _dist.broadcast_from_first(comm, [g.flat for g in self._groups])
         servers_ = self._settings["servers"]
         if servers_ is not None:
             self._sharded = ShardedCenter(comm, self._groups, servers_, self.kind, self._alpha())
@@ -149,7 +140,14 @@ class _AsyncMode(SyncAverager):
                                  f"on one machine, but this rank runs on {host} and rank 0 on "
                                  f"{host0}; pass servers=[...] for a sharded center across machines")
             if created is None:
-                attached.append(SharedCenter.attach(name, like=self._params))
+                try:
+                    attached.append(SharedCenter.attach(name, like=self._params))
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"rank 0 created shared center '{name}' on host {host0}, but it is not in "
+                        "this rank's shared memory: are all ranks on one machine (containers "
+                        "sharing a hostname)? Pass servers=[...] for a sharded center across "
+                        "machines") from None
             return {}
 
         _dist.agree(comm, attach)

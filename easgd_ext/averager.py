@@ -117,19 +117,8 @@ class SyncAverager:
             return {"algorithm": self.algorithm, "settings": settings,
                     "bucket_cap_mb": bucket_cap_mb, "layout": layout_of(self._params)}
 
-        agreed = _dist.agree(comm, build)
-        self._settings: dict[str, Any] = agreed["settings"]
-        self._layout: list[str] = agreed["layout"]
-        self.tau: int = self._settings["tau"]
+        self._start(comm, _dist.agree(comm, build))
         self.comm_dtype: torch.dtype | None = check_comm_dtype(self._settings["comm_dtype"])
-        self.clock = 0
-        self._stats = ExchangeStats()
-        self._pending: list[_Timer] = []
-        self._in_center = False
-
-        self._groups: list[FlatGroup] = flatten(self._params)
-        # All workers (and the center) start from rank 0's parameters.
-        _dist.broadcast_from_first(comm, [g.flat for g in self._groups])
         for g in self._groups:
             wire_dtype = self.comm_dtype or g.dtype
             g.buffers["wire"] = torch.empty(g.flat.numel(), dtype=wire_dtype, device=g.device)
@@ -138,6 +127,19 @@ class SyncAverager:
                          for g in self._groups]
         # A float16 sum of finite values can overflow; other wire dtypes have float32's range.
         self._check_reduced = any(g.buffers["wire"].dtype == torch.float16 for g in self._groups)
+
+    def _start(self, comm: _dist.Comm, agreed: dict[str, Any]) -> None:
+        """What every averager holds once the ranks agree: settings, clock, statistics, and the
+        parameters in flat buffers holding rank 0's values (workers and center start equal)."""
+        self._settings: dict[str, Any] = agreed["settings"]
+        self._layout: list[str] = agreed["layout"]
+        self.tau: int = self._settings["tau"]
+        self.clock = 0
+        self._stats = ExchangeStats()
+        self._pending: list[_Timer] = []
+        self._in_center = False
+        self._groups: list[FlatGroup] = flatten(self._params)
+        _dist.broadcast_from_first(comm, [g.flat for g in self._groups])
 
     # ---- what subclasses provide -------------------------------------------------------------
     def _init_buffers(self, group: FlatGroup) -> None:

@@ -155,6 +155,12 @@ def auto_center(rank: int, world: int, numel: int, exchanges: int, algo: str) ->
             "workers": avg.center.workers, "alpha": getattr(avg, "alpha", None)}
 
 
+def missing_center(rank: int, world: int) -> None:
+    """Only rank 1 names a center that does not exist."""
+    name = "no-such-center-easgd-test" if rank == 1 else None
+    ElasticAverager([torch.nn.Parameter(torch.randn(10))], mode="async", center=name)
+
+
 def other_host(rank: int, world: int) -> None:
     """Rank 1 pretends to run on another machine."""
     if rank == 1:

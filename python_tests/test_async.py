@@ -114,8 +114,8 @@ def test_worker_killed_holding_a_lock(center_name, dirty, tmp_path):
         ready = procs.ctx.Event()
         victim = procs.start(aw.victim, center_name, NUMEL, 3, 20, 2, dirty, report, ready)
         assert ready.wait(120), "the victim never took the lock"
-        survivors = [procs.start(aw.shared_worker, center_name, NUMEL, torch.float32, s, exchanges)
-                     for s in range(3)]
+        for seed in range(3):
+            procs.start(aw.shared_worker, center_name, NUMEL, torch.float32, seed, exchanges)
         deadline = time.monotonic() + 120  # every survivor registered (and running into the lock)
         while len(center.worker_info()) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -173,6 +173,13 @@ def test_two_trainings_never_share_a_center():
     first = values(run_ranks(2, aw.auto_center, 1000, 3, "easgd"))
     second = values(run_ranks(2, aw.auto_center, 1000, 3, "easgd"))
     assert first[0]["name"] != second[0]["name"]
+
+
+def test_a_missing_center_on_one_rank_is_an_error_on_every_rank():
+    results = run_ranks(3, aw.missing_center, timeout=120)
+    for r in results:
+        assert r.error_type == "FileNotFoundError", r.traceback
+        assert "rank 1: no shared center named 'no-such-center-easgd-test'" in r.error
 
 
 def test_ranks_on_different_machines_are_told_to_use_servers():

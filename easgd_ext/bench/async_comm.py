@@ -45,7 +45,7 @@ from easgd_ext._launch import join_group, run_workers
 from easgd_ext.shared_center import unique_name
 
 from .kernels import copy_ceiling
-from .timing import interleaved_medians, median_seconds
+from .timing import interleaved_medians, median_seconds, write_records
 
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "2.56e7"]
 ALPHA = 0.225
@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, device {args.device}, median of {args.reps}")
     print_table(records)
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
-        print(f"\nwrote {len(records)} records to {args.json}")
+    write_records(args.json, records)
     return 0
 
 

@@ -36,6 +36,8 @@ import torch.distributed as dist
 import easgd_ext
 from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
+from .timing import write_records
+
 RESNET18_NUMEL = 11_689_512
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "1e8"]
 
@@ -245,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(records, args.plot)
         print(f"\nplot: {args.plot}")
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
-        print(f"\nwrote {len(records)} records to {args.json}")
+    write_records(args.json, records)
     return 0
 
 

@@ -22,7 +22,6 @@ torch's copy_ on CPU; a device-to-device copy_ on CUDA) and the speed-up over ea
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import easgd_ext
 from easgd_ext import ops
 from easgd_ext._native import native
 
-from .timing import interleaved_medians, median_seconds
+from .timing import interleaved_medians, median_seconds, write_records
 
 ALPHA = 0.225
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -249,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         records += run_case(n, dtype, device, reps, ceilings[(device, n)][0], use_shapes, compiled)
     for (device, n), (bw, name) in ceilings.items():
         print_table([r for r in records if r["device"] == str(device) and r["numel"] == n], bw, name)
-    if args.json:
-        args.json.write_text(json.dumps(records, indent=1))
-        print(f"\nwrote {len(records)} records to {args.json}")
+    write_records(args.json, records)
     return 0
 
 
