@@ -42,6 +42,25 @@ def check_lock_timeout(value: object) -> float:
     return float(value)
 
 
+def chunk_plan(offset: int, n: int, chunk_numel: int, worker: int,
+               workers: int) -> list[tuple[int, int, int]]:
+    """The chunks of center[offset, offset + n) in the order worker ``worker`` of ``workers``
+    visits them, as (chunk, start, end) with start/end relative to ``offset``. Each worker starts
+    ``worker / workers`` of the way round (so concurrent workers rarely want the same chunk) and
+    wraps around once, as the native exchange does."""
+    if n <= 0:
+        return []
+    first, last = offset // chunk_numel, (offset + n - 1) // chunk_numel
+    count = last - first + 1
+    start = worker * count // workers
+    plan = []
+    for i in range(count):
+        k = first + (start + i) % count
+        plan.append((k, max(offset, k * chunk_numel) - offset,
+                     min(offset + n, (k + 1) * chunk_numel) - offset))
+    return plan
+
+
 class _AsyncMode(SyncAverager):
     """What asynchronous EASGD and DOWNPOUR share; ``kind`` picks the update."""
 
@@ -191,13 +210,22 @@ class _AsyncMode(SyncAverager):
         assert self._sharded is not None
         return self._sharded.serve(on_request)
 
+    def step(self) -> bool:
+        """Call once after every local optimizer step: advances this worker's clock and exchanges
+        with the center when it reaches a multiple of ``tau`` (never waiting for other workers)."""
+        self._not_on_a_server()
+        return super().step()
+
+    def _not_on_a_server(self) -> None:
+        if self.is_server:
+            raise RuntimeError(f"rank {self._comm.rank} is a server of the sharded center: it "
+                               "calls serve(), not step() or exchange()")
+
     def exchange(self) -> bool:
         """Exchange with the center now (not collective: only this worker takes part). Returns
         ``False`` if this worker's parameters were not finite: the exchange is then skipped and
         the center is left alone."""
-        if self.is_server:
-            raise RuntimeError(f"rank {self._comm.rank} is a server of the sharded center: it "
-                               "calls serve(), not step() or exchange()")
+        self._not_on_a_server()
         if self._closed:
             raise RuntimeError("exchange() after close()")
         if self._in_center:
@@ -270,9 +298,6 @@ class _AsyncMode(SyncAverager):
         device_center = g.buffers["center_device"]
         copy_in, copy_out = g.buffers["copy_in"], g.buffers["copy_out"]
         compute = torch.cuda.current_stream(g.device)
-        first, last = offset // center.chunk_numel, (offset + n - 1) // center.chunk_numel
-        count = last - first + 1
-        start = self.worker_id * count // center.workers
         in_flight: deque[tuple[int, torch.cuda.Event]] = deque()
         recovered = 0
 
@@ -285,13 +310,10 @@ class _AsyncMode(SyncAverager):
 
         try:
             previous = -1
-            for i in range(count):
-                k = first + (start + i) % count
+            for k, lo, hi in chunk_plan(offset, n, center.chunk_numel, self.worker_id, center.workers):
                 if k < previous:
                     retire(0)
                 previous = k
-                lo, hi = (max(offset, k * center.chunk_numel) - offset,
-                          min(offset + n, (k + 1) * center.chunk_numel) - offset)
                 recovered += seg.lock(k, self.lock_timeout) != 0
                 with torch.cuda.stream(copy_in):  # type: ignore[arg-type]
                     device_center[lo:hi].copy_(host[lo:hi], non_blocking=True)

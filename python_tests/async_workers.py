@@ -161,6 +161,24 @@ def missing_center(rank: int, world: int) -> None:
     ElasticAverager([torch.nn.Parameter(torch.randn(10))], mode="async", center=name)
 
 
+def server_misuse(rank: int, world: int) -> list[str]:
+    """Each side calls the other side's method first (an error), then does its own job."""
+    avg = ElasticAverager([torch.nn.Parameter(torch.randn(100))], mode="async", servers=[0],
+                          alpha=0.5)
+    errors = []
+    try:
+        avg.step() if avg.is_server else avg.serve()
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    if avg.is_server:
+        avg.serve()
+    else:
+        avg.exchange()
+        avg.close()
+        avg.close()  # idempotent: the server must not see a second DONE
+    return errors
+
+
 def other_host(rank: int, world: int) -> None:
     """Rank 1 pretends to run on another machine."""
     if rank == 1:

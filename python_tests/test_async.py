@@ -182,6 +182,20 @@ def test_a_missing_center_on_one_rank_is_an_error_on_every_rank():
         assert "rank 1: no shared center named 'no-such-center-easgd-test'" in r.error
 
 
+def test_servers_serve_and_workers_exchange():
+    server, worker = values(run_ranks(2, aw.server_misuse, timeout=120))
+    assert len(server) == 1 and "is a server of the sharded center: it calls serve()" in server[0]
+    assert len(worker) == 1 and "serve() is for server ranks" in worker[0]
+
+
+def test_mode_may_be_given_by_position():
+    from easgd_ext import ElasticAverager
+
+    avg = ElasticAverager([torch.nn.Parameter(torch.randn(5))], 1, None, 0.5, "async")
+    assert type(avg).__name__ == "AsyncElasticAverager" and avg.alpha == 0.5
+    avg.close()
+
+
 def test_ranks_on_different_machines_are_told_to_use_servers():
     results = run_ranks(2, aw.other_host)
     for r in results:

@@ -17,6 +17,7 @@ import async_workers as aw
 from conftest import cuda_usable
 from dist_harness import Processes
 from easgd_ext import DownpourAverager, ElasticAverager, SharedCenter, StaleSegmentError, ops
+from easgd_ext.async_averager import chunk_plan
 from easgd_ext.ops import reference
 from easgd_ext.shared_center import unique_name
 
@@ -75,6 +76,31 @@ def test_exchange_matches_the_kernel_and_the_float64_reference(name, algo):
         assert ((grp.flat.double() - ref_x).abs() <= tol).all()
         assert ((c1[off:off + n].double() - ref_c).abs() <= tol).all()
     assert avg.stats.exchanges == 1 and avg.stats.bytes_sent == 0
+
+
+def test_chunk_plan_tiles_the_range_once_and_staggers_the_start():
+    """The CUDA pipeline's chunk order: every element exactly once, one wrap-around at most, and
+    workers starting at different chunks."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        chunk = int(torch.randint(1, 50, (1,), generator=g)) * 64
+        offset = int(torch.randint(0, 5000, (1,), generator=g)) * 64
+        n = int(torch.randint(1, 20000, (1,), generator=g))
+        workers = int(torch.randint(1, 9, (1,), generator=g))
+        starts = set()
+        for w in range(workers):
+            plan = chunk_plan(offset, n, chunk, w, workers)
+            covered = torch.zeros(n, dtype=torch.int32)
+            for k, lo, hi in plan:
+                assert k * chunk <= offset + lo < offset + hi <= (k + 1) * chunk
+                covered[lo:hi] += 1
+            assert bool((covered == 1).all())
+            chunks = [k for k, _, _ in plan]
+            assert sorted(chunks) == list(range(min(chunks), max(chunks) + 1))  # each chunk once
+            assert sum(b < a for a, b in zip(chunks, chunks[1:])) <= 1  # one wrap-around
+            starts.add(chunks[0])
+        assert len(starts) == min(workers, len(plan))
+    assert chunk_plan(0, 0, 64, 0, 1) == []
 
 
 def test_workers_start_from_the_center_and_conserve_mass(name):
