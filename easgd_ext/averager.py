@@ -31,7 +31,8 @@ class ExchangeStats:
     """Counters of one worker's exchanges.
 
     ``bytes_sent`` is the payload this rank hands to its all-reduces (a ring all-reduce puts
-    about ``2 (p - 1) / p`` times that on the wire). ``comm_seconds`` is the total time spent
+    about ``2 (p - 1) / p`` times that on the wire); in asynchronous mode, what a worker sends
+    to the sharded center's servers (0 with the shared-memory center: no network). ``comm_seconds`` is the total time spent
     in exchanges (kernels, all-reduce and waits: what communication costs the loop); on CUDA it
     is measured with events, without synchronizing the device.
     """

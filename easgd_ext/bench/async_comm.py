@@ -22,6 +22,7 @@ against a raw ping-pong of the same bytes between the same ranks.
 
     python -m easgd_ext.bench comm --mode async
     python -m easgd_ext.bench comm --mode async --sizes 1e6 2.56e7 --scaling --sharded --json a.json
+    python -m easgd_ext.bench comm --mode async --sharded --plot async.png
 """
 
 from __future__ import annotations
@@ -233,6 +234,34 @@ def _sharded_rank(rank: int, world: int, store: str | None, out: str, sizes: lis
         dist.destroy_process_group()
 
 
+def plot(records: list[dict], path: Path) -> None:
+    """Latency against size for the one-worker shared-center variants and their floor, and the
+    sharded center against its ping-pong peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = [(r["name"], r.get("workers", 1)) for r in records if not r["name"].startswith("scaling")]
+    for i, (name, workers) in enumerate(dict.fromkeys(lines)):
+        rs = sorted((r for r in records if r["name"] == name and r.get("workers", 1) == workers),
+                    key=lambda r: r["numel"])
+        label = name if rs[0]["transport"] == "shared" else f"{name} ({workers} worker{'s' * (workers > 1)})"
+        ax.plot([r["numel"] * 4 for r in rs], [r["seconds"] * 1e3 for r in rs],
+                "--" if name in ("floor", "pingpong") else "-", color=f"C{i % 10}", marker="o",
+                markersize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model size (bytes of float32 parameters)")
+    ax.set_ylabel("latency of one asynchronous exchange (ms)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---- front door -----------------------------------------------------------------------------------
 def print_table(records: list[dict]) -> None:
     print(f"{'transport':<9} {'variant':<18}{'numel':>11}{'workers':>8}{'ms':>10}{'GB/s':>8}  ratios")
@@ -256,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                              "not the memory bus, are what the workers share)")
     parser.add_argument("--sharded", action="store_true", help="the sharded center over Gloo")
     parser.add_argument("--json", type=Path, help="write the records (DESIGN.md section 4) here")
+    parser.add_argument("--plot", type=Path, help="write a latency-vs-size PNG here")
     args = parser.parse_args(argv)
     for size in args.sizes + [args.scaling_size]:
         try:
@@ -283,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, device {args.device}, median of {args.reps}")
     print_table(records)
+    if args.plot:
+        plot(records, args.plot)
+        print(f"\nplot: {args.plot}")
     write_records(args.json, records)
     return 0
 
