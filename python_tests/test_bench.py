@@ -25,3 +25,18 @@ def test_comm_benchmark_small(tmp_path, capsys):
 def test_unknown_benchmark_is_an_error(capsys):
     assert bench.main(["disks"]) == 2
     assert "unknown benchmark 'disks'" in capsys.readouterr().err
+
+
+def test_async_benchmark_small(tmp_path, capsys):
+    out, png = tmp_path / "async.json", tmp_path / "async.png"
+    assert bench.main(["comm", "--mode", "async", "--sizes", "1e4", "--reps", "2", "--sharded",
+                       "--json", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "shared_easgd" in text and "sharded_easgd" in text and "vs_floor" in text
+    records = json.loads(out.read_text())
+    names = {(r["transport"], r["name"]) for r in records}
+    assert {("shared", "shared_easgd"), ("shared", "shared_downpour"), ("shared", "floor"),
+            ("sharded", "sharded_easgd"), ("sharded", "pingpong")} <= names
+    easgd = next(r for r in records if r["name"] == "shared_easgd")
+    assert easgd["seconds"] > 0 and {"vs_floor", "vs_kernel_unlocked", "vs_torch_eager"} <= set(easgd["ratios"])
+    assert png.stat().st_size > 10_000
