@@ -144,6 +144,18 @@ void bind_shared_segment(py::module_& m) {
                                {s.numel()}, {int64_t(sizeof(float))});
       });
 
+  m.def("chunk_plan",
+        [](int64_t offset, int64_t n, int64_t chunk_numel, int worker, int workers) {
+          py::list out;
+          for (const auto& s : shm::chunk_plan(offset, n, chunk_numel, worker, workers)) {
+            out.append(py::make_tuple(s.chunk, s.begin, s.end));
+          }
+          return out;
+        },
+        py::arg("offset"), py::arg("n"), py::arg("chunk_numel"), py::arg("worker"), py::arg("workers"),
+        "The (chunk, begin, end) pieces of center[offset:offset+n] in the order a worker visits "
+        "them (what every shared-center exchange follows).");
+
   m.def("process_alive", [](int64_t pid) { return shm::process_alive(pid, 0); }, py::arg("pid"),
         "Whether pid is a running (not zombie) process.");
 }

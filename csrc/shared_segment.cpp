@@ -146,6 +146,25 @@ timespec deadline_after(double seconds) {
 
 }  // namespace
 
+std::vector<ChunkSpan> chunk_plan(int64_t offset, int64_t n, int64_t chunk_numel, int worker,
+                                  int workers) {
+  if (offset < 0 || chunk_numel < 1 || workers < 1 || worker < 0 || worker >= workers) {
+    throw std::invalid_argument("chunk_plan: offset >= 0, chunk_numel >= 1 and 0 <= worker < workers");
+  }
+  std::vector<ChunkSpan> plan;
+  if (n <= 0) return plan;
+  const int64_t first = offset / chunk_numel, last = (offset + n - 1) / chunk_numel;
+  const int64_t count = last - first + 1;
+  const int64_t start = int64_t(worker) * count / int64_t(workers);
+  plan.reserve(size_t(count));
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t k = first + (start + i) % count;
+    plan.push_back({k, std::max(offset, k * chunk_numel) - offset,
+                    std::min(offset + n, (k + 1) * chunk_numel) - offset});
+  }
+  return plan;
+}
+
 uint64_t process_start_ticks(int64_t pid) {
   char state = '?';
   uint64_t ticks = 0;
@@ -467,32 +486,23 @@ int Segment::exchange(int worker_id, ExchangeKind kind, const Buf& x, const Buf*
   if (kind == ExchangeKind::downpour && x_last == nullptr) {
     throw std::invalid_argument("a DOWNPOUR exchange needs x_last");
   }
-  if (n == 0) return 0;
-  const int64_t chunk_numel = header_->chunk_numel;
-  const int64_t first = offset / chunk_numel, last = (offset + n - 1) / chunk_numel;
-  const int64_t count = last - first + 1;
-  // Worker w starts w/max_workers of the way round, so concurrent workers rarely queue on one lock.
-  const int64_t start = int64_t(worker_id) * count / int64_t(header_->max_workers);
   const int elt = dtype_size(x.dtype);
   Exec exec;
   exec.num_threads = num_threads < 1 ? 1 : num_threads;
   int recovered = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t k = first + (start + i) % count;
-    const int64_t lo = std::max(offset, k * chunk_numel);
-    const int64_t hi = std::min(offset + n, (k + 1) * chunk_numel);
+  for (const ChunkSpan& span : chunk_plan(offset, n, header_->chunk_numel, worker_id,
+                                          int(header_->max_workers))) {
+    const int64_t k = span.chunk;
     KernelArgs a;
-    a.numel = hi - lo;
+    a.numel = span.end - span.begin;
     a.scalar = alpha;
-    Buf xs{static_cast<char*>(x.ptr) + (lo - offset) * elt, x.dtype};
-    Buf cs{data_ + lo, DType::f32};
+    a.bufs[0] = Buf{static_cast<char*>(x.ptr) + span.begin * elt, x.dtype};
+    const Buf center{data_ + offset + span.begin, DType::f32};
     if (kind == ExchangeKind::easgd) {
-      a.bufs[0] = xs;
-      a.bufs[1] = cs;
+      a.bufs[1] = center;
     } else {
-      a.bufs[0] = xs;
-      a.bufs[1] = Buf{static_cast<char*>(x_last->ptr) + (lo - offset) * elt, x.dtype};
-      a.bufs[2] = cs;
+      a.bufs[1] = Buf{static_cast<char*>(x_last->ptr) + span.begin * elt, x.dtype};
+      a.bufs[2] = center;
     }
     const auto asked = std::chrono::steady_clock::now();
     if (lock(k, timeout_s) != LockResult::acquired) ++recovered;

@@ -91,6 +91,17 @@ struct WorkerInfo {
 bool process_alive(int64_t pid, uint64_t start_ticks);
 uint64_t process_start_ticks(int64_t pid);  // 0 where /proc cannot tell
 
+// One piece of an exchange: chunk `chunk`, covering [begin, end) of the caller's buffer.
+struct ChunkSpan {
+  int64_t chunk, begin, end;
+};
+
+// The chunks of center[offset, offset + n) in the order worker `worker` of `workers` visits
+// them: it starts worker/workers of the way round (so concurrent workers rarely queue on one
+// lock) and wraps around once. Both the CPU exchange and the Python CUDA pipeline follow it.
+std::vector<ChunkSpan> chunk_plan(int64_t offset, int64_t n, int64_t chunk_numel, int worker,
+                                  int workers);
+
 enum class LockResult { acquired = 0, recovered_clean = 1, recovered_partial = 2 };
 enum class ExchangeKind { easgd = 0, downpour = 1 };
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import _dist, ops
+from ._native import native
 from .averager import SyncAverager, _Timer, check_tau
 from .elastic import ElasticAverager
 from .baselines import DownpourAverager
@@ -45,20 +46,9 @@ def check_lock_timeout(value: object) -> float:
 def chunk_plan(offset: int, n: int, chunk_numel: int, worker: int,
                workers: int) -> list[tuple[int, int, int]]:
     """The chunks of center[offset, offset + n) in the order worker ``worker`` of ``workers``
-    visits them, as (chunk, start, end) with start/end relative to ``offset``. Each worker starts
-    ``worker / workers`` of the way round (so concurrent workers rarely want the same chunk) and
-    wraps around once, as the native exchange does."""
-    if n <= 0:
-        return []
-    first, last = offset // chunk_numel, (offset + n - 1) // chunk_numel
-    count = last - first + 1
-    start = worker * count // workers
-    plan = []
-    for i in range(count):
-        k = first + (start + i) % count
-        plan.append((k, max(offset, k * chunk_numel) - offset,
-                     min(offset + n, (k + 1) * chunk_numel) - offset))
-    return plan
+    visits them, as (chunk, start, end) with start/end relative to ``offset``: the native
+    exchange's own order (it starts ``worker / workers`` of the way round and wraps once)."""
+    return [tuple(span) for span in native.chunk_plan(offset, n, chunk_numel, worker, workers)]
 
 
 class _AsyncMode(SyncAverager):
@@ -73,6 +63,7 @@ class _AsyncMode(SyncAverager):
         self._comm = comm
         self._center: SharedCenter | None = None
         self._sharded: ShardedCenter | None = None
+        self._copy_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._closed = False
 
         def build() -> dict[str, Any]:
@@ -182,8 +173,9 @@ class _AsyncMode(SyncAverager):
             if g.device.type == "cuda":
                 g.buffers["center_device"] = torch.empty(g.flat.numel(), dtype=torch.float32,
                                                          device=g.device)
-                g.buffers["copy_in"] = torch.cuda.Stream(g.device)  # type: ignore[assignment]
-                g.buffers["copy_out"] = torch.cuda.Stream(g.device)  # type: ignore[assignment]
+                # copy-in and copy-back streams, per device
+                self._copy_streams.setdefault(g.device, (torch.cuda.Stream(g.device),
+                                                         torch.cuda.Stream(g.device)))
 
     def _init_async_buffers(self, group: FlatGroup) -> None:
         """Per-algorithm worker buffers (DOWNPOUR's x_last)."""
@@ -296,7 +288,7 @@ class _AsyncMode(SyncAverager):
         n = g.flat.numel()
         host = center.tensor[offset:offset + n]
         device_center = g.buffers["center_device"]
-        copy_in, copy_out = g.buffers["copy_in"], g.buffers["copy_out"]
+        copy_in, copy_out = self._copy_streams[g.device]
         compute = torch.cuda.current_stream(g.device)
         in_flight: deque[tuple[int, torch.cuda.Event]] = deque()
         recovered = 0
@@ -315,7 +307,7 @@ class _AsyncMode(SyncAverager):
                     retire(0)
                 previous = k
                 recovered += seg.lock(k, self.lock_timeout) != 0
-                with torch.cuda.stream(copy_in):  # type: ignore[arg-type]
+                with torch.cuda.stream(copy_in):
                     device_center[lo:hi].copy_(host[lo:hi], non_blocking=True)
                     arrived = torch.cuda.Event()
                     arrived.record()
@@ -328,8 +320,8 @@ class _AsyncMode(SyncAverager):
                 updated = torch.cuda.Event()
                 updated.record(compute)
                 seg.set_dirty(k, True)
-                with torch.cuda.stream(copy_out):  # type: ignore[arg-type]
-                    copy_out.wait_event(updated)  # type: ignore[attr-defined]
+                with torch.cuda.stream(copy_out):
+                    copy_out.wait_event(updated)
                     host[lo:hi].copy_(device_center[lo:hi], non_blocking=True)
                     done = torch.cuda.Event()
                     done.record()

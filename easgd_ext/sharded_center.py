@@ -88,10 +88,10 @@ class ShardedCenter:
         self._closed = False
         if self.is_server:
             me = servers.index(comm.rank)
-            self._mine = [shards[me] for shards in self._shards]
+            mine = [shards[me] for shards in self._shards]
             self.center = [g.flat[s:e].detach().to("cpu", torch.float32, copy=True)
-                           for g, (s, e) in zip(groups, self._mine)]
-            self._inbox = [torch.empty(e - s, dtype=g.dtype) for g, (s, e) in zip(groups, self._mine)]
+                           for g, (s, e) in zip(groups, mine)]
+            self._inbox = [torch.empty(e - s, dtype=g.dtype) for g, (s, e) in zip(groups, mine)]
             self.requests: dict[str, int] = {"exchange": 0, "read": 0, "write": 0}
         else:
             # Host-side staging for CUDA parameters (Gloo moves CPU tensors), and the replies
