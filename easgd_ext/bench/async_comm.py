@@ -46,7 +46,8 @@ from easgd_ext._launch import join_group, run_workers
 from easgd_ext.shared_center import unique_name
 
 from .kernels import copy_ceiling
-from .timing import interleaved_medians, median_seconds, write_records
+from .report import latency_axes, report
+from .timing import interleaved_medians, median_seconds
 
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "2.56e7"]
 ALPHA = 0.225
@@ -237,29 +238,15 @@ def _sharded_rank(rank: int, world: int, store: str | None, out: str, sizes: lis
 def plot(records: list[dict], path: Path) -> None:
     """Latency against size for the one-worker shared-center variants and their floor, and the
     sharded center against its ping-pong peer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines = [(r["name"], r.get("workers", 1)) for r in records if not r["name"].startswith("scaling")]
-    for i, (name, workers) in enumerate(dict.fromkeys(lines)):
-        rs = sorted((r for r in records if r["name"] == name and r.get("workers", 1) == workers),
-                    key=lambda r: r["numel"])
-        label = name if rs[0]["transport"] == "shared" else f"{name} ({workers} worker{'s' * (workers > 1)})"
-        ax.plot([r["numel"] * 4 for r in rs], [r["seconds"] * 1e3 for r in rs],
-                "--" if name in ("floor", "pingpong") else "-", color=f"C{i % 10}", marker="o",
-                markersize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("model size (bytes of float32 parameters)")
-    ax.set_ylabel("latency of one asynchronous exchange (ms)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with latency_axes(path, "latency of one asynchronous exchange (ms)") as ax:
+        lines = [(r["name"], r.get("workers", 1)) for r in records if not r["name"].startswith("scaling")]
+        for i, (name, workers) in enumerate(dict.fromkeys(lines)):
+            rs = sorted((r for r in records if r["name"] == name and r.get("workers", 1) == workers),
+                        key=lambda r: r["numel"])
+            label = name if rs[0]["transport"] == "shared" else f"{name} ({workers} worker{'s' * (workers > 1)})"
+            ax.plot([r["numel"] * 4 for r in rs], [r["seconds"] * 1e3 for r in rs],
+                    "--" if name in ("floor", "pingpong") else "-", color=f"C{i % 10}", marker="o",
+                    markersize=3, label=label)
 
 
 # ---- front door -----------------------------------------------------------------------------------
@@ -312,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.reps)
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, device {args.device}, median of {args.reps}")
-    print_table(records)
-    if args.plot:
-        plot(records, args.plot)
-        print(f"\nplot: {args.plot}")
-    write_records(args.json, records)
+    report(records, print_table, plot, args.plot, args.json)
     return 0
 
 

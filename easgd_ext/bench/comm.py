@@ -36,7 +36,7 @@ import torch.distributed as dist
 import easgd_ext
 from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
-from .timing import write_records
+from .report import latency_axes, report
 
 RESNET18_NUMEL = 11_689_512
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "1e8"]
@@ -166,33 +166,19 @@ def print_table(records: list[dict]) -> None:
 
 def plot(records: list[dict], path: Path) -> None:
     """Latency against payload bytes (float32 parameters), one line per variant and world."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = ["-", "--", ":", "-."]
-    worlds = sorted({r["world_size"] for r in records})
-    names = list(dict.fromkeys(r["name"] for r in records))
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
-    for w_i, world in enumerate(worlds):
-        for name in names:
-            rs = sorted((r for r in records if r["name"] == name and r["world_size"] == world),
-                        key=lambda r: r["numel"])
-            if rs:
-                ax.plot([r["numel"] * 4 for r in rs], [r["seconds"] * 1e3 for r in rs],
-                        styles[w_i % 4], color=colors[name], marker="o", markersize=3,
-                        label=f"{name} (p={world})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("model size (bytes of float32 parameters)")
-    ax.set_ylabel("latency of one exchange (ms)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with latency_axes(path, "latency of one exchange (ms)") as ax:
+        styles = ["-", "--", ":", "-."]
+        worlds = sorted({r["world_size"] for r in records})
+        names = list(dict.fromkeys(r["name"] for r in records))
+        colors = {name: f"C{i}" for i, name in enumerate(names)}
+        for w_i, world in enumerate(worlds):
+            for name in names:
+                rs = sorted((r for r in records if r["name"] == name and r["world_size"] == world),
+                            key=lambda r: r["numel"])
+                if rs:
+                    ax.plot([r["numel"] * 4 for r in rs], [r["seconds"] * 1e3 for r in rs],
+                            styles[w_i % 4], color=colors[name], marker="o", markersize=3,
+                            label=f"{name} (p={world})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         records += got
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"device {args.device}, median of {args.reps}")
-    print_table(records)
-    if args.plot:
-        plot(records, args.plot)
-        print(f"\nplot: {args.plot}")
-    write_records(args.json, records)
+    report(records, print_table, plot, args.plot, args.json)
     return 0
 
 

@@ -33,7 +33,8 @@ import easgd_ext
 from easgd_ext import ops
 from easgd_ext._native import native
 
-from .timing import interleaved_medians, median_seconds, write_records
+from .report import write_records
+from .timing import interleaved_medians, median_seconds
 
 ALPHA = 0.225
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

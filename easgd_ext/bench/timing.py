@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -47,9 +45,3 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
             times[name].append(median_seconds(fn, device, reps=1, warmup=0))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
-
-def write_records(path: Path | None, records: list[dict]) -> None:
-    """Writes the benchmark records (DESIGN.md section 4) as JSON when a path was given."""
-    if path is not None:
-        path.write_text(json.dumps(records, indent=1))
-        print(f"\nwrote {len(records)} records to {path}")
