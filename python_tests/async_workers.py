@@ -37,6 +37,17 @@ def flat_values(avg: Any) -> torch.Tensor:
     return torch.cat([g.flat.double() for g in avg._groups])
 
 
+def perturb_and_exchange(avg: Any, params: list[torch.Tensor], seed: int,
+                         exchanges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One local "step" (a random perturbation), then ``exchanges`` clock ticks (tau = 1);
+    returns the parameters after the perturbation and at the end."""
+    perturb(params, seed)
+    initial = flat_values(avg)
+    for _ in range(exchanges):
+        avg.step()
+    return initial, flat_values(avg)
+
+
 def shared_worker(name: str, numel: int, dtype: torch.dtype, seed: int, exchanges: int,
                   algo: str = "easgd", alpha: float = 0.2) -> dict[str, Any]:
     """Attaches to ``name``, perturbs, exchanges ``exchanges`` times; returns its mass."""
@@ -46,11 +57,7 @@ def shared_worker(name: str, numel: int, dtype: torch.dtype, seed: int, exchange
     else:
         avg = DownpourAverager(params, tau=1, mode="async", center=name)
     start = flat_values(avg)
-    perturb(params, seed)
-    initial = flat_values(avg)
-    for _ in range(exchanges):
-        avg.step()
-    final = flat_values(avg)
+    initial, final = perturb_and_exchange(avg, params, seed, exchanges)
     avg.close()
     return {"start": start, "initial": initial, "final": final, "exchanges": avg.stats.exchanges,
             "worker_id": avg.worker_id}
@@ -142,11 +149,7 @@ def auto_center(rank: int, world: int, numel: int, exchanges: int, algo: str) ->
     start_center = avg.center.snapshot().double()
     start = flat_values(avg)
     dist.barrier()  # nobody exchanges before everyone has seen the starting center
-    perturb(params, rank)
-    initial = flat_values(avg)
-    for _ in range(exchanges):
-        avg.step()
-    final = flat_values(avg)
+    initial, final = perturb_and_exchange(avg, params, rank, exchanges)
     avg.close()
     dist.barrier()  # every worker is done: the center is final
     center = torch.cat([c.double() for c in avg.center_state()])
@@ -201,11 +204,7 @@ def sharded(rank: int, world: int, servers: list[int], numel: int, exchanges: in
     center0 = torch.cat([c.double() for c in avg.center_state()])
     start = flat_values(avg)
     dist.barrier(group=worker_group)  # nobody exchanges before every worker read the start
-    perturb(params, rank)
-    initial = flat_values(avg)
-    for _ in range(exchanges + 7 * rank):
-        avg.step()
-    final = flat_values(avg)
+    initial, final = perturb_and_exchange(avg, params, rank, exchanges + 7 * rank)
     dist.barrier(group=worker_group)
     center = torch.cat([c.double() for c in avg.center_state()])
     avg.close()
