@@ -84,13 +84,13 @@ def uniform_chunk_worker(name: str, seed: int, exchanges: int) -> int:
     return done
 
 
-def locked_reader(name: str, seconds: float) -> tuple[int, int]:
-    """Reads random chunks under their locks for ``seconds``; returns (reads, torn reads)."""
+def locked_reader(name: str, stop: Any, min_reads: int) -> tuple[int, int]:
+    """Reads random chunks under their locks until the test sets ``stop`` (and at least
+    ``min_reads`` times); returns (reads, torn reads)."""
     center = SharedCenter.attach(name)
     g = torch.Generator().manual_seed(7)
     reads = torn = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while reads < min_reads or not stop.is_set():
         k = int(torch.randint(center.num_chunks, (1,), generator=g))
         s, e = center.chunk_range(k)
         with center.lock(k):
@@ -118,11 +118,12 @@ def victim(name: str, numel: int, seed: int, exchanges: int, chunk: int, dirty: 
     time.sleep(600)
 
 
-def hold_lock(name: str, chunk: int, ready: Any, seconds: float) -> None:
+def hold_lock(name: str, chunk: int, ready: Any, release: Any) -> None:
+    """Holds ``chunk``'s lock from ``ready`` until the test sets ``release``."""
     center = SharedCenter.attach(name)
     with center.lock(chunk):
         ready.set()
-        time.sleep(seconds)
+        release.wait(600)
 
 
 def try_lock(name: str, chunk: int, timeout: float) -> float:

@@ -109,9 +109,38 @@ def test_forced_cuda_build_without_nvcc_fails_loudly(tmp_path):
     assert "CUDA" in proc.stdout + proc.stderr
 
 
-def test_readme_and_ci_run_the_same_test_command():
+def test_readme_and_ci_run_both_commands_verbatim():
     readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    commands = re.findall(r"^(python3 -m pip install .*pytest.*)$", readme, flags=re.M)
-    assert commands, "README.md must show the test command"
-    assert commands[0] in ci.splitlines(), ".ci/run must run exactly the README's test command"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = re.findall(r"^(python3 -m pip install .*)$", readme, flags=re.M)
+    main_job = [c for c in commands if c.endswith("python3 -m easgd_ext.train")]
+    tests = [c for c in commands if "pytest" in c]
+    assert main_job and tests, "README.md must show the main-job command and the test command"
+    assert commands[:2] == [main_job[0], tests[0]], "README.md opens with the two commands"
+    assert main_job[0] in ci, ".ci/run must run exactly the README's main-job command"
+    assert tests[0] in ci, ".ci/run must run exactly the README's test command"
+
+
+@pytest.mark.parametrize("where", ["repository root", "elsewhere"])
+def test_installed_package_imports_from_any_directory(where, tmp_path):
+    """`python3 -m easgd_ext.train` from the repository root must find the installed package
+    with its compiled easgd_ext._C, not a bare source folder shadowing it (``python -m`` puts the
+    current directory first on sys.path): the first command of the README failed this way."""
+    cwd = ROOT if where == "repository root" else tmp_path
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = ("import easgd_ext, easgd_ext._C, easgd_ext.train, pathlib; "
+             "print(pathlib.Path(easgd_ext.__file__).resolve().parent)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == Path(easgd_ext.__file__).resolve().parent
+    # and the main job's entry point starts from there (its --help needs no workers)
+    proc = subprocess.run([sys.executable, "-m", "easgd_ext.train", "--help"], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+def test_source_tree_cannot_shadow_the_installed_package():
+    """The package lives in src/: no importable easgd_ext folder at the repository root."""
+    assert not (ROOT / "easgd_ext").exists()
+    assert (ROOT / "src" / "easgd_ext" / "__init__.py").is_file()
