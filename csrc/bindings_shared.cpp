@@ -5,8 +5,11 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 
-#include "shared_segment.h"
+#include "chunk_exchange.h"
+#include "process_liveness.h"
+#include "segment.h"
 #include "tensor_ref.h"
 
 namespace py = pybind11;
@@ -36,13 +39,29 @@ py::dict header_dict(const Segment& s) {
   return d;
 }
 
-Buf cpu_buf(const TensorRef& t) {
-  if (t.device_type != "cpu") {
-    throw py::value_error(t.name + " is on " + t.device_str() + "; the shared center's native "
-                          "exchange takes CPU tensors");
-  }
-  return Buf{reinterpret_cast<void*>(t.ptr), float_dtype(t)};
+// The rule's buffers over a whole flat group, checked against each other and, on the CPU,
+// against the center slice they will be applied to.
+shm::ChunkRule elastic_rule(const TensorRef& x, double alpha) {
+  check_call({&x}, {}, 0, 1);
+  AsyncExchangeArgs a;
+  a.x = Buf{reinterpret_cast<void*>(x.ptr), float_dtype(x)};
+  a.alpha = finite_scalar("alpha", alpha);
+  return shm::ChunkRule{a};
 }
+
+shm::ChunkRule downpour_rule(const TensorRef& x, const TensorRef& x_last) {
+  check_call({&x, &x_last}, {}, 0, 1);
+  DownpourAsyncExchangeArgs a;
+  a.x = Buf{reinterpret_cast<void*>(x.ptr), float_dtype(x)};
+  a.x_last = Buf{reinterpret_cast<void*>(x_last.ptr), same_dtype_as(x_last, x)};
+  return shm::ChunkRule{a};
+}
+
+struct RuleRefs {
+  TensorRef x;
+  std::optional<TensorRef> x_last;  // DOWNPOUR
+  double alpha = 0.0;               // EASGD
+};
 
 }  // namespace
 
@@ -107,42 +126,79 @@ void bind_shared_segment(py::module_& m) {
            })
       .def("pin_for_cuda", &Segment::pin_for_cuda, release)
       .def("exchange",
-           [](Segment& s, int worker, const std::string& kind, const TensorRef& x,
-              const TensorRef* x_last, int64_t offset, double alpha, int num_threads,
-              double timeout) {
-             shm::ExchangeKind k;
-             if (kind == "easgd") k = shm::ExchangeKind::easgd;
-             else if (kind == "downpour") k = shm::ExchangeKind::downpour;
-             else throw py::value_error("kind must be 'easgd' or 'downpour', got '" + kind + "'");
-             const Buf xb = cpu_buf(x);
-             // The center slice as a TensorRef, so the usual checks catch overlaps with it.
+           [](Segment& s, int worker, const RuleRefs& rule, int64_t offset, int num_threads,
+              double timeout, int policy, uintptr_t stream, const TensorRef* staging,
+              const TensorRef* me_bad) {
+             const TensorRef& x = rule.x;
              if (offset < 0 || offset + x.numel > s.numel()) {
                throw py::value_error(x.name + " (" + std::to_string(x.numel) + " elements at offset " +
                                      std::to_string(offset) + ") does not fit the shared center of " +
                                      std::to_string(s.numel()) + " elements");
              }
-             const TensorRef center{"center", uintptr_t(s.data() + offset), x.numel, "float32", "cpu", -1};
-             Buf lb;
-             if (x_last != nullptr) {
-               lb = Buf{reinterpret_cast<void*>(x_last->ptr), same_dtype_as(*x_last, x)};
-               check_call({&x, x_last, &center}, {}, 0, num_threads);
+             if (policy != 0 && policy != 1) throw py::value_error("policy must be 0 (skip) or 1 (reset)");
+             shm::ChunkRule r = rule.x_last ? downpour_rule(x, *rule.x_last) : elastic_rule(x, rule.alpha);
+             shm::ExchangeOptions o;
+             o.num_threads = num_threads;
+             o.lock_timeout_s = timeout;
+             o.policy = OnNonFinite(policy);
+             int device = -1;
+             if (x.device_type == "cpu") {
+               // The center slice as a TensorRef, so the usual checks catch overlaps with it.
+               const TensorRef center{"center", uintptr_t(s.data() + offset), x.numel, "float32", "cpu", -1};
+               if (rule.x_last) check_call({&x, &*rule.x_last, &center}, {}, 0, 1);
+               else check_call({&x, &center}, {}, 0, 1);
              } else {
-               check_call({&x, &center}, {}, 0, num_threads);
+               const Exec e = check_call({&x}, {}, stream, 1);
+               device = e.device;
+               if (staging == nullptr || me_bad == nullptr) {
+                 throw py::value_error("CUDA parameters need staging= and me_bad= device buffers");
+               }
+               check_call({staging}, {}, stream, 1);
+               if (staging->dtype != "float32" || staging->device_str() != x.device_str() ||
+                   staging->numel < s.header().chunk_numel) {
+                 throw py::value_error("staging must be float32 on " + x.device_str() +
+                                       " with at least one chunk (" +
+                                       std::to_string(s.header().chunk_numel) + " elements)");
+               }
+               o.stream = stream;
+               o.staging = reinterpret_cast<float*>(staging->ptr);
+               o.staging_slots = int(staging->numel / s.header().chunk_numel);
+               o.me_bad_device = static_cast<float*>(flag_pointer(me_bad, e, {&x, staging}));
              }
-             const float a = k == shm::ExchangeKind::easgd ? finite_scalar("alpha", alpha) : 0.f;
-             py::gil_scoped_release no_gil;
-             return s.exchange(worker, k, xb, x_last != nullptr ? &lb : nullptr, offset, x.numel, a,
-                               num_threads, timeout);
+             shm::ExchangeResult got;
+             {
+               py::gil_scoped_release no_gil;
+               got = shm::exchange(s, worker, r, device, offset, x.numel, o);
+             }
+             return py::make_tuple(got.recovered_locks, got.nonfinite);
            },
-           py::arg("worker"), py::arg("kind"), py::arg("x"), py::arg("x_last"), py::arg("offset"),
-           py::arg("alpha"), py::arg("num_threads") = 1, py::arg("timeout") = 0.0,
-           "One exchange of CPU parameters with center[offset:offset+x.numel], chunk by chunk "
-           "under the chunks' locks; returns how many dead holders' locks were recovered. "
-           "Record the whole exchange with record_exchange afterwards.")
+           py::arg("worker"), py::arg("rule"), py::arg("offset"), py::arg("num_threads") = 1,
+           py::arg("timeout") = 0.0, py::arg("policy") = 0, py::arg("stream") = 0,
+           py::arg("staging") = nullptr, py::arg("me_bad") = nullptr,
+           "One exchange of a worker's flat group with center[offset:offset+numel], chunk by chunk "
+           "under the chunks' locks (CUDA parameters: through a device staging ring on `stream`). "
+           "Returns (locks recovered from dead holders, whether x held Inf/NaN). Record the whole "
+           "exchange with record_exchange afterwards.")
       .def_buffer([](Segment& s) {
         return py::buffer_info(s.data(), sizeof(float), py::format_descriptor<float>::format(), 1,
                                {s.numel()}, {int64_t(sizeof(float))});
       });
+
+  py::class_<RuleRefs>(m, "ChunkRule",
+                       "An algorithm's asynchronous update rule over a worker's flat group.")
+      .def_static("elastic",
+                  [](const TensorRef& x, double alpha) {
+                    elastic_rule(x, alpha);  // validate now, not at the first exchange
+                    return RuleRefs{x, std::nullopt, alpha};
+                  },
+                  py::arg("x"), py::arg("alpha"),
+                  "EASGD: e = alpha (x - c); x -= e; c += e.")
+      .def_static("downpour",
+                  [](const TensorRef& x, const TensorRef& x_last) {
+                    downpour_rule(x, x_last);
+                    return RuleRefs{x, x_last, 0.0};
+                  },
+                  py::arg("x"), py::arg("x_last"), "DOWNPOUR: c += x - x_last; x = x_last = c.");
 
   m.def("chunk_plan",
         [](int64_t offset, int64_t n, int64_t chunk_numel, int worker, int workers) {

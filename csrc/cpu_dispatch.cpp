@@ -87,13 +87,13 @@ std::string available_isas() {
   return out;
 }
 
-void launch(Kernel kernel, const KernelArgs& args, const Exec& exec) {
+void launch(const KernelCall& call, int64_t numel, const Exec& exec) {
   switch (Isa(current().load())) {
 #if defined(EASGD_CPU_MULTI_ISA)
-    case Isa::v4: return v4::launch(kernel, args, exec);
-    case Isa::v3: return v3::launch(kernel, args, exec);
+    case Isa::v4: return v4::launch(call, numel, exec);
+    case Isa::v3: return v3::launch(call, numel, exec);
 #endif
-    default: return baseline::launch(kernel, args, exec);
+    default: return baseline::launch(call, numel, exec);
   }
 }
 

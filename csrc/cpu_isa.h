@@ -11,7 +11,7 @@ namespace cpu {
 
 #define EASGD_DECLARE_CPU_ISA(isa)                                            \
   namespace isa {                                                             \
-  void launch(Kernel kernel, const KernelArgs& args, const Exec& exec);       \
+  void launch(const KernelCall& call, int64_t numel, const Exec& exec);        \
   void copy(void* dst, const void* src, size_t bytes, int num_threads);       \
   int64_t count_nonfinite(const void* data, int64_t n, DType dtype, int nt);  \
   }

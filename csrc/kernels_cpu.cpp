@@ -4,6 +4,7 @@
 // dispatcher in cpu_dispatch.cpp picks the best one the running CPU supports.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_isa.h"
 #include "kernels.h"
@@ -27,19 +28,49 @@ int threads_for(int64_t n, int requested) {
 struct CpuLauncher {
   int num_threads;
 
+  // The verdict is read once per launch (it cannot change during one); a non-finite value seen
+  // by any thread sets the functor's flag once, after the loop.
   template <typename F> void operator()(const F& f, int64_t n) const {
+    const Decision dec = f.decide();
+    record_verdict(f, dec);
+    if (dec.skip) return;
     const int threads = threads_for(n, num_threads);
     (void)threads;  // unused when built without OpenMP
-#pragma omp parallel for simd schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; ++i) f.template apply<1>(i);
+    int seen = 0;
+#pragma omp parallel for simd schedule(static) num_threads(threads) reduction(| : seen)
+    for (int64_t i = 0; i < n; ++i) {
+      typename F::template Regs<1> r;
+      f.template load<1>(i, r);
+      seen |= int(f.template update<1>(r, dec));
+      f.template store<1>(i, r);
+    }
+    if (seen != 0 && f.flag() != nullptr) *f.flag() = 1.f;
   }
 };
 
+void publish_flag(const PublishFlagArgs& a, int64_t n) {
+  const float flag = *a.me_bad;
+  dispatch_dtype(a.wire.dtype, [&](auto wt) {
+    using W = decltype(wt);
+    *a.header.as<W>() = from_float<W>(flag);
+  });
+  if (flag != 0.f) std::memset(a.wire.ptr, 0, size_t(n) * size_t(dtype_size(a.wire.dtype)));
+}
+
 }  // namespace
 
-void launch(Kernel kernel, const KernelArgs& args, const Exec& exec) {
-  if (args.numel == 0) return;
-  run_kernel(kernel, args, CpuLauncher{exec.num_threads});
+void launch(const KernelCall& call, int64_t numel, const Exec& exec) {
+  const CpuLauncher launcher{exec.num_threads};
+  std::visit([&](const auto& a) {
+    using A = std::decay_t<decltype(a)>;
+    if constexpr (std::is_same_v<A, ZeroArgs>) {
+      std::memset(a.ptr, 0, a.bytes);
+    } else if constexpr (std::is_same_v<A, PublishFlagArgs>) {
+      publish_flag(a, numel);
+    } else if (numel > 0) {
+      for_functor(a, numel, launcher);
+    }
+  }, call);
 }
 
 void copy(void* dst, const void* src, size_t bytes, int num_threads) {

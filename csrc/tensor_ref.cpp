@@ -2,6 +2,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 
@@ -66,6 +67,30 @@ float finite_scalar(const char* name, double value) {
                           std::to_string(value));
   }
   return float(value);
+}
+
+void* flag_pointer(const TensorRef* t, const Exec& exec, const std::vector<const TensorRef*>& data,
+                   const char* dtype) {
+  if (t == nullptr) return nullptr;
+  if (t->dtype != dtype) {
+    throw py::type_error(t->name + " must be " + dtype + ", got " + t->dtype);
+  }
+  const bool on_cpu = exec.device < 0;
+  const bool same_device = on_cpu ? t->device_type == "cpu"
+                                  : t->device_type == "cuda" && std::max(0, t->device_index) == exec.device;
+  if (!same_device) {
+    throw py::value_error(t->name + " is on " + t->device_str() + ", not on the device of the call");
+  }
+  if (t->numel < 1 || t->ptr == 0) throw py::value_error(t->name + " must hold at least one element");
+  if (t->ptr % element_size(*t) != 0) throw py::value_error(t->name + " is not aligned to its element size");
+  TensorRef one = *t;
+  one.numel = 1;
+  for (const TensorRef* d : data) {
+    if (overlap(one, *d)) {
+      throw py::value_error(t->name + " and " + d->name + " overlap in memory; pass separate buffers");
+    }
+  }
+  return reinterpret_cast<void*>(t->ptr);
 }
 
 Exec check_call(std::initializer_list<const TensorRef*> args,

@@ -40,4 +40,9 @@ Exec check_call(std::initializer_list<const TensorRef*> args,
 
 float finite_scalar(const char* name, double value);
 
+// A one-element flag or verdict buffer of a kernel call: float32 (or `dtype`, when given), on
+// the call's device, not overlapping any of `data`. Null when `t` is.
+void* flag_pointer(const TensorRef* t, const Exec& exec, const std::vector<const TensorRef*>& data,
+                   const char* dtype = "float32");
+
 }  // namespace easgd

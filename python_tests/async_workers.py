@@ -34,7 +34,7 @@ def perturb(params: list[torch.Tensor], seed: int) -> None:
 
 
 def flat_values(avg: Any) -> torch.Tensor:
-    return torch.cat([g.flat.double() for g in avg._groups])
+    return torch.cat([f.double() for f in avg.flat_parameters()])
 
 
 def perturb_and_exchange(avg: Any, params: list[torch.Tensor], seed: int,

@@ -166,7 +166,9 @@ def schedule_case(rank: int, world: int, tau: int, steps: int) -> dict:
         returned.append(avg.step())
         center_moved.append(any(not torch.equal(b, c) for b, c in zip(before, avg.center_state())))
     clock_before = avg.clock
-    forced = avg.exchange()
+    before = [c.clone() for c in avg.center_state()]
+    avg.exchange()
+    forced = any(not torch.equal(b, c) for b, c in zip(before, avg.center_state()))
     return {"returned": returned, "center_moved": center_moved, "clock": avg.clock,
             "clock_before": clock_before, "forced": forced, "exchanges": avg.stats.exchanges}
 
@@ -215,11 +217,11 @@ def build_with(rank: int, world: int, per_rank: dict) -> str:
 
 
 def non_finite_exchange(rank: int, world: int, bad_rank: int, comm: str | None,
-                        overflow: bool) -> dict:
+                        overflow: bool, policy: str = "skip") -> dict:
     """Exchange 1: rank ``bad_rank`` holds a NaN (or, with ``overflow``, every rank's d is
     large enough that the float16 sum overflows). Exchange 2: all healthy again."""
     params = [torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(rank)))]
-    avg = easgd_ext.ElasticAverager(params, tau=1, comm_dtype=comm)
+    avg = easgd_ext.ElasticAverager(params, tau=1, comm_dtype=comm, on_nonfinite=policy)
     with torch.no_grad():
         params[0].add_(torch.randn(300, generator=torch.Generator().manual_seed(50 + rank)))
         healthy = params[0].detach().clone()
@@ -232,15 +234,19 @@ def non_finite_exchange(rank: int, world: int, bad_rank: int, comm: str | None,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = avg.step()
+        stats_first = asdict(avg.stats)
     after_x = params[0].detach().clone()
     after_c = [c.clone() for c in avg.center_state()]
     with torch.no_grad():
         params[0].copy_(healthy)
     second = avg.step()
     return {"first": first, "second": second, "warnings": [str(w.message) for w in caught],
+            "warning_files": [w.filename for w in caught],
             "x_unchanged": torch.equal(after_x, before_x, ) if rank != bad_rank or overflow
             else bool(torch.isnan(after_x[7])),
             "center_unchanged": all(torch.equal(a, b) for a, b in zip(before_c, after_c)),
+            "before_x": before_x, "after_x": after_x, "before_c": before_c, "after_c": after_c,
+            "alpha": avg.alpha, "stats_first": stats_first,
             "center_after_second": [c.clone() for c in avg.center_state()],
             "stats": asdict(avg.stats)}
 

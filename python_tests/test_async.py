@@ -197,7 +197,7 @@ def test_mode_may_be_given_by_position():
     from easgd_ext import ElasticAverager
 
     avg = ElasticAverager([torch.nn.Parameter(torch.randn(5))], 1, None, 0.5, "async")
-    assert type(avg).__name__ == "AsyncElasticAverager" and avg.alpha == 0.5
+    assert type(avg) is ElasticAverager and avg.mode == "async" and avg.alpha == 0.5
     avg.close()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import easgd_ext
+from conftest import DEVICES
 from easgd_ext import DownpourAverager, ElasticAverager, PeriodicAverager
 
 ALL = [ElasticAverager, DownpourAverager, PeriodicAverager]
@@ -99,7 +100,7 @@ def test_training_through_the_views(dtype):
     x0 = [p.detach().double().clone() for p in m.parameters()]
     with avg.center_parameters():
         c0 = [p.detach().double().clone() for p in m.parameters()]
-    assert avg.exchange()
+    avg.exchange()
     tol = 4 * torch.finfo(dtype).eps
     for p, x, c in zip(m.parameters(), x0, c0):
         want = x - 0.5 * (x - c)
@@ -118,7 +119,7 @@ def test_replaced_parameter_data_is_pulled_back_into_the_buffer():
     for p in m.parameters():
         c = center[0][offset:offset + p.numel()].view(p.shape)
         assert torch.allclose(p.detach(), (3 + c) / 2, atol=1e-6)
-        assert p.data_ptr() == avg._groups[0].flat.data_ptr() + 4 * offset, "not re-pointed"
+        assert p.data_ptr() == avg.flat_parameters()[0].data_ptr() + 4 * offset, "not re-pointed"
         offset = -(-(offset + p.numel()) // 64) * 64
 
 
@@ -187,16 +188,122 @@ def test_state_dict_round_trip_and_validation(cls):
 
 def test_non_finite_parameter_skips_even_alone():
     m = model()
-    avg = ElasticAverager(m.parameters(), tau=1)
+    avg = ElasticAverager(m.parameters(), tau=1, on_nonfinite="skip")
     with torch.no_grad():
         m[0].weight[0, 0] = float("inf")
     center = [c.clone() for c in avg.center_state()]
-    with pytest.warns(RuntimeWarning, match="skipped exchange at clock 1: non-finite values on 1 of 1"):
-        assert avg.step() is False
+    x = [f.clone() for f in avg.flat_parameters()]
+    with pytest.warns(RuntimeWarning, match="exchange at clock 1 was skipped: non-finite values on "
+                                            r"1 of 1 workers \(this rank: yes\)"):
+        assert avg.step() is True
     assert all(torch.equal(a, b) for a, b in zip(center, avg.center_state()))
+    assert all(torch.equal(a, b) for a, b in zip(x, avg.flat_parameters()))
     assert avg.stats.skipped_exchanges == 1 and avg.stats.exchanges == 0
+
+
+def test_non_finite_worker_is_reset_to_the_center_by_default():
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    avg = ElasticAverager(m.parameters(), tau=1)
+    avg.attach(opt)
+    train_step(m, opt)  # one exchange: momentum buffers exist, the center moved
+    assert opt.state and avg.stats.exchanges == 1
+    center = [c.clone() for c in avg.center_state()]
+    with torch.no_grad():
+        m[0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="this worker's parameters were not finite at the exchange "
+                                            "at clock 1: they were reset to the center; its state in "
+                                            "the attached optimizer was cleared"):
+        avg.exchange()
+    assert all(torch.equal(a, b) for a, b in zip(center, avg.center_state())), "the center moved"
+    assert all(torch.equal(f, c) for f, c in zip(avg.flat_parameters(), center))
+    assert not any(p in opt.state for p in m.parameters())
+    assert (avg.stats.resets, avg.stats.exchanges, avg.stats.skipped_exchanges) == (1, 2, 0)
+
+
+def test_raise_policy_raises_and_changes_nothing():
+    m = model()
+    avg = ElasticAverager(m.parameters(), tau=1, on_nonfinite="raise")
+    with torch.no_grad():
+        m[2].bias[0] = float("inf")
+    x = [f.clone() for f in avg.flat_parameters()]
+    with pytest.raises(easgd_ext.NonFiniteError, match="exchange at clock 0 was skipped"):
+        avg.exchange()
+    assert all(torch.equal(a, b) for a, b in zip(x, avg.flat_parameters()))
 
 
 def test_public_names():
     for name in ("ElasticAverager", "DownpourAverager", "PeriodicAverager", "ExchangeStats"):
         assert name in easgd_ext.__all__
+
+
+@pytest.mark.parametrize("view", ["row", "transpose", "strided"])
+def test_views_of_a_parameter_are_rejected(view):
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    v = {"row": lambda: w[0], "transpose": lambda: w.t(), "strided": lambda: w[:, ::2]}[view]()
+    with pytest.raises(ValueError, match=r"params\[1\] is a view of another tensor .* the tensor it "
+                                         "views would never be averaged"):
+        ElasticAverager([torch.nn.Parameter(torch.randn(3)), v])
+    assert w.data_ptr() == w.untyped_storage().data_ptr(), "w was left alone"
+
+
+def test_overlapping_parameters_are_rejected():
+    base = torch.randn(10)
+    a, b = torch.nn.Parameter(base[:6].detach()), torch.nn.Parameter(base[4:].detach())
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] overlap in memory"):
+        PeriodicAverager([a, b])
+
+
+def test_a_second_averager_over_the_same_parameters_works():
+    m = model()
+    first = ElasticAverager(m.parameters(), tau=1)
+    second = DownpourAverager(m.parameters(), tau=1)
+    second.exchange()
+    assert first.flat_parameters()[0].data_ptr() != second.flat_parameters()[0].data_ptr()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_exchange_invalidates_what_backward_saved(device, mode):
+    """A backward that saved a weight before exchange() must fail as after any in-place
+    update, not silently use the exchanged values."""
+    m = torch.nn.Linear(4, 3).to(device)
+    with ElasticAverager(m.parameters(), tau=1, mode=mode, alpha=0.5) as avg:
+        with torch.no_grad():
+            m.weight.add_(1.0)  # x differs from the center: the exchange changes it
+        inputs = torch.randn(2, 4, device=device, requires_grad=True)
+        loss = (m(inputs) ** 2).sum()  # saves the weight (for the inputs' gradient)
+        version = m.weight._version
+        avg.exchange()
+        assert m.weight._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_attached_averager_steps_with_the_optimizer():
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    avg = ElasticAverager(m.parameters(), tau=2)
+    handle = avg.attach(opt)
+    for _ in range(4):
+        train_step(m, opt)
+    assert (avg.clock, avg.stats.exchanges) == (4, 2)
+    handle.remove()
+    train_step(m, opt)
+    assert avg.clock == 4
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        avg.attach(m)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lock_timeout": 5.0}, "lock_timeout applies to mode='async', not mode='sync'"),
+    ({"center": "x"}, "center applies to mode='async'"),
+    ({"mode": "async", "bucket_cap_mb": 1.0}, "bucket_cap_mb applies to mode='sync', not mode='async'"),
+    ({"mode": "async", "comm_dtype": torch.bfloat16}, "comm_dtype applies to mode='sync'"),
+    ({"mode": "async", "exchange_timeout": 3.0}, "exchange_timeout applies to mode='sync'"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite must be one of 'reset', 'skip', 'raise'"),
+    ({"exchange_timeout": 0}, "exchange_timeout must be positive"),
+])
+def test_arguments_of_the_other_mode_are_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ElasticAverager(model().parameters(), **kwargs)

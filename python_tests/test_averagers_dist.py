@@ -93,7 +93,7 @@ def test_exchanges_exactly_when_due(world, tau):
         due = [(t + 1) % tau == 0 for t in range(steps)]
         assert out["returned"] == due
         assert out["center_moved"] == due, "the center moved on a step with no exchange"
-        assert out["forced"] is True and out["clock"] == out["clock_before"] == steps
+        assert out["forced"] and out["clock"] == out["clock_before"] == steps
         assert out["exchanges"] == steps // tau + 1
 
 
@@ -140,25 +140,70 @@ def test_different_settings_are_an_error_on_every_rank():
 @pytest.mark.parametrize("comm", [None, "bfloat16"])
 def test_nan_on_one_rank_skips_the_exchange_everywhere(comm):
     world, bad = 3, 1
-    outs = values(run_ranks(world, non_finite_exchange, bad, comm, False, timeout=120))
+    outs = values(run_ranks(world, non_finite_exchange, bad, comm, False, "skip", timeout=120))
     for rank, out in enumerate(outs):
-        assert out["first"] is False and out["second"] is True
+        assert out["first"] is True and out["second"] is True
         assert out["center_unchanged"], f"rank {rank}: the center changed in a skipped exchange"
         assert out["x_unchanged"], f"rank {rank}: parameters changed in a skipped exchange"
-        assert any("skipped exchange" in w and "non-finite values on 1 of 3 ranks" in w
-                   for w in out["warnings"]), out["warnings"]
+        skipped = [w for w in out["warnings"] if "was skipped" in w]
+        # One warning from rank 0 and one from the rank that diverged, not one per rank.
+        if rank in (0, bad):
+            assert len(skipped) == 1 and "non-finite values on 1 of 3 workers" in skipped[0]
+            assert f"(this rank: {'yes' if rank == bad else 'no'})" in skipped[0]
+            assert out["warning_files"][0].endswith("dist_workers.py"), "points at the user's line"
+        else:
+            assert not skipped, out["warnings"]
+        assert out["stats_first"]["skipped_exchanges"] == 1
         assert out["stats"]["skipped_exchanges"] == 1 and out["stats"]["exchanges"] == 1
         for c in out["center_after_second"]:
             assert torch.isfinite(c).all()
             assert torch.equal(c, outs[0]["center_after_second"][0])
 
 
-def test_float16_wire_overflow_skips_the_exchange_everywhere():
+@pytest.mark.parametrize("comm", [None, "bfloat16"])
+def test_nan_on_one_rank_resets_it_and_the_others_average_on(comm):
+    """The default policy: the diverged rank sends nothing and restarts from the new center;
+    the healthy ranks exchange among themselves; every replica stays identical."""
+    world, bad = 3, 2
+    outs = values(run_ranks(world, non_finite_exchange, bad, comm, False, "reset", timeout=120))
+    wire = {None: torch.float32, "bfloat16": torch.bfloat16}[comm]
+    alpha = torch.tensor(outs[0]["alpha"], dtype=torch.float32)
+    c0 = outs[0]["before_c"][0][:300]
+    d = {r: (alpha * (outs[r]["before_x"] - c0)).to(wire).float() for r in range(world) if r != bad}
+    want_center = c0.double() + sum(v.double() for v in d.values())
+    # the sum is rounded to the wire dtype once, then added to the float32 center
+    tol = torch.finfo(wire).eps * sum(v.double().abs() for v in d.values()) + 4e-7 * (1 + want_center.abs())
+    for rank, out in enumerate(outs):
+        c1 = out["after_c"][0][:300]
+        assert torch.equal(c1, outs[0]["after_c"][0][:300]), "replicas differ"
+        assert ((c1.double() - want_center).abs() <= tol).all()
+        if rank == bad:
+            assert torch.equal(out["after_x"], c1), "the diverged rank did not restart from the center"
+            assert out["stats_first"]["resets"] == 1
+            assert any("this worker's parameters were not finite" in w for w in out["warnings"])
+        else:
+            assert torch.equal(out["after_x"], out["before_x"] - d[rank])
+            assert out["stats_first"]["resets"] == 0
+        assert out["stats"]["exchanges"] == 2 and out["stats"]["skipped_exchanges"] == 0
+    assert any("1 of 3 workers had non-finite parameters" in w for w in outs[0]["warnings"])
+    assert not any("non-finite" in w for w in outs[1]["warnings"])
+
+
+def test_raise_policy_raises_on_every_rank():
+    results = run_ranks(2, non_finite_exchange, 1, None, False, "raise", timeout=120)
+    for r in results:
+        assert r.error_type == "NonFiniteError", r.traceback
+        assert "the exchange at clock 1 was skipped: non-finite values on 1 of 2 workers" in r.error
+
+
+def test_float16_wire_overflow_leaves_those_elements_alone_everywhere():
     outs = values(run_ranks(2, non_finite_exchange, -1, "float16", True, timeout=120))
-    for out in outs:
-        assert out["first"] is False and out["second"] is True
-        assert out["center_unchanged"] and out["x_unchanged"]
-        assert any("float16 sum over ranks overflowed" in w for w in out["warnings"])
+    for rank, out in enumerate(outs):
+        assert out["first"] is True and out["second"] is True
+        assert out["center_unchanged"] and out["x_unchanged"]  # every element overflowed
+        assert out["stats_first"]["overflowed_exchanges"] == 1
+        overflowed = [w for w in out["warnings"] if "float16 sum over ranks overflowed" in w]
+        assert len(overflowed) == (1 if rank == 0 else 0)
 
 
 @pytest.mark.parametrize("algo,comm", [("eamsgd", "bfloat16"), ("downpour", None), ("average", None)])

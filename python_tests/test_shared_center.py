@@ -17,9 +17,8 @@ import async_workers as aw
 from conftest import cuda_usable
 from dist_harness import Processes
 from easgd_ext import DownpourAverager, ElasticAverager, SharedCenter, StaleSegmentError, ops
-from easgd_ext.async_averager import chunk_plan
 from easgd_ext.ops import reference
-from easgd_ext.shared_center import unique_name
+from easgd_ext.shared_center import chunk_plan, unique_name
 
 
 @pytest.fixture
@@ -51,13 +50,13 @@ def test_exchange_matches_the_kernel_and_the_float64_reference(name, algo):
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
-    x0 = [grp.flat.clone() for grp in avg._groups]
-    last0 = [grp.buffers["x_last"].clone() for grp in avg._groups] if algo == "downpour" else None
+    x0 = [flat.clone() for flat in avg.flat_parameters()]
+    last0 = [b.clone() for b in avg.worker_buffers("x_last")] if algo == "downpour" else None
     c0 = center.snapshot()
-    assert avg.exchange()
+    avg.exchange()
     c1 = center.snapshot()
-    for i, (grp, off) in enumerate(zip(avg._groups, avg._offsets)):
-        n = grp.flat.numel()
+    for i, (flat, off) in enumerate(zip(avg.flat_parameters(), center.check_layout(params))):
+        n = flat.numel()
         x, c = x0[i].clone(), c0[off:off + n].clone()
         if algo == "easgd":
             ops.async_exchange(x, c, 0.37)
@@ -66,14 +65,14 @@ def test_exchange_matches_the_kernel_and_the_float64_reference(name, algo):
             ops.downpour_async_exchange(x, last0[i].clone(), c)
             ref_x, ref_c = reference.downpour_async_exchange(x0[i], last0[i], c0[off:off + n])
         # Chunked under locks == one kernel call over the whole buffer, bit for bit ...
-        assert torch.equal(grp.flat, x) and torch.equal(c1[off:off + n], c)
+        assert torch.equal(flat, x) and torch.equal(c1[off:off + n], c)
         # ... and within a few roundings of the float64 reference, element by element (the
         # tolerances of test_kernels.py: magnitudes of the inputs times the epsilons).
         mag = x0[i].double().abs() + c0[off:off + n].double().abs()
         if last0 is not None:
             mag += last0[i].double().abs()
-        tol = 2 * torch.finfo(grp.dtype).eps * mag + 8 * torch.finfo(torch.float32).eps * mag
-        assert ((grp.flat.double() - ref_x).abs() <= tol).all()
+        tol = 2 * torch.finfo(flat.dtype).eps * mag + 8 * torch.finfo(torch.float32).eps * mag
+        assert ((flat.double() - ref_x).abs() <= tol).all()
         assert ((c1[off:off + n].double() - ref_c).abs() <= tol).all()
     assert avg.stats.exchanges == 1 and avg.stats.bytes_sent == 0
 
@@ -113,7 +112,7 @@ def test_workers_start_from_the_center_and_conserve_mass(name):
         for p in other:
             p.mul_(3)
     before = sum(float(p.detach().double().sum()) for p in other) + float(center.snapshot().double().sum())
-    assert avg.step() is False and avg.step() is True  # tau = 2
+    assert avg.step() is False and avg.step() is True  # tau = 2: an exchange at the second
     after = sum(float(p.detach().double().sum()) for p in other) + float(center.snapshot().double().sum())
     assert after == pytest.approx(before, rel=1e-5)
     info = center.worker_info()
@@ -122,14 +121,39 @@ def test_workers_start_from_the_center_and_conserve_mass(name):
 
 def test_non_finite_parameters_skip_the_exchange(name):
     params = [torch.nn.Parameter(torch.randn(300))]
-    avg = ElasticAverager(params, tau=1, mode="async", center=SharedCenter.create(name, like=params))
+    avg = ElasticAverager(params, tau=1, mode="async", center=SharedCenter.create(name, like=params),
+                          on_nonfinite="skip")
     before = avg.center.snapshot()
     with torch.no_grad():
         params[0][7] = float("nan")
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        assert avg.exchange() is False
+    x = params[0].detach().clone()
+    with pytest.warns(RuntimeWarning, match="the exchange at clock 0 was skipped: non-finite "
+                                            "this worker's parameters"):
+        avg.exchange()
     assert torch.equal(avg.center.snapshot(), before)
+    assert torch.equal(params[0].detach(), x, ) or torch.equal(params[0].isnan(), x.isnan())
     assert avg.stats.skipped_exchanges == 1 and avg.stats.exchanges == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not cuda_usable(), reason="needs a CUDA GPU and easgd_ext built with CUDA"))])
+@pytest.mark.parametrize("algo", ["easgd", "downpour"])
+def test_non_finite_worker_restarts_from_the_center(name, device, algo):
+    params = [torch.nn.Parameter(torch.randn(3000, device=device))]
+    center = SharedCenter.create(name, like=params, chunk_mb=1024 * 4 / 2**20)
+    cls = ElasticAverager if algo == "easgd" else DownpourAverager
+    avg = cls(params, tau=1, mode="async", center=center)
+    center.load_(torch.randn(center.numel))
+    before = center.snapshot()
+    with torch.no_grad():
+        params[0][2500] = float("inf")
+    with pytest.warns(RuntimeWarning, match="were reset to the center"):
+        avg.exchange()
+    assert torch.equal(center.snapshot(), before), "a diverged worker moved the center"
+    assert torch.equal(params[0].detach().cpu(), before[:3000])
+    if algo == "downpour":
+        assert torch.equal(avg.worker_buffers("x_last")[0][:3000].cpu(), before[:3000])
+    assert (avg.stats.resets, avg.stats.exchanges) == (1, 1)
 
 
 def test_center_parameters_state_dict_and_close(name):
@@ -146,7 +170,7 @@ def test_center_parameters_state_dict_and_close(name):
         inside = [p.detach().clone() for p in params]
     assert all(torch.equal(p, m) for p, m in zip(params, mine))
     snapshot = avg.center.snapshot()
-    for grp, off, p in zip(avg._groups, avg._offsets, inside[:1]):
+    for off, p in zip(avg.center.check_layout(params), inside[:1]):
         assert torch.equal(p.float().reshape(-1), snapshot[off:off + p.numel()])
     avg.exchange()
     assert not torch.equal(avg.center.snapshot(), snapshot)
@@ -272,6 +296,26 @@ def test_bad_names(bad, error, match):
         SharedCenter.attach(bad)
 
 
+def test_names_are_quoted_back_safely():
+    """A huge or binary name is shortened and escaped in the error, never echoed in full or cut
+    off at a NUL byte."""
+    with pytest.raises(ValueError) as huge:
+        SharedCenter.attach("y" * 10_000)
+    assert len(str(huge.value)) < 200 and "(10000 characters)" in str(huge.value)
+    with pytest.raises(ValueError) as binary:
+        SharedCenter.attach("abc\x00def")
+    assert "'abc\\x00def'" in str(binary.value) and "character 3 is not" in str(binary.value)
+
+
+def test_another_model_says_what_differs(name):
+    SharedCenter.create(name, like=[torch.zeros(128)])
+    with pytest.raises(ValueError, match="it holds 128 elements, these 1 parameters need 192"):
+        SharedCenter.attach(name, like=[torch.zeros(129)])
+    with pytest.raises(ValueError, match=r"another model of the same size \(128 elements\): the "
+                                         "parameters' count, shapes"):
+        SharedCenter.attach(name, like=[torch.zeros(2, 64)])
+
+
 def test_bad_create_arguments(name):
     with pytest.raises(ValueError, match="workers must be >= 1"):
         SharedCenter.create(name, like=[torch.zeros(3)], workers=0)
@@ -320,9 +364,13 @@ def test_bad_async_arguments(kwargs, error, match):
 def test_mode_is_checked():
     with pytest.raises(ValueError, match="mode must be 'sync' or 'async'"):
         ElasticAverager([torch.nn.Parameter(torch.zeros(3))], mode="asynchronous")
-    with pytest.raises(ValueError, match="center= and servers= place the center"):
+    with pytest.raises(ValueError, match="center applies to mode='async', not mode='sync'"):
         DownpourAverager([torch.nn.Parameter(torch.zeros(3))], center="x")
+    with pytest.raises(ValueError, match="servers applies to mode='async', not mode='sync'"):
+        ElasticAverager([torch.nn.Parameter(torch.zeros(3))], servers=[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         avg = DownpourAverager([torch.nn.Parameter(torch.zeros(3))], mode="async")
-        assert type(avg).__name__ == "AsyncDownpourAverager" and isinstance(avg, DownpourAverager)
+        assert type(avg) is DownpourAverager and avg.mode == "async"
+        assert avg.center is not None and avg.worker_id == 0
+        avg.close()

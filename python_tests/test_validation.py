@@ -103,15 +103,15 @@ def test_native_layer_validates_on_its_own():
     t = native.TensorRef("x", 0, 100, "float32", "cpu", -1)
     c = native.TensorRef("center", 0, 100, "float32", "cpu", -1)
     with pytest.raises(ValueError, match="x has a null data pointer"):
-        native.async_exchange(t, c, 0.5)
+        native.prepare.async_exchange(t, c, 0.5)
     x = torch.randn(100)
     bad = native.TensorRef("x", x.data_ptr() + 1, 10, "float32", "cpu", -1)
     good = native.TensorRef("center", torch.randn(10).data_ptr(), 10, "float32", "cpu", -1)
     with pytest.raises(ValueError, match="x is not aligned"):
-        native.async_exchange(bad, good, 0.5)
+        native.prepare.async_exchange(bad, good, 0.5)
     neg = native.TensorRef("x", x.data_ptr(), -1, "float32", "cpu", -1)
     with pytest.raises(ValueError, match="negative element count"):
-        native.async_exchange(neg, neg, 0.5)
+        native.prepare.async_exchange(neg, neg, 0.5)
 
 
 def test_autograd_sees_in_place_updates():
@@ -136,4 +136,4 @@ def test_cuda_tensor_on_cpu_only_build():
     t = native.TensorRef("x", 256, 4, "float32", "cuda", 0)
     c = native.TensorRef("center", 1024, 4, "float32", "cuda", 0)
     with pytest.raises(RuntimeError, match="built without CUDA"):
-        native.async_exchange(t, c, 0.5)
+        native.prepare.async_exchange(t, c, 0.5)

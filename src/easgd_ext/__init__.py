@@ -13,14 +13,14 @@ from typing import Any
 
 from . import ops
 from ._native import native
-from .averager import ExchangeStats
-from .baselines import DownpourAverager, PeriodicAverager
-from .elastic import ElasticAverager
+from .averager import DownpourAverager, ElasticAverager, PeriodicAverager
+from .centers import ExchangeTimeout
 from .shared_center import SharedCenter, StaleSegmentError
+from .stats import ExchangeStats, NonFiniteError
 
 __version__ = "0.1.0"
 __all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "SharedCenter",
-           "StaleSegmentError", "ExchangeStats",
+           "StaleSegmentError", "ExchangeStats", "NonFiniteError", "ExchangeTimeout",
            "build_info", "ops", "__version__"]
 
 

@@ -103,3 +103,4 @@ def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
     src = comm.global_rank(0)
     for t in tensors:
         dist.broadcast(t, src=src, group=comm.group)
+

@@ -22,16 +22,23 @@ def launcher_rank_world() -> tuple[int, int] | None:
     return None
 
 
+def backend_for(device_kind: str, world: int) -> str:
+    """NCCL when every rank has a GPU of its own, Gloo otherwise."""
+    if device_kind == "cuda" and torch.cuda.device_count() >= world:
+        return "nccl"
+    return "gloo"
+
+
 def join_group(rank: int, world: int, store: str | None, device_kind: str) -> torch.device:
     """Joins the process group (``store``: a FileStore path when spawned, ``None`` under a
-    launcher) and returns this rank's device. NCCL when every rank has a GPU of its own, Gloo
-    otherwise; the CPU threads are shared among the ranks of this machine."""
+    launcher) with :func:`backend_for`'s backend and returns this rank's device; the CPU threads
+    are shared among the ranks of this machine."""
+    backend = backend_for(device_kind, world)
     if device_kind == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        device = torch.device("cpu")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if store is None:

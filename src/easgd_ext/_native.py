@@ -1,14 +1,41 @@
-"""Loads the compiled core with an error that says how to fix a missing or broken build."""
+"""The bridge to the compiled core: loads ``easgd_ext._C`` (with an error that says how to fix a
+missing or broken build) and turns torch tensors into what it takes (``TensorRef``: name,
+pointer, size, dtype, device) and the stream to run on."""
 
 from __future__ import annotations
+
+import torch
 
 try:
     from . import _C as native
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     raise ImportError(
         "easgd_ext's native module easgd_ext._C could not be loaded "
-        f"({exc}). Build it with `pip install --no-build-isolation .` in the source tree "
-        "(needs a C++17 compiler, CMake >= 3.24 and pybind11)."
+        f"({exc}). Install the package with `pip install --no-build-isolation .` from the "
+        "repository root (needs a C++17 compiler, CMake >= 3.24 and pybind11), and run Python "
+        "from anywhere but a folder holding a bare copy of its sources."
     ) from exc
 
-__all__ = ["native"]
+__all__ = ["native", "tensor_ref", "stream_of", "num_threads"]
+
+
+def tensor_ref(name: str, t: object) -> "native.TensorRef":
+    """``t`` as the native core sees it; ``name`` is what its errors call it. Raises
+    ``TypeError`` (not a tensor) or ``ValueError`` (not contiguous); the core checks the rest."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (got shape {tuple(t.shape)}, strides {t.stride()})")
+    dtype = str(t.dtype).removeprefix("torch.")
+    index = -1 if t.device.index is None else t.device.index
+    return native.TensorRef(name, t.data_ptr(), t.numel(), dtype, t.device.type, index)
+
+
+def stream_of(device: torch.device) -> int:
+    """The current CUDA stream of ``device`` as an integer (0 for the CPU): where kernels go."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def num_threads() -> int:
+    """CPU kernels use torch's thread count, so one setting governs both."""
+    return torch.get_num_threads()

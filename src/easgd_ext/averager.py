@@ -1,271 +1,266 @@
-"""What every synchronous averager shares: the clock, flat buffers, the bucketed all-reduce
-with its skip-on-non-finite rule, statistics, the center swap for evaluation, checkpoints.
-
-A subclass names its algorithm, the buffers it keeps, and two fused kernels: ``_prepare``
-fills the wire buffer from the parameters (reading, never writing, the parameters), and
-``_apply`` consumes the all-reduced wire for one bucket. Because nothing a worker trains with
-is written before the all-reduce, an exchange can be skipped cleanly on every rank.
+"""The averager: the one object a training loop calls. It owns the clock, the flat parameter
+buffers, ``step()``/``exchange()``, the statistics, the center swap for evaluation and the
+checkpoints; an :mod:`~easgd_ext.algorithms` rule says what an exchange computes, and a center
+from :mod:`~easgd_ext.centers` says where the center lives and how the bytes move.
+:class:`ElasticAverager`, :class:`DownpourAverager` and :class:`PeriodicAverager` only choose
+the algorithm and name its arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-import warnings
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from dataclasses import asdict
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 
-from . import _dist, ops
-from .flat_params import FlatGroup, bucket_ranges, collect_parameters, flatten, layout_of
+from . import _dist
+from .algorithms import Algorithm, Averaging, Downpour, Elastic
+from .centers import ReplicatedCenter, ShardedCenter, SharedMemoryCenter, check_servers
+from .centers.shared import attach_given
+from .flat_params import collect_parameters, flatten, layout_of
+from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
+                       DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
+                       check_exchange_timeout, check_lock_timeout, check_mode, check_on_nonfinite,
+                       check_only_for, check_tau, dtype_name, elastic_rates)
+from .shared_center import SharedCenter
+from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
 
-STATE_FORMAT = 1
-COMM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class ExchangeStats:
-    """Counters of one worker's exchanges.
-
-    ``bytes_sent`` is the payload this rank hands to its all-reduces (a ring all-reduce puts
-    about ``2 (p - 1) / p`` times that on the wire); in asynchronous mode, what a worker sends
-    to the sharded center's servers (0 with the shared-memory center: no network). ``comm_seconds`` is the total time spent
-    in exchanges (kernels, all-reduce and waits: what communication costs the loop); on CUDA it
-    is measured with events, without synchronizing the device.
-    """
-    exchanges: int = 0
-    skipped_exchanges: int = 0
-    bytes_sent: int = 0
-    comm_seconds: float = 0.0
-    last_exchange_seconds: float = 0.0
+STATE_FORMAT = 2
 
 
-def check_tau(tau: object) -> int:
-    if isinstance(tau, bool) or not isinstance(tau, int):
-        raise TypeError(f"tau must be an int (local steps between exchanges), got {type(tau).__name__}")
-    if tau < 1:
-        raise ValueError(f"tau must be >= 1 (local steps between exchanges), got {tau}")
-    return tau
+class Averager:
+    """Base of :class:`ElasticAverager`, :class:`DownpourAverager` and :class:`PeriodicAverager`;
+    build those. ``make_algorithm(p)`` returns the update rule for ``p`` workers."""
 
-
-def check_comm_dtype(comm_dtype: object) -> torch.dtype | None:
-    if comm_dtype is None or isinstance(comm_dtype, torch.dtype) and comm_dtype in COMM_DTYPES.values():
-        return comm_dtype
-    if isinstance(comm_dtype, str) and comm_dtype in COMM_DTYPES:
-        return COMM_DTYPES[comm_dtype]
-    raise ValueError(f"comm_dtype must be None (the parameters' dtype), torch.float32, "
-                     f"torch.bfloat16 or torch.float16, got {comm_dtype!r}")
-
-
-def check_bucket_cap_mb(bucket_cap_mb: object) -> float:
-    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)):
-        raise TypeError(f"bucket_cap_mb must be a number, got {type(bucket_cap_mb).__name__}")
-    if not 0 < bucket_cap_mb < float("inf"):
-        raise ValueError(f"bucket_cap_mb must be positive and finite, got {bucket_cap_mb}")
-    return float(bucket_cap_mb)
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-class _Timer:
-    """Wall time on the CPU; CUDA events on the GPU, read only when someone asks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.end_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
-        else:
-            self.start = time.perf_counter()
-
-    def stop(self) -> None:
-        if self.cuda:
-            self.end_event.record()
-        else:
-            self.seconds = time.perf_counter() - self.start
-
-    def elapsed(self) -> float:
-        if self.cuda:
-            self.end_event.synchronize()
-            return self.start_event.elapsed_time(self.end_event) / 1e3
-        return self.seconds
-
-
-class SyncAverager:
-    """Base of :class:`ElasticAverager`, :class:`DownpourAverager` and :class:`PeriodicAverager`
-    in synchronous mode. Not used directly."""
-
-    algorithm: ClassVar[str] = ""
-    state_buffers: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, params: Iterable[torch.Tensor], comm: _dist.Comm, tau: object,
-                 comm_dtype: object, bucket_cap_mb: object,
-                 check_settings: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], make_algorithm: Callable[[int], Algorithm], *,
+                 tau: int, mode: str, process_group: Any, comm_dtype: Any, bucket_cap_mb: Any,
+                 center: Any, servers: Any, lock_timeout: Any, on_nonfinite: str,
+                 exchange_timeout: Any) -> None:
+        comm = _dist.resolve(process_group)
         self._comm = comm
+        chosen: dict[str, Any] = {}
 
         def build() -> dict[str, Any]:
-            settings = {"tau": check_tau(tau),
-                        "comm_dtype": dtype_name(check_comm_dtype(comm_dtype)),
-                        **check_settings()}
-            self._bucket_bytes = int(check_bucket_cap_mb(bucket_cap_mb) * 2**20)
-            self._params = collect_parameters(params)
-            return {"algorithm": self.algorithm, "settings": settings,
-                    "bucket_cap_mb": bucket_cap_mb, "layout": layout_of(self._params)}
+            mode_ = check_mode(mode)
+            settings: dict[str, Any] = {"tau": check_tau(tau), "mode": mode_,
+                                        "on_nonfinite": check_on_nonfinite(on_nonfinite)}
+            params_ = collect_parameters(params)
+            if mode_ == "sync":
+                check_only_for("sync", {"center": center, "servers": servers,
+                                        "lock_timeout": lock_timeout}, set())
+                settings["comm_dtype"] = dtype_name(check_comm_dtype(comm_dtype))
+                chosen["bucket_bytes"] = int(check_bucket_cap_mb(
+                    DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * 2**20)
+                chosen["exchange_timeout"] = check_exchange_timeout(
+                    DEFAULT_EXCHANGE_TIMEOUT if exchange_timeout is None else exchange_timeout)
+                workers = comm.world_size
+            else:
+                check_only_for("async", {"comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
+                                         "exchange_timeout": exchange_timeout}, set())
+                chosen["lock_timeout"] = check_lock_timeout(
+                    DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
+                if center is not None and servers is not None:
+                    raise ValueError("give center= (a shared-memory center on one machine) or "
+                                     "servers= (a sharded center across machines), not both")
+                if servers is not None:
+                    if not comm.distributed:
+                        raise ValueError("servers= needs torch.distributed: the center lives on "
+                                         "server ranks of the process group")
+                    chosen["servers"] = check_servers(servers, comm.world_size)
+                    workers = comm.world_size - len(chosen["servers"])
+                    settings["servers"] = chosen["servers"]
+                else:
+                    chosen["shared"] = attach_given(center, params_)
+                    workers = chosen["shared"].workers if chosen["shared"] else comm.world_size
+                    settings["center"] = chosen["shared"].name if chosen["shared"] else None
+            algorithm = make_algorithm(workers)
+            if mode_ == "async" and not algorithm.supports_async:
+                raise ValueError(f"{type(self).__name__} has no mode='async': averaging all "
+                                 "workers is synchronous by definition")
+            settings.update(algorithm.settings())
+            chosen["algorithm"], chosen["params"] = algorithm, params_
+            return {"algorithm": algorithm.name, "settings": settings,
+                    "layout": layout_of(params_)}
 
-        self._start(comm, _dist.agree(comm, build))
-        self.comm_dtype: torch.dtype | None = check_comm_dtype(self._settings["comm_dtype"])
-        for g in self._groups:
-            wire_dtype = self.comm_dtype or g.dtype
-            g.buffers["wire"] = torch.empty(g.flat.numel(), dtype=wire_dtype, device=g.device)
-            self._init_buffers(g)
-        self._buckets = [bucket_ranges(g.flat.numel(), self._bucket_bytes // g.buffers["wire"].element_size())
-                         for g in self._groups]
-        # A float16 sum of finite values can overflow; other wire dtypes have float32's range.
-        self._check_reduced = any(g.buffers["wire"].dtype == torch.float16 for g in self._groups)
-
-    def _start(self, comm: _dist.Comm, agreed: dict[str, Any]) -> None:
-        """What every averager holds once the ranks agree: settings, clock, statistics, and the
-        parameters in flat buffers holding rank 0's values (workers and center start equal)."""
+        agreed = _dist.agree(comm, build)
         self._settings: dict[str, Any] = agreed["settings"]
         self._layout: list[str] = agreed["layout"]
+        self.algorithm: Algorithm = chosen["algorithm"]
         self.tau: int = self._settings["tau"]
+        self.mode: str = self._settings["mode"]
+        self.on_nonfinite: str = self._settings["on_nonfinite"]
+        self.comm_dtype: torch.dtype | None = check_comm_dtype(self._settings.get("comm_dtype"))
         self.clock = 0
-        self._stats = ExchangeStats()
-        self._pending: list[_Timer] = []
-        self._in_center = False
-        self._groups: list[FlatGroup] = flatten(self._params)
+        self._params: list[torch.Tensor] = chosen["params"]
+        # Workers and center start from rank 0's parameters (the shared center: from itself).
+        self._groups = flatten(self._params)
         _dist.broadcast_from_first(comm, [g.flat for g in self._groups])
+        if self.mode == "sync":
+            self._center: Any = ReplicatedCenter(comm, self._groups, self.algorithm, self.comm_dtype,
+                                                 chosen["bucket_bytes"], self.on_nonfinite,
+                                                 chosen["exchange_timeout"])
+        elif "servers" in chosen:
+            self._center = ShardedCenter(comm, self._groups, chosen["servers"], self.algorithm,
+                                         self.on_nonfinite)
+        else:
+            self._center = SharedMemoryCenter(comm, self._groups, self._params, self.algorithm,
+                                              chosen["shared"], chosen["lock_timeout"],
+                                              self.on_nonfinite)
+        self.lock_timeout: float | None = chosen.get("lock_timeout")
+        self._log = ExchangeLog(self._on_outcome, skips_on_bad=self.on_nonfinite != "reset")
+        self._warned = {"skip": Throttle(), "reset": Throttle(), "others": Throttle(),
+                        "overflow": Throttle()}
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._in_center = False
+        self._closed = False
 
-    # ---- what subclasses provide -------------------------------------------------------------
-    def _init_buffers(self, group: FlatGroup) -> None:
-        """Allocate and initialize the algorithm's buffers (called after the broadcast)."""
-
-    def _prepare(self, group: FlatGroup, start: int, end: int) -> None:
-        raise NotImplementedError
-
-    def _apply(self, group: FlatGroup, start: int, end: int) -> None:
-        raise NotImplementedError
-
-    def _center_of(self, group: FlatGroup) -> torch.Tensor | None:
-        return group.buffers.get("center")
-
-    def _centers(self) -> list[torch.Tensor | None]:
-        """The center, one tensor per group (``None`` entries: no center)."""
-        return [self._center_of(g) for g in self._groups]
-
-    def _state_tensors(self, name: str) -> list[torch.Tensor]:
-        return [g.buffers[name] for g in self._groups]
-
-    def _load_state_tensors(self, name: str, saved: list[torch.Tensor]) -> None:
-        for s, g in zip(saved, self._groups):
-            g.buffers[name].copy_(s)
-
-    def _bytes_per_exchange(self, skipped: bool) -> int:
-        """Payload this rank handed to the network in this exchange (0 without one; a skipped
-        synchronous exchange still all-reduced its buckets)."""
-        if not self._comm.distributed:
-            return 0
-        return 4 + sum(g.buffers["wire"].nbytes for g in self._groups)
-
-    # ---- the loop-facing surface ---------------------------------------------------------------
+    # ---- what the loop sees -------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
         return self._comm.world_size
 
     @property
+    def workers(self) -> int:
+        """p: the workers that exchange with the center (the ranks that are not servers)."""
+        return self._center.workers
+
+    @property
     def stats(self) -> ExchangeStats:
-        """Counters so far (reading them waits for the GPU timing of finished exchanges)."""
-        for timer in self._pending:
-            seconds = timer.elapsed()
-            self._stats.comm_seconds += seconds
-            self._stats.last_exchange_seconds = seconds
-        self._pending.clear()
-        return self._stats
+        """Counters so far. Reading them waits for the exchanges still running on a GPU."""
+        return self._log.drain()
+
+    @property
+    def center(self) -> SharedCenter | None:
+        """The shared-memory center of ``mode="async"`` on one machine (else ``None``)."""
+        return getattr(self._center, "center", None) if isinstance(self._center, SharedMemoryCenter) else None
+
+    @property
+    def worker_id(self) -> int | None:
+        """This worker's slot in the shared-memory center (else ``None``)."""
+        return getattr(self._center, "worker_id", None)
+
+    @property
+    def is_server(self) -> bool:
+        """Whether this rank serves a shard of the center (``servers=``): it calls :meth:`serve`."""
+        return isinstance(self._center, ShardedCenter) and self._center.is_server
+
+    def flat_parameters(self) -> list[torch.Tensor]:
+        """This worker's parameters as the flat buffers they view, one per (device, dtype) group
+        in order of first appearance (read them; write through the parameters)."""
+        for g in self._groups:
+            g.ensure_views()
+        return [g.flat.detach() for g in self._groups]
+
+    def worker_buffers(self, name: str) -> list[torch.Tensor]:
+        """The algorithm's per-group worker state (``"x_last"`` for DOWNPOUR), like
+        :meth:`flat_parameters`."""
+        if name not in self.algorithm.worker_buffers:
+            raise KeyError(f"{type(self).__name__} keeps no {name!r}; it keeps "
+                           f"{list(self.algorithm.worker_buffers)}")
+        return [g.buffers[name].detach() for g in self._groups]
 
     def step(self) -> bool:
-        """Call once after every local optimizer step: advances the clock and exchanges when it
-        reaches a multiple of ``tau``. Returns whether an exchange took place (``False`` also
-        when a due exchange was skipped for a non-finite value)."""
+        """Call once after every local optimizer step (or :meth:`attach` the averager to the
+        optimizer): advances the clock and exchanges when it reaches a multiple of ``tau``.
+        Returns whether an exchange was made. Every rank of a synchronous group must call it
+        equally often."""
+        self._not_on_a_server()
         self.clock += 1
-        return self.exchange() if self.clock % self.tau == 0 else False
+        if self.clock % self.tau:
+            return False
+        self.exchange()
+        return True
 
-    def exchange(self) -> bool:
+    def exchange(self) -> None:
         """Exchange now, whatever the clock says (for loops that count ``tau`` themselves).
-        Collective: every rank of the group must call it. Returns ``False`` if the exchange was
-        skipped on every rank because some rank's contribution was not finite."""
+
+        Synchronous mode: collective (every rank calls it); on CUDA it returns as soon as its
+        kernels and all-reduces are enqueued, with no host synchronization, and can be captured
+        in a CUDA graph. What it did (a skipped exchange, a reset worker) is counted in
+        :attr:`stats` and warned about once the GPU has finished it. Asynchronous mode: this
+        worker alone, with the center; returns when done."""
+        self._not_on_a_server()
+        if self._closed:
+            raise RuntimeError("exchange() after close()")
         if self._in_center:
             raise RuntimeError("exchange() inside center_parameters(): the model holds the "
                                "center; leave the with-block first")
-        timer = _Timer(self._groups[0].device)
-        works: list[tuple[FlatGroup, int, int, Any]] = []
-        group = self._comm.group
-        finite: list[torch.Tensor] = []
-        # Each bucket goes on the wire as soon as its difference is written and checked, so
-        # the first buckets travel while the later ones are computed. The check must come
-        # before the launch: the all-reduce overwrites the wire in place.
-        for g, ranges in zip(self._groups, self._buckets):
-            g.repoint()
-            for s, e in ranges:
-                self._prepare(g, s, e)
-                finite.append(self._finite(g.buffers["wire"][s:e]))
-                if self._comm.distributed:
-                    works.append((g, s, e, dist.all_reduce(g.buffers["wire"][s:e], group=group,
-                                                           async_op=True)))
-        flag = (~torch.stack(finite).all()).to(torch.float32).reshape(1)
-        locally_bad = flag.clone()  # the all-reduce overwrites flag; the warning wants ours
-        if self._comm.distributed:
-            dist.all_reduce(flag, group=group)
-        bad_ranks = int(flag.item())
-        if bad_ranks == 0 and self._check_reduced:
-            for *_, work in works:
-                work.wait()
-            if not bool(self._wire_finite()):
-                self._skip("the float16 sum over ranks overflowed (try comm_dtype=torch.bfloat16)",
-                           works, timer)
-                return False
-        if bad_ranks:
-            here = "yes" if locally_bad.item() else "no"
-            self._skip(f"non-finite values on {bad_ranks} of {self.world_size} ranks "
-                       f"(this rank: {here})", works, timer)
-            return False
-        if works:
-            for g, s, e, work in works:
-                work.wait()
-                self._apply(g, s, e)
+        for g in self._groups:
+            g.ensure_views()
+        device = self._groups[0].device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self._center.exchange(self.clock)  # captured: the kernels and collectives only
         else:
-            for g in self._groups:
-                self._apply(g, 0, g.flat.numel())
-        self._finish(timer, skipped=False)
-        return True
+            timer = self._log.start(device)
+            outcome = self._center.exchange(self.clock)
+            status = None if outcome is not None else self._center.status[device]
+            self._log.finish(self.clock, timer, status, self._center.bytes_per_exchange(), outcome,
+                             host_status=getattr(self._center, "host_status", {}).get(device))
+            if self.on_nonfinite == "raise":
+                self._log.drain()  # the verdict now, on every rank alike (a wait on CUDA)
+        # The kernels wrote the parameters behind autograd's back: a backward that saved them
+        # must fail loudly, as after any in-place update.
+        torch.autograd.graph.increment_version(self._params)
 
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Calls :meth:`step` after every ``optimizer.step()`` (a step post-hook), so the loop
+        needs no line of its own. Where this worker is reset to the center after diverging, the
+        optimizer's state for these parameters (momentum...) is cleared too. Returns the hook's
+        handle (``handle.remove()`` detaches)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self._optimizers.append(optimizer)
+        return optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def serve(self, on_request: Callable[[str, int], None] | None = None) -> dict[str, int]:
+        """On a server rank (``servers=``): answers the workers' requests until every worker has
+        called :meth:`close`; returns how many exchanges, reads and writes it served."""
+        if not self.is_server:
+            raise RuntimeError("serve() is for server ranks (servers=[...]); this rank is a worker")
+        return self._center.serve(on_request)
+
+    def close(self) -> None:
+        """This worker is done: marks its slot finished (shared center) or tells the servers
+        (sharded center). Idempotent; also called on leaving a ``with`` block."""
+        if not self._closed:
+            self._closed = True
+            self._center.close()
+
+    def __enter__(self) -> "Averager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the center ---------------------------------------------------------------------------------
     def center_state(self) -> list[torch.Tensor]:
-        """This rank's replica of the center: one float32 flat buffer per (device, dtype) group of
+        """The center as this rank sees it: one float32 flat buffer per (device, dtype) group of
         parameters, in order of first appearance (empty for :class:`PeriodicAverager`). Read
         them; to evaluate the center use :meth:`center_parameters`."""
-        centers = self._centers()
-        return [] if centers[0] is None else [c.detach() for c in centers]
+        if not self.algorithm.has_center:
+            return []
+        if self.is_server:
+            raise RuntimeError("a server rank holds one shard of the center; read the center "
+                               "on a worker")
+        return [c.detach() for c in self._center.read()]
 
     @contextlib.contextmanager
     def center_parameters(self) -> Iterator[None]:
-        """Within the block the model's parameters hold this rank's replica of the center (rounded
-        to the parameters' dtype), e.g. for evaluation; on leaving, the worker's own values come
-        back exactly. Local: no communication, so it may be used on one rank only."""
-        centers = self._centers()
+        """Within the block the model's parameters hold the center (rounded to the parameters'
+        dtype), e.g. for evaluation; on leaving, the worker's own values come back exactly.
+        Local in sync mode (no communication, so it may be used on one rank only)."""
         if self._in_center:
             raise RuntimeError("center_parameters() is already active")
+        centers = self.center_state() or [None] * len(self._groups)
         stash = []
         with torch.no_grad():
             for g, c in zip(self._groups, centers):
-                g.repoint()
+                g.ensure_views()
                 stash.append(g.flat.clone())
                 if c is not None:
                     g.flat.copy_(c)
+        torch.autograd.graph.increment_version(self._params)
         self._in_center = True
         try:
             yield
@@ -273,19 +268,23 @@ class SyncAverager:
             self._in_center = False
             with torch.no_grad():
                 for g, saved in zip(self._groups, stash):
-                    g.repoint()
+                    g.ensure_views()
                     g.flat.copy_(saved)
+            torch.autograd.graph.increment_version(self._params)
 
-    # ---- checkpoints ------------------------------------------------------------------------------
+    # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Clock, statistics, settings and the algorithm's buffers (the center replica, ...), on
-        the CPU. With the model's and optimizer's own state dicts, enough to resume exactly."""
+        """Clock, statistics, settings, the center (as this rank sees it) and the algorithm's
+        worker buffers, on the CPU. With the model's and optimizer's own state dicts, enough to
+        resume exactly."""
+        buffers = {name: [g.buffers[name].detach().cpu().clone() for g in self._groups]
+                   for name in self.algorithm.worker_buffers}
+        if self.algorithm.has_center and not self.is_server:
+            buffers["center"] = [c.cpu().clone() for c in self.center_state()]
         return {
-            "algorithm": self.algorithm, "format": STATE_FORMAT, "world_size": self.world_size,
+            "algorithm": self.algorithm.name, "format": STATE_FORMAT, "world_size": self.world_size,
             "clock": self.clock, "settings": dict(self._settings), "layout": list(self._layout),
-            "stats": asdict(self.stats),
-            "buffers": {name: [t.detach().cpu().clone() for t in self._state_tensors(name)]
-                        for name in self.state_buffers},
+            "stats": asdict(self.stats), "buffers": buffers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -297,57 +296,205 @@ class SyncAverager:
                    "buffers"} - state.keys()
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; is it from state_dict()?")
-        expected = {"algorithm": self.algorithm, "format": STATE_FORMAT,
+        expected = {"algorithm": self.algorithm.name, "format": STATE_FORMAT,
                     "world_size": self.world_size, "layout": self._layout}
         for key, want in expected.items():
             if state[key] != want:
                 raise ValueError(f"state {key} is {_short(state[key])}, this averager has {_short(want)}")
         for key, want in self._settings.items():
-            if state["settings"].get(key) != want:
+            if key != "center" and state["settings"].get(key) != want:
                 raise ValueError(f"state was saved with {key}={state['settings'].get(key)!r}, this "
                                  f"averager has {key}={want!r}")
+        names = list(self.algorithm.worker_buffers)
+        if self.algorithm.has_center and not self.is_server:
+            names.append("center")
         buffers = state["buffers"]
-        for name in self.state_buffers:
+        for name in names:
             saved = buffers.get(name)
             if saved is None or len(saved) != len(self._groups) or any(
                     s.shape != g.flat.shape for s, g in zip(saved, self._groups)):
                 raise ValueError(f"state buffer {name!r} does not match this averager's layout")
         with torch.no_grad():
-            for name in self.state_buffers:
-                self._load_state_tensors(name, buffers[name])
+            for name in self.algorithm.worker_buffers:
+                for s, g in zip(buffers[name], self._groups):
+                    g.buffers[name].copy_(s)
+            if "center" in names:
+                self._center.write(buffers["center"])
         self.clock = int(state["clock"])
-        self._pending.clear()
-        self._stats = ExchangeStats(**state["stats"])
+        self._log.reset(ExchangeStats(**state["stats"]))
 
-    # ---- internals --------------------------------------------------------------------------------
-    def _finite(self, wire: torch.Tensor) -> torch.Tensor:
-        """A 0-dim bool on the first group's device: no Inf or NaN in ``wire`` (on CUDA computed
-        on the device, without synchronizing)."""
-        device = self._groups[0].device
-        if wire.is_cuda:
-            return torch.isfinite(wire).all().to(device)
-        return torch.tensor(ops.count_nonfinite(wire) == 0, device=device)
+    # ---- internals ------------------------------------------------------------------------------------
+    def _not_on_a_server(self) -> None:
+        if self.is_server:
+            raise RuntimeError(f"rank {self._comm.rank} is a server of the sharded center: it "
+                               "calls serve(), not step() or exchange()")
 
-    def _wire_finite(self) -> torch.Tensor:
-        return torch.stack([self._finite(g.buffers["wire"]) for g in self._groups]).all()
-
-    def _skip(self, why: str, works: list, timer: _Timer) -> None:
-        for *_, work in works:
-            work.wait()
-        self._finish(timer, skipped=True)
-        warnings.warn(f"{type(self).__name__}: skipped exchange at clock {self.clock}: {why}; "
-                      "parameters and center are left as they were", RuntimeWarning, stacklevel=3)
-
-    def _finish(self, timer: _Timer, skipped: bool) -> None:
-        timer.stop()
-        self._pending.append(timer)
-        if skipped:
-            self._stats.skipped_exchanges += 1
-        else:
-            self._stats.exchanges += 1
-        self._stats.bytes_sent += self._bytes_per_exchange(skipped)
+    def _on_outcome(self, o: Outcome) -> None:
+        """What an exchange's outcome means for the user, once it is known: an error, a
+        warning (throttled, on one rank where every rank knows the same), a cleared optimizer."""
+        name = type(self).__name__
+        ranks = f"{o.bad_ranks} of {self.workers} workers"
+        if not o.applied:
+            where = "this worker's parameters" if self.mode == "async" else (
+                f"values on {ranks} (this rank: {'yes' if o.me_bad else 'no'})")
+            message = (f"{name}: the exchange at clock {o.clock} was skipped: non-finite {where}; "
+                       "parameters and center are left as they were")
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(message)
+            if (o.me_bad or self._comm.rank == 0 or self.mode == "async") and self._warned["skip"]():
+                warn_user(message + f" ({self._warned['skip'].count} so far; with "
+                          "on_nonfinite='skip' averaging stops while any worker is not finite)")
+        elif o.me_bad:
+            for opt in self._optimizers:
+                for p in self._params:
+                    opt.state.pop(p, None)
+            if self._warned["reset"]():
+                cleared = ("its state in the attached optimizer was cleared" if self._optimizers
+                           else "clear its optimizer's state too (momentum may hold them): "
+                                "opt.state.clear(), or use avg.attach(opt), which does it")
+                warn_user(f"{name}: this worker's parameters were not finite at the exchange at "
+                          f"clock {o.clock}: they were reset to the center; {cleared} "
+                          f"({self._warned['reset'].count} so far)")
+        elif o.bad_ranks and self._comm.rank == 0 and self._warned["others"]():
+            warn_user(f"{name}: {ranks} had non-finite parameters at the exchange at clock "
+                      f"{o.clock} and were reset to the center; the others averaged on "
+                      f"({self._warned['others'].count} so far)")
+        if o.overflow and self._comm.rank == 0 and self._warned["overflow"]():
+            warn_user(f"{name}: the float16 sum over ranks overflowed in the exchange at clock "
+                      f"{o.clock}; those elements were left as they were (try "
+                      f"comm_dtype=torch.bfloat16) ({self._warned['overflow'].count} so far)")
 
 
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class ElasticAverager(Averager):
+    """Elastic averaging for any training loop: every ``tau`` local steps each worker is pulled
+    towards a center variable, and the center towards the workers.
+
+    Synchronous mode (``mode="sync"``), over all ``p`` ranks of the process group::
+
+        d_i = alpha (x_i - center);   x_i -= d_i;   center += sum_i d_i
+
+    The center is replicated on every rank (float32, on the parameters' device) and the
+    replicas stay bit-identical, because every rank adds the same all-reduced sum. An exchange
+    is one fused kernel, a bucketed all-reduce of ``d`` (in ``comm_dtype``: bfloat16 halves the
+    bytes of float32 parameters), and one fused kernel per bucket, all enqueued without a host
+    synchronization.
+
+    Asynchronous mode (``mode="async"``), worker ``i`` alone whenever its clock says so::
+
+        e = alpha (x_i - center);   x_i -= e;   center += e
+
+    against a center in shared memory (one machine) or sharded over server ranks (``servers=``).
+
+    **EAMSGD** is this averager with Nesterov momentum in the local steps:
+    ``torch.optim.SGD(params, lr, momentum=0.9, nesterov=True)`` (the paper's delta).
+
+    Args:
+        params: the model's parameters (``model.parameters()``). They are re-pointed as views of
+            flat buffers, one per (device, dtype); the ``Parameter`` objects, their gradients and
+            any optimizer holding them keep working. Build the averager after moving or casting
+            the model. Every rank must pass the same layout (count, shapes, dtypes).
+        tau: local steps between exchanges (``step()`` exchanges when its clock is a multiple).
+        beta: ``p * alpha``; defaults to 0.9 (the paper's choice). Must be in (0, 1).
+        alpha: the moving rate; give ``alpha`` or ``beta``, not both (or both, consistent).
+        mode: ``"sync"`` (all workers exchange together over an all-reduce) or ``"async"``
+            (each worker exchanges with the center on its own clock).
+        process_group: the group to average over (default: the default group; a single process
+            needs no torch.distributed at all).
+        comm_dtype: sync: dtype of ``d`` on the wire: ``None`` (the parameters' dtype),
+            ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+        bucket_cap_mb: sync: all-reduce bucket size (default 25); on CPU tensors a bucket is
+            applied as soon as it arrives while later ones are in flight.
+        allow_unstable: accept ``beta >= 1``.
+        center: async on one machine: a :class:`~easgd_ext.SharedCenter` or the name of one.
+            Default: a single process makes a private one; under torch.distributed rank 0
+            creates one under a fresh name and the other ranks attach to it.
+        servers: async across machines: the ranks that hold the center, sharded; they call
+            :meth:`serve` while the other ranks train.
+        lock_timeout: async: seconds to wait for a chunk lock before raising ``TimeoutError``
+            (a live worker stuck while holding it); default 300.
+        on_nonfinite: what a non-finite contribution does (a diverged worker, Inf/NaN in its
+            parameters): ``"reset"`` (default) resets that worker to the center while the others
+            average on; ``"skip"`` skips the exchange on every rank; ``"raise"`` skips it and
+            raises :class:`~easgd_ext.NonFiniteError` on every rank. Decided on the device.
+        exchange_timeout: sync, CPU tensors: seconds to wait for the other ranks in an exchange
+            before raising (default 300).
+
+    Arguments that do not apply to the chosen mode are errors.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU,
+                 beta: float | None = None, alpha: float | None = None, mode: str = "sync",
+                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
+                 bucket_cap_mb: float | None = None, allow_unstable: bool = False,
+                 center: SharedCenter | str | None = None, servers: list[int] | None = None,
+                 lock_timeout: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
+                 exchange_timeout: float | None = None) -> None:
+        def make(workers: int) -> Algorithm:
+            return Elastic(*elastic_rates(workers, beta, alpha, allow_unstable))
+
+        super().__init__(params, make, tau=tau, mode=mode, process_group=process_group,
+                         comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb, center=center,
+                         servers=servers, lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
+                         exchange_timeout=exchange_timeout)
+
+    @property
+    def alpha(self) -> float:
+        return self.algorithm.alpha  # type: ignore[attr-defined]
+
+    @property
+    def beta(self) -> float:
+        return self.algorithm.beta  # type: ignore[attr-defined]
+
+
+class DownpourAverager(Averager):
+    """DOWNPOUR (Dean et al., 2012). Every ``tau`` local steps each worker pushes its change
+    since the last pull, ``v_i = x_i - x_i(last pull)``, into the center and pulls it:
+    synchronously ``center += sum_i v_i; x_i = center`` (a float32 replica on every rank), or
+    asynchronously (``mode="async"``, the paper's baseline) one worker at a time against the
+    same shared or sharded centers as asynchronous EASGD.
+
+    Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
+    ``beta``/``alpha``/``allow_unstable``.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, mode: str = "sync",
+                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
+                 bucket_cap_mb: float | None = None, center: SharedCenter | str | None = None,
+                 servers: list[int] | None = None, lock_timeout: float | None = None, *,
+                 on_nonfinite: str = DEFAULT_ON_NONFINITE,
+                 exchange_timeout: float | None = None) -> None:
+        super().__init__(params, lambda workers: Downpour(), tau=tau, mode=mode,
+                         process_group=process_group, comm_dtype=comm_dtype,
+                         bucket_cap_mb=bucket_cap_mb, center=center, servers=servers,
+                         lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
+                         exchange_timeout=exchange_timeout)
+
+
+class PeriodicAverager(Averager):
+    """Periodic model averaging (what PyTorch ships as ``PeriodicModelAverager``): every
+    ``tau`` local steps, ``x_i = mean_j x_j``.
+
+    Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
+    ``beta``/``alpha`` and the asynchronous ones. Unlike PyTorch's averager it does not average
+    on the very first call (its clock counts completed steps, like the others here), it
+    all-reduces one flat buffer per dtype instead of concatenating and copying back, and a
+    non-finite worker does not spread to the others: by default it takes the mean of the
+    healthy ones. With ``comm_dtype`` below the parameters' precision the averaged parameters
+    are rounded to it. There is no separate center: :meth:`center_parameters` leaves the model
+    as it is (the workers are equal right after each averaging).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, mode: str = "sync",
+                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
+                 bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
+                 exchange_timeout: float | None = None) -> None:
+        super().__init__(params, lambda workers: Averaging(), tau=tau, mode=mode,
+                         process_group=process_group, comm_dtype=comm_dtype,
+                         bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
+                         lock_timeout=None, on_nonfinite=on_nonfinite,
+                         exchange_timeout=exchange_timeout)

@@ -31,10 +31,10 @@ def digits(seed: int = 0) -> Split:
     return Split(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])
 
 
-CIFAR_HELP = ("expected the python version of CIFAR-10 under {root} (a folder "
-              "'cifar-10-batches-py' with data_batch_1..5 and test_batch). Download "
-              "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract it "
-              "into {root}")
+# Whole sentences: callers put their own sentence (what is missing) in front.
+CIFAR_HELP = ("Download cifar-10-python.tar.gz (the Python version of CIFAR-10) from "
+              "https://www.cs.toronto.edu/~kriz/cifar.html and extract it into {root}; that "
+              "makes {root}/cifar-10-batches-py with data_batch_1..5 and test_batch.")
 
 
 def cifar10(root: Path) -> Split:
@@ -42,7 +42,8 @@ def cifar10(root: Path) -> Split:
     import torchvision
 
     if not (root / "cifar-10-batches-py").is_dir():
-        raise FileNotFoundError(CIFAR_HELP.format(root=root))
+        raise FileNotFoundError(f"{root} has no cifar-10-batches-py folder. "
+                                + CIFAR_HELP.format(root=root))
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 

@@ -8,6 +8,7 @@ hundreds of tensors, with no cat before the all-reduce and no copy back after it
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -46,12 +47,37 @@ def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
                             "or float16")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"params[{i}] is {describe(p)}; only CPU and CUDA tensors are supported")
+        if p._is_view() or not p.is_contiguous():
+            raise ValueError(
+                f"params[{i}] is a view of another tensor ({describe(p)}, strides {p.stride()}): "
+                "its values would be moved into the averager's buffer and the tensor it views "
+                "would never be averaged; pass the tensors that own their memory, such as "
+                "model.parameters()")
         if id(p) not in seen:
             seen.add(id(p))
             unique.append(p)
     if not unique:
         raise ValueError("params is empty: there is nothing to average")
+    _check_no_overlap(unique)
     return unique
+
+
+def _check_no_overlap(params: list[torch.Tensor]) -> None:
+    """Two parameters sharing memory (not tied: the same tensor counts once) cannot both be
+    moved into slots of their own without breaking what they share."""
+    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+    for i, p in enumerate(params):
+        if p.numel() > 0:
+            start = p.data_ptr()
+            by_device.setdefault(p.device, []).append((start, start + p.numel() * p.element_size(), i))
+    for spans in by_device.values():
+        spans.sort()
+        for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+            if start < end:
+                a, b = sorted((i, j))
+                raise ValueError(f"params[{a}] and params[{b}] overlap in memory (views of one "
+                                 "tensor?); pass each tensor once, and only tensors that own their "
+                                 "memory")
 
 
 def _aligned(n: int) -> int:
@@ -81,6 +107,19 @@ class FlatGroup:
     def slot(self, i: int) -> torch.Tensor:
         p = self.params[i]
         return self.flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
+
+    def ensure_views(self) -> int:
+        """:meth:`repoint` where needed. The common case, every parameter still viewing its
+        slot, costs one pass of C calls over the parameters and no Python per parameter: this
+        runs on every exchange."""
+        if list(map(torch.Tensor.data_ptr, self.params)) == self._slot_pointers:
+            return 0
+        return self.repoint()
+
+    @functools.cached_property
+    def _slot_pointers(self) -> list[int]:
+        base, size = self.flat.data_ptr(), self.flat.element_size()
+        return [base + o * size for o in self.offsets]
 
     def repoint(self) -> int:
         """Makes every parameter a view of its slot again; returns how many had to be fixed.

@@ -62,6 +62,14 @@ def _check_name(name: object) -> str:
     return name
 
 
+def chunk_plan(offset: int, n: int, chunk_numel: int, worker: int,
+               workers: int) -> list[tuple[int, int, int]]:
+    """The chunks of center[offset, offset + n) in the order worker ``worker`` of ``workers``
+    visits them, as (chunk, start, end) with start/end relative to ``offset``: the native
+    exchange's own order (it starts ``worker / workers`` of the way round and wraps once)."""
+    return [tuple(span) for span in native.chunk_plan(offset, n, chunk_numel, worker, workers)]
+
+
 def unique_name(prefix: str = "easgd") -> str:
     """A fresh segment name: two trainings on one machine never meet by accident."""
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -148,15 +156,25 @@ class SharedCenter:
         """Raises ``ValueError`` unless this center was made for ``params``' layout; returns
         where each (device, dtype) group starts in it."""
         offsets, total, digest = center_layout(params)
-        if total != self.numel or digest != self.layout_digest:
+        if total != self.numel:
             raise ValueError(
                 f"shared center '{self.name}' was made for another model: it holds "
-                f"{self.numel} elements for layout {self.layout_digest[:12]}, these parameters "
-                f"need {total} elements (layout {digest[:12]}): count, shapes, dtypes and device "
-                "types must match the creator's")
+                f"{self.numel} elements, these {len(params)} parameters need {total} (laid out "
+                "as the averager flattens them); count, shapes, dtypes and device types must "
+                "match the creator's")
+        if digest != self.layout_digest:
+            raise ValueError(
+                f"shared center '{self.name}' was made for another model of the same size "
+                f"({total} elements): the parameters' count, shapes, dtypes or device types "
+                f"differ from the creator's (layout digest {digest[:12]}, the center's "
+                f"{self.layout_digest[:12]})")
         return offsets
 
     # ---- using it ---------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._segment is None
+
     @property
     def segment(self) -> Any:
         if self._segment is None:

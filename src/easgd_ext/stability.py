@@ -2,13 +2,14 @@
 
 On f(x) = h x^2 / 2 with p workers taking turns (one worker per time step, in order), one
 full cycle of p turns is a linear map of the joint state; the method is stable iff the map's
-spectral radius is at most 1.
+spectral radius is below 1, and marginally stable at exactly 1 (EASGD with eta h = 0 or
+alpha = 0, ADMM with eta = 0 or rho = 0): there the slowest errors neither grow nor shrink.
 
 EASGD, worker i's turn (state: x_1..x_p, center c)::
 
     x_i <- x_i - eta h x_i - alpha (x_i - c);    c <- c + alpha (x_i - c)   (old x_i)
 
-stable iff 0 <= eta h <= 2 and 0 <= alpha <= (4 - 2 eta h) / (4 - eta h), for every p.
+radius at most 1 for every p iff 0 <= eta h <= 2 and 0 <= alpha <= (4 - 2 eta h) / (4 - eta h).
 
 ADMM, worker i's turn (state: x_1..x_p, multipliers l_1..l_p, center c)::
 
@@ -24,46 +25,60 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+
+# The cycle matrix is dense, (2p+1)^2 doubles for ADMM, and its eigenvalues cost O(p^3): at
+# p = 1000 that is 30.5 MiB and seconds; at the p = 100000 users tried, 298 GiB.
+MAX_P = 1000
+# The maps compute about 20,000 radii: about 30 s at p = 50, minutes above.
+MAX_P_MAPS = 50
+# Radii this close to 1 are 1 (marginal), up to the eigensolver's rounding (5e-14 at p = 1000).
+MARGINAL_TOL = 1e-12
+
+
+def _easgd_step(m: np.ndarray, p: int, i: int, eta_h: float, alpha: float) -> None:
+    """m <- (worker i's turn) @ m, in place. The turn rewrites only the rows of x_i and the
+    center, so a cycle costs O(p^2) rather than p dense products."""
+    x, c = m[i].copy(), m[p].copy()
+    m[i] = (1.0 - eta_h - alpha) * x + alpha * c
+    m[p] = alpha * x + (1.0 - alpha) * c
+
+
+def _admm_step(m: np.ndarray, p: int, i: int, eta: float, h: float, rho: float) -> None:
+    """m <- (worker i's turn) @ m, in place; the turn rewrites only the rows of x_i, l_i and c."""
+    x, lam, c = i, p + i, 2 * p
+    a = eta * rho
+    new_lam = m[lam] - m[x] + m[c]
+    m[x] = (1.0 - eta * h - a) * m[x] + a * (new_lam + m[c])
+    m[lam] = new_lam
+    m[c] = (m[:p].sum(axis=0) - m[p:c].sum(axis=0)) / p  # mean_j (x_j - l_j), new x_i and l_i
 
 
 def easgd_turn(p: int, i: int, eta_h: float, alpha: float) -> np.ndarray:
     """The (p+1)x(p+1) matrix of worker i's turn; the center is the last coordinate."""
     m = np.eye(p + 1)
-    m[i, i] = 1.0 - eta_h - alpha
-    m[i, p] = alpha
-    m[p, i] = alpha
-    m[p, p] = 1.0 - alpha
+    _easgd_step(m, p, i, eta_h, alpha)
     return m
 
 
 def admm_turn(p: int, i: int, eta: float, h: float, rho: float) -> np.ndarray:
     """The (2p+1)x(2p+1) matrix of worker i's turn: x at 0..p-1, multipliers at p..2p-1, the
     center last."""
-    n, x, lam, c = 2 * p + 1, i, p + i, 2 * p
-    update = np.eye(n)
-    # l_i' = l_i - x_i + c
-    update[lam] = 0.0
-    update[lam, lam], update[lam, x], update[lam, c] = 1.0, -1.0, 1.0
-    # x_i' = (1 - eta h - eta rho) x_i + eta rho (l_i' + c), with l_i' substituted
-    a = eta * rho
-    update[x] = 0.0
-    update[x, x] = 1.0 - eta * h - a - a  # -a from x itself, -a from l_i' = ... - x_i
-    update[x, lam] = a
-    update[x, c] = a + a  # from c and from l_i' = ... + c
-    center = np.eye(n)
-    center[c] = 0.0
-    center[c, :p] = 1.0 / p
-    center[c, p:2 * p] = -1.0 / p
-    return center @ update
+    m = np.eye(2 * p + 1)
+    _admm_step(m, p, i, eta, h, rho)
+    return m
 
 
-def cycle(turns: list[np.ndarray]) -> np.ndarray:
-    m = np.eye(turns[0].shape[0])
+def cycle(turns: Iterable[np.ndarray]) -> np.ndarray:
+    """The product of the turns, the first one rightmost."""
+    m = None
     for t in turns:
-        m = t @ m
+        m = t.copy() if m is None else t @ m
+    if m is None:
+        raise ValueError("cycle of no turns")
     return m
 
 
@@ -73,12 +88,25 @@ def spectral_radius(m: np.ndarray) -> float:
 
 def easgd_radius(p: int, eta_h: float, alpha: float) -> float:
     """Spectral radius of one round-robin cycle of EASGD."""
-    return spectral_radius(cycle([easgd_turn(p, i, eta_h, alpha) for i in range(p)]))
+    m = np.eye(p + 1)
+    for i in range(p):
+        _easgd_step(m, p, i, eta_h, alpha)
+    return spectral_radius(m)
 
 
 def admm_radius(p: int, eta: float, h: float, rho: float) -> float:
     """Spectral radius of one round-robin cycle of ADMM."""
-    return spectral_radius(cycle([admm_turn(p, i, eta, h, rho) for i in range(p)]))
+    m = np.eye(2 * p + 1)
+    for i in range(p):
+        _admm_step(m, p, i, eta, h, rho)
+    return spectral_radius(m)
+
+
+def verdict(radius: float) -> str:
+    """Stable below radius 1, marginal at 1 (within MARGINAL_TOL), UNSTABLE above."""
+    if abs(radius - 1.0) <= MARGINAL_TOL:
+        return "marginally stable: radius 1, the slowest errors neither grow nor shrink"
+    return "stable" if radius < 1.0 else "UNSTABLE"
 
 
 def easgd_alpha_bound(eta_h: np.ndarray | float) -> np.ndarray | float:
@@ -87,8 +115,20 @@ def easgd_alpha_bound(eta_h: np.ndarray | float) -> np.ndarray | float:
 
 
 def easgd_stable(eta_h: float, alpha: float) -> bool:
-    """The analytic condition."""
+    """The analytic condition: radius <= 1 for every p. The region is closed, and on its edge
+    eta h = 0 or alpha = 0 the radius is exactly 1 (marginal; see easgd_region)."""
     return 0.0 <= eta_h <= 2.0 and 0.0 <= alpha <= float(easgd_alpha_bound(eta_h))
+
+
+def easgd_region(eta_h: float, alpha: float) -> str:
+    """Where (eta h, alpha) lies: "inside", "on the edge of" or "outside" the analytic stable
+    region. On the edge eta h = 0 or alpha = 0 the radius is 1 for every p; at alpha = the bound
+    it is 1 for p = 1 (the bound is sufficient, not necessary, for larger p)."""
+    if not easgd_stable(eta_h, alpha):
+        return "outside"
+    if eta_h == 0.0 or alpha == 0.0 or abs(alpha - float(easgd_alpha_bound(eta_h))) <= MARGINAL_TOL:
+        return "on the edge of"
+    return "inside"
 
 
 def easgd_map(p: int, eta_h: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -147,33 +187,86 @@ def plot_admm(p: int, h: float, path: Path) -> None:
     plt.close(fig)
 
 
+def _dense_size(n: int) -> str:
+    """The memory of an n x n float64 matrix."""
+    nbytes = 8 * n * n
+    return f"{nbytes / 2**30:.3g} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.3g} MiB"
+
+
+def _workers(text: str) -> int:
+    """--p: argparse names the option in front of the message."""
+    try:
+        p = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if p < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {p}")
+    if p > MAX_P:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_P}, got {p}: the cycle matrix is dense ({_dense_size(p + 1)} "
+            f"for EASGD, {_dense_size(2 * p + 1)} for ADMM) and its eigenvalues cost O(p^3) time")
+    return p
+
+
+def _nonnegative(what: str, why: str) -> Callable[[str], float]:
+    """An argparse type: a finite float >= 0; `why` says what a negative value would mean."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+        if not (np.isfinite(value) and value >= 0.0):  # also rejects nan, which compares false
+            raise argparse.ArgumentTypeError(f"{what} must be finite and >= 0 ({why}), got {text}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Round-robin stability of EASGD and ADMM on "
-                                     "f(x) = h x^2 / 2 (Zhang et al. 2015, section 4).")
-    parser.add_argument("--p", type=int, default=3, help="workers (default 3)")
-    parser.add_argument("--eta", type=float, default=0.001, help="learning rate")
-    parser.add_argument("--h", type=float, default=1.0, help="curvature of the quadratic")
-    parser.add_argument("--alpha", type=float, default=0.5, help="EASGD moving rate")
-    parser.add_argument("--rho", type=float, default=2.5, help="ADMM penalty")
+    parser = argparse.ArgumentParser(
+        description="Round-robin stability of EASGD and ADMM on f(x) = h x^2 / 2 (Zhang et al. "
+        "2015, section 4): the spectral radius of one cycle of p worker turns, < 1 stable, "
+        "1 marginally stable, > 1 unstable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    eta = _nonnegative("the learning rate", "a negative one climbs f; 0, no gradient steps, "
+                       "is allowed")
+    h = _nonnegative("the curvature", "a negative one makes x = 0 a maximum of f; 0, a flat f, "
+                     "is allowed")
+    alpha = _nonnegative("the moving rate", "a negative one pushes workers and center apart; 0, "
+                         "where the workers ignore the center, is allowed")
+    rho = _nonnegative("the ADMM penalty", "a negative one pushes each worker away from the "
+                       "center; 0, where the workers ignore it, is allowed")
+    parser.add_argument("--p", type=_workers, default=3,
+                        help=f"workers, 1 to {MAX_P} (the cycle matrix is dense: (2p+1)^2 doubles "
+                        f"for ADMM, {_dense_size(2 * MAX_P + 1)} and seconds at p = {MAX_P}); the "
+                        f"maps need p <= {MAX_P_MAPS} or --no-plots")
+    parser.add_argument("--eta", type=eta, default=0.001, help="learning rate, >= 0")
+    parser.add_argument("--h", type=h, default=1.0,
+                        help="curvature of the quadratic, >= 0; 0 is a flat f")
+    parser.add_argument("--alpha", type=alpha, default=0.5,
+                        help="EASGD moving rate, >= 0; 0: the workers ignore the center")
+    parser.add_argument("--rho", type=rho, default=2.5,
+                        help="ADMM penalty, >= 0; 0: the workers ignore the center")
     parser.add_argument("--out", type=Path, default=Path("stability"),
-                        help="folder for the PNG maps (default ./stability)")
-    parser.add_argument("--no-plots", action="store_true", help="print the radii only")
+                        help="folder for the PNG maps")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="print the radii only, without the maps")
     args = parser.parse_args(argv)
-    if args.p < 1:
-        parser.error(f"--p must be at least 1, got {args.p}")
-    for name in ("eta", "h", "alpha", "rho"):
-        if not np.isfinite(getattr(args, name)):
-            parser.error(f"--{name} must be finite")
+    if args.p > MAX_P_MAPS and not args.no_plots:
+        parser.error(f"--p {args.p} needs --no-plots: the maps compute about 20,000 radii, too "
+                     f"slow above p = {MAX_P_MAPS}")
 
     eta_h = args.eta * args.h
     r_easgd = easgd_radius(args.p, eta_h, args.alpha)
     r_admm = admm_radius(args.p, args.eta, args.h, args.rho)
-    bound = easgd_alpha_bound(eta_h) if 0 <= eta_h <= 2 else float("nan")
-    verdict = lambda r: "stable" if r <= 1 + 1e-12 else "UNSTABLE"  # noqa: E731
+    if eta_h <= 2.0:  # eta, h >= 0, so eta h >= 0 here
+        analytic = (f"analytic bound alpha <= {float(easgd_alpha_bound(eta_h)):.6g}, "
+                    f"{easgd_region(eta_h, args.alpha)} the stable region")
+    else:  # the bound's formula means nothing here: it is positive again for eta h > 4
+        analytic = (f"eta h = {eta_h:g} is outside [0, 2]: no alpha is stable (the local step "
+                    f"alone diverges)")
     print(f"p = {args.p}, eta = {args.eta:g}, h = {args.h:g} (eta h = {eta_h:g})")
     print(f"EASGD alpha = {args.alpha:g}: spectral radius {r_easgd:.9f} ({verdict(r_easgd)}); "
-          f"analytic bound alpha <= {bound:.6g}, "
-          f"{'inside' if easgd_stable(eta_h, args.alpha) else 'outside'} the stable region")
+          f"{analytic}")
     print(f"ADMM  rho = {args.rho:g}: spectral radius {r_admm:.9f} ({verdict(r_admm)})")
     if not args.no_plots:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Train one model per worker with EASGD, EAMSGD, DOWNPOUR, periodic averaging and
 synchronous SGD on real data, and compare them: test error of the center against wall time
-and against bytes sent.
+and against bytes sent (with --mode async: against exchanges with the center).
 
     python -m easgd_ext.train                         # 4 workers, digits, every algorithm
     python -m easgd_ext.train --algo easgd,downpour --tau 8 --steps 600 --json out.json
@@ -19,24 +19,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import data
-from ._launch import join_group, launcher_rank_world, run_workers
-from .averager import SyncAverager
-from .baselines import DownpourAverager, PeriodicAverager
-from .elastic import ElasticAverager, elastic_rates
+from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
+from ._launch import backend_for, join_group, launcher_rank_world, run_workers
 
 ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
 ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")  # the paper's asynchronous methods
+DEFAULT_STEPS = 1000
+ASYNC_NOTE = "async: the center is in shared memory, nothing crosses a network"
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (stdout is kept for the table)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -46,40 +51,73 @@ class Result:
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)      # training wall time, eval excluded
     bytes_sent: list[int] = field(default_factory=list)     # all workers together
+    total_exchanges: list[int] = field(default_factory=list)  # all workers together
     test_error: list[float] = field(default_factory=list)   # of the center
     comm_seconds: float = 0.0
     exchanges: int = 0
     skipped_exchanges: int = 0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    # Each help text states its default itself: ArgumentDefaultsHelpFormatter would also print
+    # "(default: None)" for the options whose default is worked out later.
     p = argparse.ArgumentParser(prog="python -m easgd_ext.train",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--algo", default=None,
-                   help=f"comma-separated, from {', '.join(ALGORITHMS)} (default: all; with "
-                        f"--mode async: {', '.join(ASYNC_ALGORITHMS)})")
+                   help=f"comma-separated, from {', '.join(ALGORITHMS)} (default: all of them; "
+                        f"with --mode async: {', '.join(ASYNC_ALGORITHMS)})")
     p.add_argument("--mode", choices=["sync", "async"], default="sync",
                    help="sync: all workers exchange together; async: each worker exchanges with "
-                        "a shared-memory center on its own clock (one machine)")
-    p.add_argument("--workers", type=int, default=4, help="processes to spawn (no launcher)")
-    p.add_argument("--tau", type=int, default=4, help="local steps between exchanges")
-    p.add_argument("--beta", type=float, default=0.9, help="EASGD/EAMSGD beta = p * alpha")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the local SGD")
-    p.add_argument("--momentum", type=float, default=0.9, help="EAMSGD's Nesterov momentum")
-    p.add_argument("--batch", type=int, default=32, help="minibatch per worker")
+                        "a shared-memory center on its own clock (one machine) (default: "
+                        "%(default)s)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="processes to spawn; ignored under a launcher such as torchrun "
+                        "(default: %(default)s)")
+    p.add_argument("--tau", type=int, default=4,
+                   help="local steps between exchanges (default: %(default)s)")
+    p.add_argument("--beta", type=float, default=0.9,
+                   help="EASGD/EAMSGD beta = p * alpha, below 1 for stability (default: "
+                        "%(default)s)")
+    p.add_argument("--allow-unstable", action="store_true",
+                   help="accept --beta of 1 or more (the center can overshoot the average of the "
+                        "workers)")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="learning rate of the local SGD (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=0.9,
+                   help="EAMSGD's Nesterov momentum (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32,
+                   help="minibatch per worker (default: %(default)s)")
     p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="wire dtype of the exchanges (default: the parameters')")
-    p.add_argument("--steps", type=int, default=None, help="local steps per worker (default 1000)")
+                   help="wire dtype of the exchanges, --mode sync only (default: the "
+                        "parameters' dtype)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"local steps per worker (default: {DEFAULT_STEPS}, unless --epochs)")
     p.add_argument("--epochs", type=float, default=None,
-                   help="alternatively: passes over the training set, by all workers together")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between test evaluations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits")
-    p.add_argument("--data-root", type=Path, default=None, help="folder holding CIFAR-10")
-    p.add_argument("--plot", type=Path, default=Path("easgd_train.png"), help="PNG to write")
-    p.add_argument("--json", type=Path, default=None, help="write the curves as JSON here")
+                   help="instead of --steps: passes over the training set, by all workers "
+                        "together")
+    p.add_argument("--eval-every", type=int, default=25,
+                   help="steps between test evaluations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/test split, the model's initialization and the "
+                        "workers' minibatch order (default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where each worker trains: cpu (Gloo), or cuda (NCCL when every worker "
+                        "has a GPU of its own, else Gloo) (default: %(default)s)")
+    p.add_argument("--dataset", choices=["digits", "cifar10"], default="digits",
+                   help="digits: scikit-learn's bundled 8x8 digits and a small CNN (no download); "
+                        "cifar10: a local copy (--data-root) and ResNet-18 (default: "
+                        "%(default)s)")
+    p.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                   help="folder holding cifar-10-batches-py, for --dataset cifar10")
+    p.add_argument("--plot", type=Path, default=Path("easgd_train.png"),
+                   help="PNG to write (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the settings and curves as JSON here")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
 
     offered = ASYNC_ALGORITHMS if args.mode == "async" else ALGORITHMS
@@ -107,16 +145,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.momentum < 1:
         p.error(f"--momentum must be in [0, 1), got {args.momentum}")
-    launched = int(os.environ.get("WORLD_SIZE", "0"))
-    try:
-        elastic_rates(launched or args.workers, args.beta, None, False)
-    except (TypeError, ValueError) as exc:
-        p.error(f"--beta: {exc}")
+    # Checked here, in CLI terms, rather than left to ElasticAverager on every worker (whose
+    # message names its allow_unstable argument); the condition is on beta alone.
+    if not (math.isfinite(args.beta) and args.beta > 0):
+        p.error(f"--beta must be positive and finite, got {args.beta}")
+    if args.beta >= 1 and not args.allow_unstable:
+        p.error(f"--beta {args.beta:g} breaks the stability condition of synchronous EASGD, "
+                "0 < beta < 1 (the center overshoots the average of the workers); lower it (the "
+                "paper uses 0.9) or pass --allow-unstable to run anyway")
     if args.dataset == "cifar10":
         if args.data_root is None:
-            p.error("--dataset cifar10 needs --data-root DIR " + data.CIFAR_HELP.format(root="DIR"))
+            p.error("--dataset cifar10 needs --data-root DIR, a folder holding CIFAR-10. "
+                    + data.CIFAR_HELP.format(root="DIR"))
         if not (args.data_root / "cifar-10-batches-py").is_dir():
-            p.error(data.CIFAR_HELP.format(root=args.data_root))
+            p.error(f"--data-root {args.data_root} has no cifar-10-batches-py folder. "
+                    + data.CIFAR_HELP.format(root=args.data_root))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -131,15 +174,18 @@ def steps_for(args: argparse.Namespace, train_size: int, world: int) -> int:
         return args.steps
     if args.epochs is not None:
         return max(1, round(args.epochs * train_size / (args.batch * world)))
-    return 1000
+    return DEFAULT_STEPS
 
 
-def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace) -> SyncAverager | None:
+def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace
+                  ) -> ElasticAverager | DownpourAverager | PeriodicAverager | None:
+    """The averager of ``algo``; ``None`` for sync-sgd, which averages gradients instead."""
     common: dict = {"tau": args.tau, "mode": args.mode}
     if args.mode == "sync":
         common["comm_dtype"] = args.comm_dtype
     if algo in ("easgd", "eamsgd"):
-        return ElasticAverager(model.parameters(), beta=args.beta, **common)
+        return ElasticAverager(model.parameters(), beta=args.beta,
+                               allow_unstable=args.allow_unstable, **common)
     if algo == "downpour":
         return DownpourAverager(model.parameters(), **common)
     if algo == "average":
@@ -215,13 +261,15 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
             if averager is not None:
                 with averager.center_parameters():
                     error = data.test_error(model, split.test_x, split.test_y)
-                sent = averager.stats.bytes_sent
+                sent, exchanges = averager.stats.bytes_sent, averager.stats.exchanges
             else:
                 error = data.test_error(model, split.test_x, split.test_y)
-                sent = sync_sgd.bytes_sent
+                sent, exchanges = sync_sgd.bytes_sent, sync_sgd.exchanges
             result.steps.append(step)
             result.seconds.append(elapsed)
+            # This rank's counts times the world: every worker takes the same steps and exchanges.
             result.bytes_sent.append(sent * world)
+            result.total_exchanges.append(exchanges * world)
             result.test_error.append(error)
             if bar is not None:
                 bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
@@ -241,8 +289,13 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
 def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
     device = join_group(rank, world, store, args.device)
     try:
+        if rank == 0:
+            say(f"loading {args.dataset} and building the model...")
         split = load_split(args)
         steps = steps_for(args, len(split.train_y), world)
+        if rank == 0:
+            say(f"training {', '.join(args.algos)}: {steps} steps per worker, test error of the "
+                f"center every {args.eval_every} steps")
         results = [asdict(train_one(algo, args, split, rank, world, device, steps))
                    for algo in args.algos]
         if rank == 0:
@@ -251,17 +304,24 @@ def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Na
         dist.destroy_process_group()
 
 
-def print_table(results: list[dict]) -> None:
+def print_table(results: list[dict], mode: str = "sync") -> None:
+    """The final row of each algorithm (on stdout), and for async mode a note on MB sent."""
     print(f"\n{'algorithm':<10}{'test error':>11}{'best':>8}{'wall s':>9}{'comm s':>9}"
           f"{'comm %':>8}{'MB sent':>10}{'exchanges':>11}")
     for r in results:
         wall, comm = r["seconds"][-1], r["comm_seconds"]
+        # An async exchange is a copy within shared memory: 0 MB would read as a network figure.
+        sent = "-" if mode == "async" else f"{r['bytes_sent'][-1] / 1e6:.2f}"
         print(f"{r['algo']:<10}{r['test_error'][-1]:>11.4f}{min(r['test_error']):>8.4f}"
-              f"{wall:>9.2f}{comm:>9.2f}{comm / wall:>8.1%}{r['bytes_sent'][-1] / 1e6:>10.2f}"
-              f"{r['exchanges']:>11}")
+              f"{wall:>9.2f}{comm:>9.2f}{comm / wall:>8.1%}{sent:>10}{r['exchanges']:>11}")
+    if mode == "async":
+        print(f"\n{ASYNC_NOTE}")
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
+def figure(results: list[dict], title: str, mode: str = "sync") -> Any:
+    """The matplotlib figure of the curves: test error against wall time (left) and against
+    MB sent (right; with ``mode="async"``, which sends nothing over a network: against
+    exchanges with the center)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,11 +330,17 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for r in results:
         left.plot(r["seconds"], r["test_error"], label=r["algo"], marker=".", markersize=3)
-        right.plot([max(b, 1) / 1e6 for b in r["bytes_sent"]], r["test_error"], label=r["algo"],
-                   marker=".", markersize=3)
+        if mode == "async":
+            x = r["total_exchanges"]
+        else:
+            x = [max(b, 1) / 1e6 for b in r["bytes_sent"]]  # log axis: no zero
+        right.plot(x, r["test_error"], label=r["algo"], marker=".", markersize=3)
     left.set_xlabel("training wall time (s)")
-    right.set_xlabel("MB sent, all workers")
-    right.set_xscale("log")
+    if mode == "async":
+        right.set_xlabel("exchanges with the shared-memory center, all workers")
+    else:
+        right.set_xlabel("MB sent, all workers")
+        right.set_xscale("log")  # sync-sgd sends tau times more than the others
     left.set_ylabel("test error of the center")
     for ax in (left, right):
         ax.set_yscale("log")
@@ -282,26 +348,49 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(results: list[dict], path: Path, title: str, mode: str = "sync") -> None:
+    """Writes :func:`figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, title, mode)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def header(args: argparse.Namespace, world: int, steps: int) -> str:
+    """The run's one-line summary, above the table and on the plot."""
+    where = ("shared-memory center" if args.mode == "async"
+             else f"wire={args.comm_dtype or 'param dtype'}")
+    return (f"{args.dataset}, {world} workers ({args.mode}), tau={args.tau}, {steps} steps, "
+            f"lr={args.lr:g}, {where}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     launched = launcher_rank_world()
     world = launched[1] if launched else args.workers
-    if not launched and args.device == "cuda" and torch.cuda.device_count() < world:
-        print(f"note: {world} workers share {torch.cuda.device_count()} GPU(s); using Gloo",
-              file=sys.stderr)
+    # Starting the processes and importing torch in each takes seconds: say what is going on.
+    backend = {"nccl": "NCCL", "gloo": "Gloo"}[backend_for(args.device, world)]
+    how = f"{backend}, {args.device.upper()}"
+    if not launched:
+        if args.device == "cuda" and torch.cuda.device_count() < world:
+            say(f"note: {world} workers share {torch.cuda.device_count()} GPU(s); using Gloo")
+        say(f"starting {world} worker processes ({how})...")
+    elif launched[0] == 0:
+        say(f"joining the process group of the launcher's {world} processes ({how})...")
     summary = run_workers(worker, world, args)
     if summary is None:  # a launched rank other than 0
         return 0
     results = summary["results"]
-    title = (f"{args.dataset}, {world} {args.mode} workers, tau={args.tau}, {summary['steps']} steps, "
-             f"lr={args.lr:g}, wire={args.comm_dtype or 'param dtype'}")
+    title = header(args, world, summary["steps"])
     print(title)
-    print_table(results)
-    plot(results, args.plot, title)
+    print_table(results, args.mode)
+    plot(results, args.plot, title, args.mode)
     print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v

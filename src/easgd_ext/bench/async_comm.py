@@ -70,7 +70,7 @@ def shared_cpu(n: int, reps: int) -> list[dict]:
     copy_bw, _ = copy_ceiling(n, device, reps)
     easgd = ElasticAverager(_params(n, device), tau=1, mode="async", alpha=ALPHA)
     downpour = DownpourAverager(_params(n, device), tau=1, mode="async")
-    x = easgd._groups[0].flat
+    x = easgd.flat_parameters()[0]
     c = easgd.center.tensor[:x.numel()]
     tmp = torch.empty_like(x)
 
@@ -104,7 +104,7 @@ def shared_cpu(n: int, reps: int) -> list[dict]:
 def shared_cuda(n: int, reps: int) -> list[dict]:
     device = torch.device("cuda", torch.cuda.current_device())
     easgd = ElasticAverager(_params(n, device), tau=1, mode="async", alpha=ALPHA)
-    x = easgd._groups[0].flat
+    x = easgd.flat_parameters()[0]
     host = easgd.center.tensor[:x.numel()]  # pinned by the averager
     dev_c = torch.empty_like(x)
     dev_e = torch.empty_like(x)

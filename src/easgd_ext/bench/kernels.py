@@ -31,7 +31,7 @@ import torch
 
 import easgd_ext
 from easgd_ext import ops
-from easgd_ext._native import native
+from easgd_ext._native import native, tensor_ref
 
 from .report import write_records
 from .timing import interleaved_medians, median_seconds
@@ -136,8 +136,8 @@ def copy_ceiling(n: int, device: torch.device, reps: int) -> tuple[float, str]:
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
     candidates = {"torch copy_": lambda: dst.copy_(src)}
     if device.type == "cpu":
-        refs = (ops._tensor_ref("dst", dst), ops._tensor_ref("src", src))
-        candidates["parallel memcpy"] = lambda: native.copy(*refs, torch.get_num_threads())
+        refs = (tensor_ref("dst", dst), tensor_ref("src", src))
+        candidates["parallel memcpy"] = lambda: native.memcpy(*refs, torch.get_num_threads())
     best = {name: 2 * n * 4 / median_seconds(fn, device, reps) for name, fn in candidates.items()}
     name = max(best, key=best.get)
     return best[name], name

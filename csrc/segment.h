@@ -1,5 +1,7 @@
 // A float32 center variable in a named POSIX shared-memory segment, for asynchronous EASGD
-// between processes of one machine. Layout (all offsets 64-byte aligned, data page aligned):
+// between processes of one machine: its layout, and the Segment that creates, attaches and
+// validates one (segment.cpp), locks its chunks and keeps its worker registry (chunk_locks.cpp).
+// Layout (all offsets 64-byte aligned, data page aligned):
 //
 //   SegmentHeader | ChunkSlot[num_chunks] | WorkerSlot[max_workers] | float data[numel]
 //
@@ -18,7 +20,6 @@
 #include <string>
 #include <vector>
 
-#include "kernels.h"
 
 namespace easgd {
 namespace shm {
@@ -87,23 +88,10 @@ struct WorkerInfo {
   uint64_t lock_wait_ns;
 };
 
-// Whether `pid` (started at `start_ticks`, 0 = unknown) is a live, non-zombie process.
-bool process_alive(int64_t pid, uint64_t start_ticks);
-uint64_t process_start_ticks(int64_t pid);  // 0 where /proc cannot tell
-
-// One piece of an exchange: chunk `chunk`, covering [begin, end) of the caller's buffer.
-struct ChunkSpan {
-  int64_t chunk, begin, end;
-};
-
-// The chunks of center[offset, offset + n) in the order worker `worker` of `workers` visits
-// them: it starts worker/workers of the way round (so concurrent workers rarely queue on one
-// lock) and wraps around once. Both the CPU exchange and the Python CUDA pipeline follow it.
-std::vector<ChunkSpan> chunk_plan(int64_t offset, int64_t n, int64_t chunk_numel, int worker,
-                                  int workers);
+// Wall-clock time in nanoseconds since the epoch (creation and exchange times).
+int64_t now_unix_ns();
 
 enum class LockResult { acquired = 0, recovered_clean = 1, recovered_partial = 2 };
-enum class ExchangeKind { easgd = 0, downpour = 1 };
 
 class Segment {
  public:
@@ -126,31 +114,32 @@ class Segment {
   int64_t numel() const { return header_->numel; }
   bool creator_alive() const;
 
-  // Blocks up to timeout_s for chunk k; recovers a lock whose holder died.
+  // ---- chunk locks (chunk_locks.cpp) ----
+  // Blocks up to timeout_s (0: no limit) for chunk k; recovers a lock whose holder died.
   LockResult lock(int64_t chunk, double timeout_s);
   void unlock(int64_t chunk);
   void set_dirty(int64_t chunk, bool dirty);
+  // The protocol of every exchange, CPU or CUDA, for each chunk it updates: lock (recovering a
+  // dead holder's lock), add the wait to the worker's account, mark the chunk dirty; then,
+  // once the chunk's new values are in place, clear dirty, count the update and unlock.
+  LockResult acquire_for_update(int worker, int64_t chunk, double timeout_s);
+  void release_after_update(int64_t chunk, bool updated);
 
+  // ---- worker registry (chunk_locks.cpp) ----
   int register_worker();
   void finish_worker(int worker);
   void record_exchange(int worker, uint64_t clock);
   std::vector<WorkerInfo> workers() const;
   std::vector<uint64_t> chunk_updates() const;
-
-  // One exchange of a CPU buffer x (and x_last for DOWNPOUR) against center[offset, offset+n):
-  // chunk by chunk, each under its lock, starting at a chunk that depends on the worker so
-  // concurrent workers spread over the chunks. Returns how many locks were recovered. The
-  // caller records the whole exchange (all its buffers) with record_exchange.
-  int exchange(int worker, ExchangeKind kind, const Buf& x, const Buf* x_last, int64_t offset,
-               int64_t n, float alpha, int num_threads, double timeout_s);
+  // Range-checked slot access (std::out_of_range otherwise).
+  ChunkSlot& chunk(int64_t k) const;
+  WorkerSlot& worker(int id) const;
 
   // cudaHostRegister of the whole mapping (a no-op returning false without CUDA in the build).
   bool pin_for_cuda();
 
  private:
   Segment(std::string name, int fd, void* base, size_t bytes);
-  ChunkSlot& chunk(int64_t k) const;
-  WorkerSlot& worker(int id) const;
 
   std::string name_;
   int fd_ = -1;

@@ -1,4 +1,9 @@
-#include "shared_segment.h"
+// Creating, attaching and validating a shared center (see segment.h).
+#include "segment.h"
+
+#if defined(EASGD_EXT_WITH_CUDA)
+#include "kernels.h"  // cuda::host_register
+#endif
 
 #include <errno.h>
 #include <fcntl.h>
@@ -12,11 +17,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
-#include "cpu_isa.h"
+#include "process_liveness.h"
+#include "shm_names.h"
 
 namespace easgd {
 namespace shm {
@@ -43,31 +47,7 @@ Plan plan(int64_t numel, int64_t chunk_numel, int max_workers) {
   return p;
 }
 
-// POSIX names are "/name"; we take "name" (a leading "/" is tolerated) of safe characters.
-std::string posix_name(const std::string& name) {
-  const std::string bare = !name.empty() && name[0] == '/' ? name.substr(1) : name;
-  if (bare.empty() || bare.size() > 200) {
-    throw std::invalid_argument("name must be 1 to 200 characters, got '" + name + "'");
-  }
-  for (char ch : bare) {
-    const bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-                    ch == '-' || ch == '_' || ch == '.';
-    if (!ok) {
-      throw std::invalid_argument("name '" + name + "' may only contain letters, digits, '-', '_' "
-                                  "and '.'");
-    }
-  }
-  if (bare == "." || bare == "..") throw std::invalid_argument("name '" + name + "' is not allowed");
-  return "/" + bare;
-}
-
 std::string errno_text(int err) { return std::strerror(err); }
-
-int64_t now_unix_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
 
 std::string format_time(int64_t unix_ns) {
   const time_t secs = time_t(unix_ns / 1000000000);
@@ -76,23 +56,6 @@ std::string format_time(int64_t unix_ns) {
   char out[64];
   strftime(out, sizeof out, "%Y-%m-%d %H:%M:%S", &parts);
   return out;
-}
-
-// "/proc/<pid>/stat": "pid (comm) S ppid ..."; the state is the field after the last ')', and
-// the start time is the 20th field after it.
-bool read_proc_stat(int64_t pid, char* state, uint64_t* start_ticks) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!in || !std::getline(in, line)) return false;
-  const size_t close = line.rfind(')');
-  if (close == std::string::npos) return false;
-  std::istringstream rest(line.substr(close + 1));
-  std::string field;
-  for (int i = 1; i <= 20 && rest >> field; ++i) {
-    if (i == 1) *state = field.empty() ? '?' : field[0];
-    if (i == 20) { *start_ticks = std::strtoull(field.c_str(), nullptr, 10); return true; }
-  }
-  return false;
 }
 
 std::string describe_creator(const SegmentHeader& h, bool alive) {
@@ -134,52 +97,7 @@ std::string describe_existing(const std::string& name, const std::string& posix)
   return what;
 }
 
-timespec deadline_after(double seconds) {
-  timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  const double whole = double(int64_t(seconds));
-  ts.tv_sec += time_t(whole);
-  ts.tv_nsec += long((seconds - whole) * 1e9);
-  if (ts.tv_nsec >= 1000000000L) { ts.tv_sec += 1; ts.tv_nsec -= 1000000000L; }
-  return ts;
-}
-
 }  // namespace
-
-std::vector<ChunkSpan> chunk_plan(int64_t offset, int64_t n, int64_t chunk_numel, int worker,
-                                  int workers) {
-  if (offset < 0 || chunk_numel < 1 || workers < 1 || worker < 0 || worker >= workers) {
-    throw std::invalid_argument("chunk_plan: offset >= 0, chunk_numel >= 1 and 0 <= worker < workers");
-  }
-  std::vector<ChunkSpan> plan;
-  if (n <= 0) return plan;
-  const int64_t first = offset / chunk_numel, last = (offset + n - 1) / chunk_numel;
-  const int64_t count = last - first + 1;
-  const int64_t start = int64_t(worker) * count / int64_t(workers);
-  plan.reserve(size_t(count));
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t k = first + (start + i) % count;
-    plan.push_back({k, std::max(offset, k * chunk_numel) - offset,
-                    std::min(offset + n, (k + 1) * chunk_numel) - offset});
-  }
-  return plan;
-}
-
-uint64_t process_start_ticks(int64_t pid) {
-  char state = '?';
-  uint64_t ticks = 0;
-  return read_proc_stat(pid, &state, &ticks) ? ticks : 0;
-}
-
-bool process_alive(int64_t pid, uint64_t start_ticks) {
-  if (pid <= 0) return false;
-  if (kill(pid_t(pid), 0) != 0 && errno == ESRCH) return false;
-  char state = '?';
-  uint64_t ticks = 0;
-  if (!read_proc_stat(pid, &state, &ticks)) return true;  // no /proc: kill() said it exists
-  if (state == 'Z' || state == 'X') return false;           // exited, not yet reaped
-  return start_ticks == 0 || ticks == start_ticks;          // a reused PID is someone else
-}
 
 Segment::Segment(std::string name, int fd, void* base, size_t bytes)
     : name_(std::move(name)), fd_(fd), base_(base), bytes_(bytes) {
@@ -350,180 +268,6 @@ bool Segment::unlink(const std::string& name) {
 
 bool Segment::creator_alive() const {
   return process_alive(header_->creator_pid, header_->creator_start_ticks);
-}
-
-ChunkSlot& Segment::chunk(int64_t k) const {
-  if (k < 0 || k >= header_->num_chunks) {
-    throw std::out_of_range("chunk " + std::to_string(k) + " is out of range [0, " +
-                            std::to_string(header_->num_chunks) + ")");
-  }
-  return reinterpret_cast<ChunkSlot*>(static_cast<char*>(base_) + header_->chunks_offset)[k];
-}
-
-WorkerSlot& Segment::worker(int id) const {
-  if (id < 0 || uint32_t(id) >= header_->max_workers) {
-    throw std::out_of_range("worker " + std::to_string(id) + " is out of range [0, " +
-                            std::to_string(header_->max_workers) + ")");
-  }
-  return reinterpret_cast<WorkerSlot*>(static_cast<char*>(base_) + header_->workers_offset)[id];
-}
-
-LockResult Segment::lock(int64_t k, double timeout_s) {
-  ChunkSlot& s = chunk(k);
-  int rc;
-  if (timeout_s > 0 && timeout_s < 1e9) {
-    const timespec deadline = deadline_after(timeout_s);
-    rc = pthread_mutex_timedlock(&s.mutex, &deadline);
-  } else {
-    rc = pthread_mutex_lock(&s.mutex);
-  }
-  if (rc == EOWNERDEAD) {
-    // The holder died with the lock. Its writes, if any, are whole floats (an element is its
-    // old or its new value), so the chunk stays finite; `dirty` says whether it was mid-update.
-    pthread_mutex_consistent(&s.mutex);
-    const bool partial = s.dirty.exchange(0) != 0;
-    (partial ? header_->partial_recoveries : header_->clean_recoveries).fetch_add(1);
-    s.holder_pid.store(getpid());
-    return partial ? LockResult::recovered_partial : LockResult::recovered_clean;
-  }
-  if (rc == ETIMEDOUT) {
-    const int64_t holder = s.holder_pid.load();
-    throw LockTimeout("chunk " + std::to_string(k) + " of shared center '" + name_ +
-                      "' is still locked after " + std::to_string(timeout_s) + " s by pid " +
-                      std::to_string(holder) +
-                      (process_alive(holder, 0) ? " (alive: stuck?)" : " (not running)"));
-  }
-  if (rc == EDEADLK) {
-    throw std::runtime_error("chunk " + std::to_string(k) + " of shared center '" + name_ +
-                             "' is already locked by this thread");
-  }
-  if (rc != 0) {
-    throw std::runtime_error("locking chunk " + std::to_string(k) + " of shared center '" + name_ +
-                             "' failed: " + errno_text(rc));
-  }
-  s.holder_pid.store(getpid());
-  return LockResult::acquired;
-}
-
-void Segment::unlock(int64_t k) {
-  ChunkSlot& s = chunk(k);
-  const int64_t holder = s.holder_pid.exchange(0);
-  const int rc = pthread_mutex_unlock(&s.mutex);
-  if (rc != 0) {
-    s.holder_pid.store(holder);
-    throw std::runtime_error("chunk " + std::to_string(k) + " of shared center '" + name_ +
-                             "' is not locked by this thread (" + errno_text(rc) + ")");
-  }
-}
-
-void Segment::set_dirty(int64_t k, bool dirty) {
-  chunk(k).dirty.store(dirty ? 1 : 0, std::memory_order_release);
-}
-
-int Segment::register_worker() {
-  const int64_t me = getpid();
-  const uint64_t ticks = process_start_ticks(me);
-  for (uint32_t id = 0; id < header_->max_workers; ++id) {
-    WorkerSlot& w = worker(int(id));
-    uint32_t state = kFree;
-    bool claimed = w.state.compare_exchange_strong(state, kActive);
-    if (!claimed && state == kActive) {
-      // A slot whose worker died can be taken over; it starts afresh.
-      int64_t holder = w.pid.load();
-      claimed = holder > 0 && !process_alive(holder, w.start_ticks.load()) &&
-                w.pid.compare_exchange_strong(holder, -1);
-    }
-    if (!claimed) continue;
-    w.start_ticks.store(ticks);
-    w.clock.store(0);
-    w.exchanges.store(0);
-    w.last_unix_ns.store(0);
-    w.lock_wait_ns.store(0);
-    w.pid.store(me);
-    return int(id);
-  }
-  throw Incompatible("all " + std::to_string(header_->max_workers) + " worker slots of shared center '" +
-                     name_ + "' are taken by running workers; create it with more workers");
-}
-
-void Segment::finish_worker(int id) { worker(id).state.store(kFinished); }
-
-void Segment::record_exchange(int id, uint64_t clock) {
-  WorkerSlot& w = worker(id);
-  w.clock.store(clock, std::memory_order_relaxed);
-  w.last_unix_ns.store(now_unix_ns(), std::memory_order_relaxed);
-  w.exchanges.fetch_add(1, std::memory_order_release);
-}
-
-std::vector<WorkerInfo> Segment::workers() const {
-  std::vector<WorkerInfo> out;
-  for (uint32_t id = 0; id < header_->max_workers; ++id) {
-    const WorkerSlot& w = worker(int(id));
-    const uint32_t state = w.state.load();
-    if (state == kFree) continue;
-    const int64_t pid = w.pid.load();
-    out.push_back({int(id), state == kActive ? "active" : "finished", pid,
-                   process_alive(pid, w.start_ticks.load()), w.clock.load(), w.exchanges.load(),
-                   w.last_unix_ns.load(), w.lock_wait_ns.load()});
-  }
-  return out;
-}
-
-std::vector<uint64_t> Segment::chunk_updates() const {
-  std::vector<uint64_t> out(size_t(header_->num_chunks));
-  for (int64_t k = 0; k < header_->num_chunks; ++k) out[size_t(k)] = chunk(k).updates.load();
-  return out;
-}
-
-int Segment::exchange(int worker_id, ExchangeKind kind, const Buf& x, const Buf* x_last,
-                      int64_t offset, int64_t n, float alpha, int num_threads, double timeout_s) {
-  WorkerSlot& me = worker(worker_id);  // range-checked
-  if (offset < 0 || n < 0 || offset + n > header_->numel) {
-    throw std::invalid_argument("center range [" + std::to_string(offset) + ", " + std::to_string(offset + n) +
-                                ") is outside shared center '" + name_ + "' of " +
-                                std::to_string(header_->numel) + " elements");
-  }
-  if (kind == ExchangeKind::downpour && x_last == nullptr) {
-    throw std::invalid_argument("a DOWNPOUR exchange needs x_last");
-  }
-  const int elt = dtype_size(x.dtype);
-  Exec exec;
-  exec.num_threads = num_threads < 1 ? 1 : num_threads;
-  int recovered = 0;
-  for (const ChunkSpan& span : chunk_plan(offset, n, header_->chunk_numel, worker_id,
-                                          int(header_->max_workers))) {
-    const int64_t k = span.chunk;
-    KernelArgs a;
-    a.numel = span.end - span.begin;
-    a.scalar = alpha;
-    a.bufs[0] = Buf{static_cast<char*>(x.ptr) + span.begin * elt, x.dtype};
-    const Buf center{data_ + offset + span.begin, DType::f32};
-    if (kind == ExchangeKind::easgd) {
-      a.bufs[1] = center;
-    } else {
-      a.bufs[1] = Buf{static_cast<char*>(x_last->ptr) + span.begin * elt, x.dtype};
-      a.bufs[2] = center;
-    }
-    const auto asked = std::chrono::steady_clock::now();
-    if (lock(k, timeout_s) != LockResult::acquired) ++recovered;
-    me.lock_wait_ns.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                  std::chrono::steady_clock::now() - asked).count()),
-                              std::memory_order_relaxed);
-    ChunkSlot& s = chunk(k);
-    s.dirty.store(1, std::memory_order_release);
-    try {
-      cpu::launch(kind == ExchangeKind::easgd ? Kernel::async_exchange : Kernel::downpour_async_exchange,
-                  a, exec);
-    } catch (...) {
-      s.dirty.store(0);
-      unlock(k);
-      throw;
-    }
-    s.dirty.store(0, std::memory_order_release);
-    s.updates.fetch_add(1, std::memory_order_relaxed);
-    unlock(k);
-  }
-  return recovered;
 }
 
 bool Segment::pin_for_cuda() {

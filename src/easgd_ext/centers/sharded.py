@@ -11,8 +11,8 @@ Messages (tags keep them apart; the data always follow their header from the sam
 ==========  ================================  =========================================
 request     worker -> server, data             server -> worker
 ==========  ================================  =========================================
-EXCHANGE    EASGD: x slice                     x slice after ``x -= e``, having done ``c += e``
-EXCHANGE    DOWNPOUR: v = x - x_last           the center slice after ``c += v``
+EXCHANGE    the algorithm's payload            its reply (EASGD: x slice after ``x -= e``,
+            (EASGD: x; DOWNPOUR: x - x_last)   having done ``c += e``; DOWNPOUR: ``c += v``, c)
 READ        -                                  the center slice (float32)
 WRITE       float32 center slice               -
 DONE        -                                  - (the server returns once all workers are done)
@@ -29,9 +29,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from . import ops
-from ._dist import Comm
-from .flat_params import ALIGN_ELEMENTS, FlatGroup
+from .._dist import Comm
+from ..algorithms import Algorithm
+from ..flat_params import ALIGN_ELEMENTS, FlatGroup
+from ..stats import Outcome
 
 OP_EXCHANGE, OP_READ, OP_WRITE, OP_DONE = 1, 2, 3, 4
 TAG_REQUEST, TAG_DATA, TAG_REPLY = 0x4EA1, 0x4EA2, 0x4EA3
@@ -69,13 +70,18 @@ def check_servers(servers: object, world_size: int) -> list[int]:
 
 
 class ShardedCenter:
-    """One rank's end of the sharded center: a server's shards, or a worker's client."""
+    """The center of ``mode="async", servers=[...]``: one rank's end of it, a server's shards or
+    a worker's client."""
 
-    def __init__(self, comm: Comm, groups: list[FlatGroup], servers: list[int], kind: str,
-                 alpha: float) -> None:
-        self.kind, self.alpha = kind, alpha
+    transport = "sharded over server ranks"
+
+    def __init__(self, comm: Comm, groups: list[FlatGroup], servers: list[int],
+                 algorithm: Algorithm, on_nonfinite: str) -> None:
+        self.algorithm = algorithm
+        self._reset = on_nonfinite == "reset"
         self.servers = servers
-        self.workers = [r for r in range(comm.world_size) if r not in servers]
+        self.workers_ranks = [r for r in range(comm.world_size) if r not in servers]
+        self.workers = len(self.workers_ranks)
         self.is_server = comm.rank in servers
         # Control and data go over Gloo, the backend with any-source receives.
         self._group = comm.group
@@ -94,6 +100,8 @@ class ShardedCenter:
             self._inbox = [torch.empty(e - s, dtype=g.dtype) for g, (s, e) in zip(groups, mine)]
             self.requests: dict[str, int] = {"exchange": 0, "read": 0, "write": 0}
         else:
+            for g in groups:
+                algorithm.init_buffers(g)
             # Host-side staging for CUDA parameters (Gloo moves CPU tensors), and the replies
             # (a buffer of their own: they are received while the request is still being sent).
             self._host = [g.flat if g.device.type == "cpu" else torch.empty(g.flat.numel(), dtype=g.dtype)
@@ -109,7 +117,7 @@ class ShardedCenter:
         header = torch.zeros(2, dtype=torch.int64)
         done: set[int] = set()
         names = {OP_EXCHANGE: "exchange", OP_READ: "read", OP_WRITE: "write", OP_DONE: "done"}
-        while len(done) < len(self.workers):
+        while len(done) < self.workers:
             src = dist.recv(header, src=None, group=self._group, tag=TAG_REQUEST)
             op = int(header[0])
             if op == OP_EXCHANGE:
@@ -137,11 +145,7 @@ class ShardedCenter:
             if not c.numel():
                 continue
             dist.recv(box, src=src, group=self._group, tag=TAG_DATA)
-            if self.kind == "easgd":
-                ops.async_exchange(box, c, self.alpha)   # box: the worker's new x; c += what it lost
-            else:
-                c.add_(box.to(torch.float32))            # DOWNPOUR: c += v, reply with c
-                box.copy_(c)
+            self.algorithm.serve_shard(box, c)
             dist.send(box, dst=src, group=self._group, tag=TAG_REPLY)
 
     # ---- worker side ------------------------------------------------------------------------------
@@ -173,26 +177,27 @@ class ShardedCenter:
                     out.append((self._global(server), buf[s:e]))
         return out
 
-    def exchange(self, clock: int, x_last: list[torch.Tensor] | None, wire: list[torch.Tensor] | None) -> None:
-        """One exchange with every shard: the parameters (EASGD) or their change since the last
-        pull (DOWNPOUR) go out, the new parameters come back."""
+    def exchange(self, clock: int) -> Outcome:
+        """One exchange with every shard: the algorithm's payload goes out, the new
+        parameters come back. Non-finite parameters skip it (the center is left alone)."""
+        if self._closed:
+            raise RuntimeError("exchange() after close()")
         for g, host in zip(self._groups, self._host):
             if host is not g.flat:
                 host.copy_(g.flat)
-        if self.kind == "easgd":
-            payload = self._host
-        else:
-            assert x_last is not None and wire is not None
-            for host, last, w in zip(self._host, x_last, wire):
-                ops.downpour_push(host, last, w)
-            payload = wire
+        if any(not torch.isfinite(h).all() for h in self._host):  # host memory: no device sync
+            if self._reset:  # restart from the center, which this worker leaves alone
+                for g, c in zip(self._groups, self.read()):
+                    self.algorithm.take_reply(g, c.to(g.dtype))
+            return Outcome(clock, 1, True, False, applied=self._reset)
+        payload = [self.algorithm.shard_payload(g, h) for g, h in zip(self._groups, self._host)]
         self._transact(OP_EXCHANGE, clock, send=payload, receive=self._reply)
-        with torch.no_grad():
-            for g, reply in zip(self._groups, self._reply):
-                g.flat.copy_(reply)
-            if x_last is not None:
-                for last, reply in zip(x_last, self._reply):
-                    last.copy_(reply)
+        for g, reply in zip(self._groups, self._reply):
+            self.algorithm.take_reply(g, reply)
+        return Outcome(clock)
+
+    def bytes_per_exchange(self) -> int:
+        return sum(g.flat.nbytes for g in self._groups)
 
     def read(self) -> list[torch.Tensor]:
         """The whole center (float32, on the CPU), assembled from every server."""
@@ -212,4 +217,4 @@ class ShardedCenter:
             self._transact(OP_DONE)
 
     def describe(self) -> dict[str, Any]:
-        return {"servers": self.servers, "workers": self.workers}
+        return {"servers": self.servers, "workers": self.workers_ranks}

@@ -1,0 +1,220 @@
+"""What a worker learns about its exchanges, and when.
+
+On CUDA an exchange returns as soon as its work is enqueued, so what it did (was any rank's
+contribution non-finite? was this rank reset? did a float16 sum overflow? how long did it
+take?) is read later: each exchange leaves a small status vector on the device, copied into
+pinned host memory behind an event. :class:`ExchangeLog` reads a record once its event has
+completed (at the next exchange, without waiting) or when someone asks for ``stats`` (waiting
+then). On the CPU the status is host memory and is read at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+# The status vector every exchange leaves (float32, one per device):
+ME_BAD, BAD_RANKS, OVERFLOW = 0, 1, 2
+STATUS_LEN = 4
+RING = 8  # status records in flight on a GPU before an exchange waits for the oldest
+
+
+@dataclass
+class ExchangeStats:
+    """Counters of one worker's exchanges.
+
+    ``exchanges``: exchanges that were applied. ``skipped_exchanges``: exchanges that changed
+    nothing because some rank's contribution was not finite (``on_nonfinite="skip"`` or
+    ``"raise"``). ``resets``: exchanges in which this worker's parameters were not finite and
+    were reset to the center (``on_nonfinite="reset"``). ``overflowed_exchanges``: exchanges in
+    which a float16 sum overflowed (those elements were left as they were). ``bytes_sent`` is
+    the payload this rank hands to its all-reduces (a ring all-reduce puts about ``2 (p - 1) /
+    p`` times that on the wire); in asynchronous mode, what a worker sends to the sharded
+    center's servers (0 with the shared-memory center: no network). ``comm_seconds`` is the
+    total time spent in exchanges (kernels, all-reduce and waits: what communication costs the
+    loop); on CUDA it is measured with events, without synchronizing the device.
+    """
+    exchanges: int = 0
+    skipped_exchanges: int = 0
+    resets: int = 0
+    overflowed_exchanges: int = 0
+    bytes_sent: int = 0
+    comm_seconds: float = 0.0
+    last_exchange_seconds: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What one exchange did, as this rank learns it."""
+    clock: int
+    bad_ranks: int = 0        # ranks whose contribution was not finite
+    me_bad: bool = False      # this rank's was not
+    overflow: bool = False    # a float16 sum overflowed somewhere
+    applied: bool = True      # anything was applied at all
+
+
+class NonFiniteError(RuntimeError):
+    """``on_nonfinite="raise"``: an exchange met a non-finite contribution and changed nothing."""
+
+
+class _Timer:
+    """Wall time on the CPU; CUDA events on the GPU, read only when someone asks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start_event = torch.cuda.Event(enable_timing=True)
+            self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record()
+        else:
+            self.start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end_event.record()
+        else:
+            self.seconds = time.perf_counter() - self.start
+
+    def ready(self) -> bool:
+        return not self.cuda or self.end_event.query()
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self.end_event.synchronize()
+            return self.start_event.elapsed_time(self.end_event) / 1e3
+        return self.seconds
+
+
+@dataclass
+class _Pending:
+    clock: int
+    timer: _Timer
+    status: Any                   # numpy view of the pinned host copy, or None: outcome known
+    done: torch.cuda.Event | None
+    outcome: Outcome | None       # known at once (CPU, async)
+    bytes_sent: int
+
+
+class ExchangeLog:
+    """The exchanges in flight and the counters of those read back. ``on_outcome`` decides
+    what an outcome means for the user (warnings, errors, resetting an optimizer)."""
+
+    def __init__(self, on_outcome: Callable[[Outcome], None], skips_on_bad: bool) -> None:
+        self.stats = ExchangeStats()
+        self.skips_on_bad = skips_on_bad  # a non-finite contribution stops the whole exchange
+        self._pending: deque[_Pending] = deque()
+        self._on_outcome = on_outcome
+        self._host_status: torch.Tensor | None = None  # pinned ring, made on first CUDA use
+        self._slot = 0
+
+    def start(self, device: torch.device) -> _Timer:
+        self.poll()  # read whatever has finished meanwhile, never waiting
+        return _Timer(device)
+
+    def finish(self, clock: int, timer: _Timer, status: torch.Tensor | None, bytes_sent: int,
+               outcome: Outcome | None = None, host_status: Any = None) -> None:
+        """Records an exchange: a CUDA ``status`` vector is copied to pinned memory behind an
+        event; a CPU one is read at once through ``host_status`` (its numpy view: no tensor
+        method, nothing a device could wait for); ``outcome`` is given where it is known."""
+        timer.stop()
+        host, done = None, None
+        if outcome is None and status is not None:
+            if status.is_cuda:
+                host, done = self._copy_status(status)
+            else:
+                outcome = outcome_of(clock, host_status, self.skips_on_bad)
+        self._pending.append(_Pending(clock, timer, host, done, outcome, bytes_sent))
+        if len(self._pending) > RING:
+            self._resolve(self._pending.popleft())
+        self.poll()  # what is known already (CPU, asynchronous mode) is reported now
+
+    def poll(self) -> None:
+        while self._pending and self._ready(self._pending[0]):
+            self._resolve(self._pending.popleft())
+
+    def drain(self) -> ExchangeStats:
+        """Waits for every exchange in flight and returns the counters."""
+        while self._pending:
+            self._resolve(self._pending.popleft())
+        return self.stats
+
+    def reset(self, stats: ExchangeStats) -> None:
+        self._pending.clear()
+        self.stats = stats
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _copy_status(self, status: torch.Tensor) -> tuple[Any, torch.cuda.Event]:
+        if self._host_status is None:
+            self._host_status = torch.zeros((RING + 1, STATUS_LEN), pin_memory=True)
+            self._host_view = self._host_status.numpy()
+        slot = self._slot
+        self._slot = (self._slot + 1) % (RING + 1)  # RING + 1 slots: the oldest is read first
+        self._host_status[slot].copy_(status, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return self._host_view[slot], done
+
+    @staticmethod
+    def _ready(p: _Pending) -> bool:
+        return (p.done is None or p.done.query()) and p.timer.ready()
+
+    def _resolve(self, p: _Pending) -> None:
+        if p.done is not None:
+            p.done.synchronize()
+        outcome = p.outcome if p.outcome is not None else outcome_of(p.clock, p.status,
+                                                                     self.skips_on_bad)
+        seconds = p.timer.elapsed()
+        s = self.stats
+        s.comm_seconds += seconds
+        s.last_exchange_seconds = seconds
+        s.bytes_sent += p.bytes_sent
+        if outcome.applied:
+            s.exchanges += 1
+        else:
+            s.skipped_exchanges += 1
+        s.resets += int(outcome.applied and outcome.me_bad)
+        s.overflowed_exchanges += int(outcome.overflow)
+        self._on_outcome(outcome)
+
+
+def outcome_of(clock: int, status: Any, skips_on_bad: bool) -> Outcome:
+    """An :class:`Outcome` from a status vector in host memory (a numpy view). With a skipping
+    policy an exchange with a bad rank applied nothing; the resetting one applied the healthy
+    ranks' part and reset the bad ones."""
+    me_bad, bad, overflow = float(status[ME_BAD]), float(status[BAD_RANKS]), float(status[OVERFLOW])
+    return Outcome(clock, int(bad), me_bad != 0, overflow != 0, bad == 0 or not skips_on_bad)
+
+
+class Throttle:
+    """Warns the 1st, 2nd, 4th, 8th, ... time something happens, so a recurring problem is
+    reported without flooding a long run's log."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> bool:
+        self.count += 1
+        return self.count & (self.count - 1) == 0
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` pointing at the first frame outside easgd_ext and torch: the user's
+    ``avg.step()`` or ``opt.step()`` line, not a line of this package."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            (_PACKAGE_DIR, _TORCH_DIR)):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
