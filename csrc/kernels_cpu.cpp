@@ -37,7 +37,7 @@ struct CpuLauncher {
     const int threads = threads_for(n, num_threads);
     (void)threads;  // unused when built without OpenMP
     int seen = 0;
-#pragma omp parallel for simd schedule(static) num_threads(threads) reduction(| : seen)
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : seen) firstprivate(f, dec)
     for (int64_t i = 0; i < n; ++i) {
       typename F::template Regs<1> r;
       f.template load<1>(i, r);
