@@ -44,9 +44,12 @@ def _entry(rank: int, world: int, store_path: str, out_dir: str, fn: Callable[..
     dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 240.0) -> list[RankResult]:
+def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 240.0,
+              casualties: tuple[int, ...] = ()) -> list[RankResult]:
     """Runs ``fn(rank, world, *args)`` on ``world`` processes; returns each rank's result.
-    Raises ``TimeoutError`` if any process is still running after ``timeout`` seconds."""
+    Raises ``TimeoutError`` if any process is still running after ``timeout`` seconds. The
+    ``casualties`` are expected to die or freeze: once the others are done they are killed, and
+    their result is an empty RankResult."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
@@ -55,15 +58,22 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 2
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for r, p in enumerate(procs):
+            if r not in casualties:
+                p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive() and r not in casualties]
+        for r in casualties:
+            procs[r].kill()
+            procs[r].join(10)
         if hung:
             for p in procs:
                 p.kill()
             raise TimeoutError(f"ranks {hung} of {world} hung (still running after the deadline)")
         results = []
         for r, p in enumerate(procs):
+            if r in casualties:
+                results.append(RankResult())
+                continue
             path = Path(tmp) / f"rank{r}.pt"
             if not path.exists():
                 raise RuntimeError(f"rank {r} died with exit code {p.exitcode} without a result")

@@ -275,3 +275,35 @@ def resume_case(rank: int, world: int, algo: str, comm: str | None, split: int |
     stats = asdict(avg.stats)
     return {"x": [p.detach().clone() for p in params], "center": [c.clone() for c in avg.center_state()],
             "clock": avg.clock, "exchanges": stats["exchanges"], "bytes_sent": stats["bytes_sent"]}
+
+
+def sync_fault(rank: int, world: int, fault: str, steps: int, exchange_timeout: float) -> dict:
+    """Rank 1 dies (``kill``: SIGKILL to itself), freezes (``stop``: SIGSTOP) or simply leaves
+    the loop one step early (``uneven``) at step ``steps``; the other ranks report what their
+    step() raised, how long it took, and whether the failed exchange changed anything."""
+    import os
+    import signal
+    import time
+
+    params = [torch.nn.Parameter(torch.randn(5000, generator=torch.Generator().manual_seed(rank)))]
+    avg = easgd_ext.ElasticAverager(params, tau=1, exchange_timeout=exchange_timeout)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            params[0].add_(0.1)
+        if rank == 1 and step == steps:
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif fault == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            else:  # uneven: this rank's loop is one step shorter
+                return {"left": True}
+        x, c = params[0].detach().clone(), avg.center_state()[0].clone()
+        start = time.monotonic()
+        try:
+            avg.step()
+        except easgd_ext.ExchangeError as exc:
+            return {"error": str(exc), "silent": exc.silent_ranks, "clock": avg.clock,
+                    "seconds": time.monotonic() - start, "exchanges": avg.stats.exchanges,
+                    "x_unchanged": torch.equal(params[0].detach(), x),
+                    "center_unchanged": torch.equal(avg.center_state()[0], c), "step": step}
+    return {"error": None}

@@ -14,13 +14,13 @@ from typing import Any
 from . import ops
 from ._native import native
 from .averager import DownpourAverager, ElasticAverager, PeriodicAverager
-from .centers import ExchangeTimeout
+from .centers import ExchangeError
 from .shared_center import SharedCenter, StaleSegmentError
 from .stats import ExchangeStats, NonFiniteError
 
 __version__ = "0.1.0"
 __all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "SharedCenter",
-           "StaleSegmentError", "ExchangeStats", "NonFiniteError", "ExchangeTimeout",
+           "StaleSegmentError", "ExchangeStats", "NonFiniteError", "ExchangeError",
            "build_info", "ops", "__version__"]
 
 

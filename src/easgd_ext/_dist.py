@@ -5,6 +5,7 @@ construction-time agreement that turns a local mistake into the same error on ev
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -104,3 +105,27 @@ def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         dist.broadcast(t, src=src, group=comm.group)
 
+
+
+def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int]:
+    """After a failed collective: which group ranks did not report the same failure within
+    ``grace`` seconds. Each rank that fails writes a key to the process group's store (the
+    launcher's, which outlives any rank) and watches for the others' keys; nothing touches the
+    store while collectives succeed. Returns [] where no store can be reached."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        ranks = dist.get_process_group_ranks(comm.group)
+    except Exception:  # noqa: BLE001 -- no store, no names: the caller still reports the failure
+        return []
+    prefix = f"easgd_ext/failed/{'-'.join(map(str, ranks))}/{event}/"
+    try:
+        store.set(prefix + str(comm.rank), "1")
+        deadline = time.monotonic() + grace
+        missing = list(range(comm.world_size))
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([prefix + str(r)])]
+            if missing:
+                time.sleep(0.05)
+        return missing
+    except Exception:  # noqa: BLE001 -- the store's host may be the rank that died
+        return []

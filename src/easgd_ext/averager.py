@@ -16,7 +16,8 @@ import torch
 
 from . import _dist
 from .algorithms import Algorithm, Averaging, Downpour, Elastic
-from .centers import ReplicatedCenter, ShardedCenter, SharedMemoryCenter, check_servers
+from .centers import (ExchangeError, ReplicatedCenter, ShardedCenter, SharedMemoryCenter,
+                      check_servers)
 from .centers.shared import attach_given
 from .flat_params import collect_parameters, flatten, layout_of
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
@@ -169,7 +170,14 @@ class Averager:
         self.clock += 1
         if self.clock % self.tau:
             return False
-        self.exchange()
+        try:
+            self.exchange()
+        except ExchangeError as exc:
+            self.clock -= 1  # the exchange did not happen: the next step() repeats it
+            raise ExchangeError(
+                f"{exc}. The clock is back at {self.clock}: the next step() repeats this "
+                "exchange, and a checkpoint taken now (model, optimizer, averager) resumes "
+                "consistently", exc.clock, exc.silent_ranks) from exc.__cause__
         return True
 
     def exchange(self) -> None:

@@ -203,6 +203,10 @@ class GradientAllReduce:
         self.comm_seconds = 0.0
         self.bytes_sent = 0
         self.exchanges = 0
+        # One persistent buffer, and the last collective kept: a temporary tensor in a Gloo work
+        # can be released by Gloo's thread at interpreter exit, which aborts the process.
+        self.flat = torch.empty(sum(p.numel() for p in self.params), device=self.params[0].device)
+        self.work = None
         if dist.is_initialized():
             for p in self.params:
                 dist.broadcast(p.data, src=0)
@@ -210,16 +214,17 @@ class GradientAllReduce:
     def __call__(self) -> None:
         start = time.perf_counter()
         grads = [p.grad for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat)
         if dist.is_initialized():
-            dist.all_reduce(flat)
-        flat.div_(self.world)
+            self.work = dist.all_reduce(self.flat, async_op=True)
+            self.work.wait()
+        self.flat.div_(self.world)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(self.flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
         self.comm_seconds += time.perf_counter() - start
-        self.bytes_sent += flat.nbytes
+        self.bytes_sent += self.flat.nbytes
         self.exchanges += 1
 
 

@@ -13,9 +13,9 @@ per flat group), ``bytes_per_exchange()``, ``close()``, and the attributes ``wor
 sets the default moving rate) and ``transport``.
 """
 
-from .replicated import ExchangeTimeout, ReplicatedCenter
+from .replicated import ExchangeError, ReplicatedCenter
 from .sharded import ShardedCenter, check_servers
 from .shared import SharedMemoryCenter
 
-__all__ = ["ReplicatedCenter", "SharedMemoryCenter", "ShardedCenter", "ExchangeTimeout",
+__all__ = ["ReplicatedCenter", "SharedMemoryCenter", "ShardedCenter", "ExchangeError",
            "check_servers"]

@@ -9,7 +9,7 @@ One exchange, all of it enqueued on the current stream with no host synchronizat
    the rank's contribution;
 3. one all-reduce per bucket; the header travels in the first bucket, so after the sum it holds
    how many ranks flagged: one collective per bucket, never a separate one for the flag;
-4. the apply kernels read that count on the device and decide there: skip the whole exchange
+4. once every bucket has arrived, the apply kernels read that count on the device and decide there: skip the whole exchange
    (``on_nonfinite="skip"``/``"raise"``), or apply the healthy ranks' sum and reset the flagged
    rank to the center (``"reset"``). A float16 sum that overflowed leaves those elements alone
    on every rank alike (they all see the same sum) and sets ``status[OVERFLOW]``.
@@ -36,8 +36,15 @@ HEADER = ALIGN_ELEMENTS  # wire elements before the data: the flag, padded to ke
 POLICIES = {"skip": 0, "raise": 0, "reset": 1}
 
 
-class ExchangeTimeout(RuntimeError):
-    """A synchronous exchange did not complete within ``exchange_timeout`` seconds."""
+class ExchangeError(RuntimeError):
+    """A synchronous exchange could not complete: another rank died, froze (no progress within
+    ``exchange_timeout``) or stopped exchanging. ``clock`` is the exchange's, ``silent_ranks``
+    the group ranks that did not report the failure themselves within a few seconds."""
+
+    def __init__(self, message: str, clock: int, silent_ranks: list[int]) -> None:
+        super().__init__(message)
+        self.clock = clock
+        self.silent_ranks = silent_ranks
 
 
 class ReplicatedCenter:
@@ -109,41 +116,41 @@ class ReplicatedCenter:
 
     def exchange(self, clock: int) -> None:
         """One exchange (collective: every rank calls it). Returns once the work is enqueued
-        (CUDA with NCCL) or done (CPU); what it did is in ``status``."""
+        (CUDA with NCCL) or done (CPU); what it did is in ``status``. Every bucket arrives
+        before anything is applied, so an exchange that fails (a rank died, froze or stopped
+        exchanging) raises :class:`ExchangeError` with the parameters and the center as they
+        were."""
         threads = num_threads()
         for device, launches in self._prepare:
             native.run(launches, stream_of(device), threads)
         comm = self._comm
-        if not comm.distributed:
-            for device, launches in self._apply_all:
-                native.run(launches, stream_of(device), threads)
-        elif self._host_waits:
-            self._works = [dist.all_reduce(w, group=comm.group, async_op=True)
-                           for _, w, _ in self._buckets]
-            for (device, _, apply), work in zip(self._buckets, self._works):
-                self._wait(work)
-                if apply is not None:
-                    native.run([apply], stream_of(device), threads)
-        elif torch.cuda.is_current_stream_capturing():
-            for _, w, _ in self._buckets:  # captured into the graph with the kernels
-                dist.all_reduce(w, group=comm.group)
-            for device, launches in self._apply_all:
-                native.run(launches, stream_of(device), threads)
-        else:  # NCCL: enqueued behind the send kernels; wait() makes the stream (not us) wait
-            self._works = [dist.all_reduce(w, group=comm.group, async_op=True)
-                           for _, w, _ in self._buckets]
-            for work in self._works:
-                work.wait()
-            for device, launches in self._apply_all:
-                native.run(launches, stream_of(device), threads)
+        if comm.distributed:
+            if not self._host_waits and torch.cuda.is_current_stream_capturing():
+                for _, w, _ in self._buckets:  # captured into the graph with the kernels
+                    dist.all_reduce(w, group=comm.group)
+            else:
+                self._works = [dist.all_reduce(w, group=comm.group, async_op=True)
+                               for _, w, _ in self._buckets]
+                for work in self._works:
+                    # Gloo: the host waits, at most exchange_timeout; NCCL: the stream waits.
+                    self._wait(work, clock) if self._host_waits else work.wait()
+        for device, launches in self._apply_all:
+            native.run(launches, stream_of(device), threads)
 
-    def _wait(self, work: Any) -> None:
+    def _wait(self, work: Any, clock: int) -> None:
         try:
             work.wait(self._timeout)
         except RuntimeError as exc:
-            if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
-                raise ExchangeTimeout(str(exc)) from exc
-            raise
+            silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
+                                              grace=min(5.0, self._timeout.total_seconds()))
+            who = (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
+                   "(dead, frozen, or no longer calling step()/exchange())" if silent
+                   else "every rank reported the failure")
+            raise ExchangeError(
+                f"the exchange at clock {clock} failed on rank {self._comm.rank} of "
+                f"{self._comm.world_size}: {who}; nothing was applied, so this worker's "
+                f"parameters and its center are as before the exchange ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})", clock, silent) from exc
 
     def bytes_per_exchange(self) -> int:
         """Payload this rank hands to the network per exchange (0 without one)."""
