@@ -33,6 +33,7 @@ py::dict header_dict(const Segment& s) {
   d["creator_host"] = std::string(h.creator_host, strnlen(h.creator_host, sizeof h.creator_host));
   d["created_unix_ns"] = h.created_unix_ns;
   d["creator_alive"] = s.creator_alive();
+  d["persistent"] = s.persistent();
   d["layout_digest"] = std::string(h.layout_digest, strnlen(h.layout_digest, sizeof h.layout_digest));
   d["clean_recoveries"] = h.clean_recoveries.load();
   d["partial_recoveries"] = h.partial_recoveries.load();
@@ -86,12 +87,12 @@ void bind_shared_segment(py::module_& m) {
       "A float32 center in named shared memory with per-chunk robust locks (see SharedCenter).")
       .def_static("create",
                   [](const std::string& name, int64_t numel, int64_t chunk_numel, int workers,
-                     const std::string& digest) {
+                     const std::string& digest, bool persistent) {
                     return std::shared_ptr<Segment>(
-                        Segment::create(name, numel, chunk_numel, workers, digest));
+                        Segment::create(name, numel, chunk_numel, workers, digest, persistent));
                   },
                   py::arg("name"), py::arg("numel"), py::arg("chunk_numel"), py::arg("workers"),
-                  py::arg("layout_digest"))
+                  py::arg("layout_digest"), py::arg("persistent") = false)
       .def_static("attach",
                   [](const std::string& name, bool allow_stale) {
                     return std::shared_ptr<Segment>(Segment::attach(name, allow_stale));

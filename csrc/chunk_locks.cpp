@@ -105,24 +105,29 @@ void Segment::set_dirty(int64_t k, bool dirty) {
 int Segment::register_worker() {
   const int64_t me = getpid();
   const uint64_t ticks = process_start_ticks(me);
-  for (uint32_t id = 0; id < header_->max_workers; ++id) {
-    WorkerSlot& w = worker(int(id));
-    uint32_t state = kFree;
-    bool claimed = w.state.compare_exchange_strong(state, kActive);
-    if (!claimed && state == kActive) {
-      // A slot whose worker died can be taken over; it starts afresh.
-      int64_t holder = w.pid.load();
-      claimed = holder > 0 && !process_alive(holder, w.start_ticks.load()) &&
-                w.pid.compare_exchange_strong(holder, -1);
+  // First a free slot; else one whose worker is done (finished, or died without finishing: a
+  // restarted job's workers take over the slots of the attempt before).
+  for (int pass = 0; pass < 2; ++pass) {
+    for (uint32_t id = 0; id < header_->max_workers; ++id) {
+      WorkerSlot& w = worker(int(id));
+      uint32_t state = kFree;
+      bool claimed = w.state.compare_exchange_strong(state, kActive);
+      if (!claimed && pass == 1 && state == kFinished) {
+        claimed = w.state.compare_exchange_strong(state, kActive);
+      } else if (!claimed && pass == 1 && state == kActive) {
+        int64_t holder = w.pid.load();
+        claimed = holder > 0 && !process_alive(holder, w.start_ticks.load()) &&
+                  w.pid.compare_exchange_strong(holder, -1);
+      }
+      if (!claimed) continue;
+      w.start_ticks.store(ticks);
+      w.clock.store(0);
+      w.exchanges.store(0);
+      w.last_unix_ns.store(0);
+      w.lock_wait_ns.store(0);
+      w.pid.store(me);
+      return int(id);
     }
-    if (!claimed) continue;
-    w.start_ticks.store(ticks);
-    w.clock.store(0);
-    w.exchanges.store(0);
-    w.last_unix_ns.store(0);
-    w.lock_wait_ns.store(0);
-    w.pid.store(me);
-    return int(id);
   }
   throw Incompatible("all " + std::to_string(header_->max_workers) + " worker slots of shared center '" +
                      name_ + "' are taken by running workers; create it with more workers");

@@ -114,7 +114,7 @@ Segment::~Segment() {
 }
 
 Segment* Segment::create(const std::string& name, int64_t numel, int64_t chunk_numel,
-                         int max_workers, const std::string& layout_digest) {
+                         int max_workers, const std::string& layout_digest, bool persistent) {
   if (numel < 1) throw std::invalid_argument("the center needs at least one element, got " + std::to_string(numel));
   if (chunk_numel < 1) throw std::invalid_argument("chunk_numel must be >= 1, got " + std::to_string(chunk_numel));
   if (max_workers < 1 || max_workers > 65536) {
@@ -167,6 +167,7 @@ Segment* Segment::create(const std::string& name, int64_t numel, int64_t chunk_n
   h->creator_start_ticks = process_start_ticks(getpid());
   h->created_unix_ns = now_unix_ns();
   h->creator_uid = uint32_t(geteuid());
+  h->flags = persistent ? kPersistent : 0;
   gethostname(h->creator_host, sizeof h->creator_host - 1);
   std::snprintf(h->layout_digest, sizeof h->layout_digest, "%s", layout_digest.c_str());
 
@@ -247,7 +248,7 @@ Segment* Segment::attach(const std::string& name, bool allow_stale) {
     reject_mapped("it was never finished (its creator died while creating it?); remove it with "
                   "SharedCenter.remove('" + posix.substr(1) + "')");
   }
-  if (!allow_stale && !process_alive(h.creator_pid, h.creator_start_ticks)) {
+  if (!allow_stale && (h.flags & kPersistent) == 0 && !process_alive(h.creator_pid, h.creator_start_ticks)) {
     const std::string why = describe_creator(h, false);
     munmap(base, size);
     close(fd);

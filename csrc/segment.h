@@ -27,6 +27,7 @@ namespace shm {
 constexpr char kMagic[8] = {'E', 'A', 'S', 'G', 'D', 'C', 'T', 'R'};
 constexpr uint32_t kVersion = 1;
 constexpr uint32_t kDtypeFloat32 = 0;
+constexpr uint32_t kPersistent = 1;  // SegmentHeader::flags
 
 // Errors the bindings turn into specific Python exceptions.
 struct NotFound : std::runtime_error { using std::runtime_error::runtime_error; };      // FileNotFoundError
@@ -50,7 +51,7 @@ struct SegmentHeader {
   uint64_t creator_start_ticks;  // the creator's start time: a reused PID is not the creator
   int64_t created_unix_ns;
   uint32_t creator_uid;
-  uint32_t reserved;
+  uint32_t flags;  // kPersistent: outlives its creator (restarted jobs re-attach)
   char creator_host[64];
   char layout_digest[80];  // given by the creator (the Python layer hashes the parameter layout)
   std::atomic<uint32_t> ready;  // set last, with release order, once everything above is written
@@ -97,9 +98,12 @@ class Segment {
  public:
   // O_EXCL create with mode 0600; a name already taken raises Exists, saying whether the
   // holder is alive or the segment was left by a crashed run.
+  // A persistent segment is never refused as stale: its creator's death is expected (a job
+  // restarted by its launcher re-attaches to it); it is removed explicitly.
   static Segment* create(const std::string& name, int64_t numel, int64_t chunk_numel,
-                         int max_workers, const std::string& layout_digest);
-  // Opens and validates (magic, version, header size, sizes, owner, readiness, creator alive).
+                         int max_workers, const std::string& layout_digest, bool persistent);
+  // Opens and validates (magic, version, header size, sizes, owner, readiness, creator alive
+  // unless persistent).
   static Segment* attach(const std::string& name, bool allow_stale);
   // shm_unlink; false if the name did not exist.
   static bool unlink(const std::string& name);
@@ -113,6 +117,7 @@ class Segment {
   float* data() const { return data_; }
   int64_t numel() const { return header_->numel; }
   bool creator_alive() const;
+  bool persistent() const { return (header_->flags & kPersistent) != 0; }
 
   // ---- chunk locks (chunk_locks.cpp) ----
   // Blocks up to timeout_s (0: no limit) for chunk k; recovers a lock whose holder died.

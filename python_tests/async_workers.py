@@ -134,9 +134,26 @@ def try_lock(name: str, chunk: int, timeout: float) -> float:
         return time.monotonic() - start
 
 
-def create_and_die(name: str, numel: int, ready: Any) -> None:
-    """Creates a center and is then killed (no clean exit: the name stays behind)."""
-    SharedCenter.create(name, like=[torch.zeros(numel)], workers=2)
+def create_and_die(name: str, numel: int, ready: Any, persistent: bool = False) -> None:
+    """Creates a center and waits to be killed or terminated."""
+    SharedCenter.create(name, like=[torch.zeros(numel)], workers=2, persistent=persistent)
+    ready.set()
+    time.sleep(600)
+
+
+def create_with_own_sigterm_handler(name: str, ready: Any, marker: str) -> None:
+    """Creates a center after installing its own SIGTERM handler, which writes ``marker``
+    and exits 3: both the user's handler and the cleanup must run."""
+    import signal
+    import sys
+
+    def handler(signum, frame):
+        with open(marker, "w") as f:
+            f.write("handled")
+        sys.exit(3)
+
+    signal.signal(signal.SIGTERM, handler)
+    SharedCenter.create(name, like=[torch.zeros(100)], workers=1)
     ready.set()
     time.sleep(600)
 
@@ -211,3 +228,74 @@ def sharded(rank: int, world: int, servers: list[int], numel: int, exchanges: in
     avg.close()
     return {"start": start, "initial": initial, "final": final, "center0": center0,
             "center": center, "exchanges": avg.stats.exchanges, "bytes": avg.stats.bytes_sent}
+
+
+def async_checkpoint(rank: int, world: int, algo: str, sharded: bool, split: int | None,
+                     turns: int = 6) -> dict[str, Any]:
+    """Workers exchange in a fixed order (one at a time, barriers between), so the whole run is
+    deterministic; with ``split``, after that many turns every rank saves its state, the
+    averagers are rebuilt (a new center) and every rank loads its own state back."""
+    servers = [0] if sharded else None
+    workers = [r for r in range(world) if not sharded or r != 0]
+    group = dist.new_group(workers)
+    params = model_params(3001, torch.float32, rank)
+    cls = ElasticAverager if algo == "easgd" else DownpourAverager
+    kwargs = {"alpha": 0.2} if algo == "easgd" else {}
+
+    def build() -> Any:
+        return cls(params, tau=1, mode="async", servers=servers, **kwargs)
+
+    avg = build()
+    if avg.is_server:
+        if split is not None:  # first life: serve until the workers checkpoint and close
+            avg.serve()
+            state = avg.state_dict()
+            avg = build()
+            avg.load_state_dict(state)
+        avg.serve()
+        return {"server": True}
+    g = torch.Generator().manual_seed(1000 + rank)
+    dist.barrier(group=group)  # every worker has started from the center before anyone exchanges
+    for turn in range(turns):
+        if turn == split:
+            state = avg.state_dict()
+            saved = [p.detach().clone() for p in params]
+            avg.close()
+            dist.barrier(group=group)
+            avg = build()
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
+            avg.load_state_dict(state)
+        for r in workers:
+            if r == rank:
+                with torch.no_grad():
+                    for p in params:
+                        p.add_(torch.randn(p.shape, generator=g))
+                avg.step()
+            dist.barrier(group=group)
+    center = torch.cat([c.double() for c in avg.center_state()])
+    dist.barrier(group=group)
+    avg.close()
+    return {"x": flat_values(avg), "center": center, "clock": avg.clock,
+            "exchanges": avg.stats.exchanges}
+
+
+def async_checkpoint_roles(rank: int, world: int) -> dict[str, Any]:
+    """What each rank's state holds, and loading another rank's state."""
+    params = model_params(1000, torch.float32, rank)
+    avg = ElasticAverager(params, tau=1, mode="async", alpha=0.2)
+    dist.barrier()
+    perturb(params, rank)
+    avg.step()
+    dist.barrier()
+    state = avg.state_dict()
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, state)
+    try:
+        avg.load_state_dict(states[(rank + 1) % world])
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    avg.close()
+    return {"has_center": "center" in state["buffers"], "error": error}

@@ -307,3 +307,19 @@ def test_attached_averager_steps_with_the_optimizer():
 def test_arguments_of_the_other_mode_are_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ElasticAverager(model().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_channels_last_weights_keep_their_memory_order(mode):
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    before = conv.weight.detach().clone()
+    with ElasticAverager(conv.parameters(), tau=1, mode=mode, alpha=0.5) as avg:
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last), "layout changed"
+        assert torch.equal(conv.weight.detach(), before)
+        with avg.center_parameters():
+            assert torch.equal(conv.weight.detach(), before)  # the center starts at the weights
+        with torch.no_grad():
+            conv.weight.add_(2.0)
+        avg.exchange()
+        assert torch.allclose(conv.weight.detach(), before + 1.0, atol=1e-6)  # halfway back

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_harness import run_ranks, values
 from dist_workers import sync_fault
@@ -53,3 +54,96 @@ def test_a_finished_job_exits_cleanly_under_torchrun(algo, mode, tmp_path):
             capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"run {run}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
         assert proc.stdout.count("done") == 2
+
+
+# ---- shared centers left behind -------------------------------------------------------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+
+import async_workers as aw  # noqa: E402
+from dist_harness import Processes  # noqa: E402
+from easgd_ext import SharedCenter  # noqa: E402
+from easgd_ext.centers.__main__ import main as centers_cli  # noqa: E402
+from easgd_ext.shared_center import unique_name  # noqa: E402
+
+
+def test_sigterm_removes_the_creators_center():
+    name = unique_name("sigterm")
+    with Processes() as procs:
+        ready = procs.ctx.Event()
+        creator = procs.start(aw.create_and_die, name, 1000, ready)
+        assert ready.wait(120)
+        assert os.path.exists(f"/dev/shm/{name}")
+        creator.terminate()  # SIGTERM, as torchrun, kill, docker stop and schedulers send
+        creator.join(30)
+    assert creator.exitcode == -signal.SIGTERM, "the process must still die of the signal"
+    assert not os.path.exists(f"/dev/shm/{name}"), "SIGTERM leaked the shared center"
+
+
+def test_sigterm_runs_the_users_own_handler_too(tmp_path):
+    name, marker = unique_name("sigterm"), str(tmp_path / "handled")
+    with Processes() as procs:
+        ready = procs.ctx.Event()
+        procs.start(aw.create_with_own_sigterm_handler, name, ready, marker)
+        assert ready.wait(120)
+        procs.procs[0].terminate()
+        (result,) = procs.results(timeout=30)
+    assert result.error_type == "SystemExit" and result.error == "3"  # the handler's sys.exit(3)
+    assert open(marker).read() == "handled"
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_leftovers_of_dead_creators_are_listed_and_swept(capsys):
+    stale, live, kept = unique_name("stale"), unique_name("live"), unique_name("kept")
+    try:
+        with Processes() as procs:
+            for name, persistent in ((stale, False), (kept, True)):
+                ready = procs.ctx.Event()
+                victim = procs.start(aw.create_and_die, name, 1000, ready, persistent)
+                assert ready.wait(120)
+                victim.kill()  # SIGKILL: no handler can run, the name stays behind
+                victim.join(30)
+        mine = SharedCenter.create(live, like=[torch.zeros(10)])
+        listed = {c["name"]: c for c in SharedCenter.list()}
+        assert not listed[stale]["in_use"] and listed[live]["in_use"]
+        assert listed[kept]["persistent"] and not listed[kept]["in_use"]
+        assert centers_cli(["list"]) == 0
+        out = capsys.readouterr().out
+        assert stale in out and "stale (nobody uses it)" in out and "persistent, idle" in out
+        assert centers_cli(["sweep"]) == 0
+        assert stale in capsys.readouterr().out
+        assert not os.path.exists(f"/dev/shm/{stale}")
+        assert os.path.exists(f"/dev/shm/{live}") and os.path.exists(f"/dev/shm/{kept}")
+        assert SharedCenter.sweep(include_persistent=True) == [kept]
+        assert centers_cli(["remove", live]) == 0 and not os.path.exists(f"/dev/shm/{live}")
+        assert centers_cli(["remove", live]) == 1
+        mine.close()
+    finally:
+        for name in (stale, live, kept):
+            SharedCenter.remove(name)
+
+
+def test_torchrun_restart_continues_from_the_same_center(tmp_path):
+    """Under `torchrun --max-restarts`, a crashed worker makes the agent restart the whole group
+    (rank 0 included); with a named center the restarted workers re-attach to it and go on from
+    where the job was, and the center is removed only when the job is done."""
+    name = unique_name("restart")
+    script = Path(__file__).with_name("torchrun_restart.py")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+             "--max-restarts", "1", "--log-dir", str(tmp_path / "logs"), str(script), name],
+            capture_output=True, text=True, timeout=240)
+        out = proc.stdout
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "attempt 0 rank 0: 0 chunk updates at start" in out
+        restarted = [line for line in out.splitlines() if line.startswith("attempt 1")]
+        assert len(restarted) == 2, out
+        for line in restarted:
+            updates = int(line.split(": ")[1].split()[0])
+            assert updates > 0, "the restarted job did not find the first attempt's center"
+            assert line.endswith("starts from the center: True")
+        assert "done after attempt 1" in out
+        assert not os.path.exists(f"/dev/shm/{name}")
+    finally:
+        SharedCenter.remove(name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import ops
+from ._dist import init_process_group
 from ._native import native
 from .averager import DownpourAverager, ElasticAverager, PeriodicAverager
 from .centers import ExchangeError
@@ -21,7 +22,7 @@ from .stats import ExchangeStats, NonFiniteError
 __version__ = "0.1.0"
 __all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "SharedCenter",
            "StaleSegmentError", "ExchangeStats", "NonFiniteError", "ExchangeError",
-           "build_info", "ops", "__version__"]
+           "build_info", "init_process_group", "ops", "__version__"]
 
 
 def build_info() -> dict[str, Any]:

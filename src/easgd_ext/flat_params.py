@@ -21,8 +21,23 @@ ALIGN_ELEMENTS = 64
 
 
 def describe(t: torch.Tensor) -> str:
-    """``float32[64, 3, 7, 7] on cpu``: how layouts are named in error messages."""
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device.type}"
+    """``float32[64, 3, 7, 7] on cpu``: how layouts are named in error messages (with the
+    strides where the memory order is not the row-major one, e.g. channels_last)."""
+    order = "" if t.is_contiguous() else f" strides {list(t.stride())}"
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}{order} on {t.device.type}"
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps in some order of its dimensions
+    (row-major, channels_last, any permutation): then it can live in a flat slot of numel
+    elements with its own strides."""
+    dims = sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -47,9 +62,9 @@ def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
                             "or float16")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"params[{i}] is {describe(p)}; only CPU and CUDA tensors are supported")
-        if p._is_view() or not p.is_contiguous():
+        if p._is_view() or not is_dense(p):
             raise ValueError(
-                f"params[{i}] is a view of another tensor ({describe(p)}, strides {p.stride()}): "
+                f"params[{i}] is a view of another tensor ({describe(p)}): "
                 "its values would be moved into the averager's buffer and the tensor it views "
                 "would never be averaged; pass the tensors that own their memory, such as "
                 "model.parameters()")
@@ -92,6 +107,7 @@ class FlatGroup:
     stay zero under every update this package applies (they are never written by the user)."""
     params: list[torch.Tensor]
     offsets: list[int]
+    strides: list[tuple[int, ...]]
     flat: torch.Tensor
     # Per-algorithm buffers of the same length (center, wire, x_last), by name.
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -105,8 +121,10 @@ class FlatGroup:
         return self.flat.device
 
     def slot(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s view of the flat buffer, in the parameter's own memory order (a
+        channels_last weight stays channels_last)."""
         p = self.params[i]
-        return self.flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
+        return self.flat.as_strided(p.shape, self.strides[i], self.offsets[i])
 
     def ensure_views(self) -> int:
         """:meth:`repoint` where needed. The common case, every parameter still viewing its
@@ -166,7 +184,7 @@ def flatten(params: list[torch.Tensor]) -> list[FlatGroup]:
     groups = []
     for (device, dtype), members, offsets, total in plan(params):
         flat = torch.zeros(total, dtype=dtype, device=device)
-        group = FlatGroup(members, offsets, flat)
+        group = FlatGroup(members, offsets, [p.stride() for p in members], flat)
         with torch.no_grad():
             for i, p in enumerate(members):
                 slot = group.slot(i)
@@ -186,3 +204,10 @@ def bucket_ranges(numel: int, bucket_elements: int) -> list[tuple[int, int]]:
     up to the alignment) and starting on an aligned offset."""
     step = max(ALIGN_ELEMENTS, _aligned(bucket_elements))
     return [(s, min(s + step, numel)) for s in range(0, numel, step)]
+
+
+def check_saved(name: str, saved: object, like: list[torch.Tensor]) -> None:
+    """A checkpoint's list of buffers must match the flat buffers it is loaded into."""
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(like) or any(
+            not isinstance(s, torch.Tensor) or s.shape != t.shape for s, t in zip(saved, like)):
+        raise ValueError(f"state buffer {name!r} does not match this averager's layout")

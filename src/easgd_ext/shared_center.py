@@ -7,6 +7,12 @@ process-shared lock per chunk, and one slot per worker with its clock and exchan
 created with owner-only permissions (0600) and never silently reused: creating a name that
 exists fails, saying whether its creator still runs or crashed; attaching checks the layout
 version, the size and the parameter layout, and refuses a center whose creator is gone.
+
+Lifetime: the creator removes the name when it exits normally, leaves its ``with`` block or is
+sent SIGTERM (what launchers, ``kill`` and schedulers send); a *persistent* center (made for
+jobs that a launcher restarts) stays until it is removed explicitly. Centers left behind by
+crashed runs are listed and removed with :meth:`SharedCenter.list` / :meth:`SharedCenter.sweep`
+or ``python -m easgd_ext.centers list|sweep``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 import uuid
 from typing import Any, Iterable, Iterator
 
@@ -75,6 +83,54 @@ def unique_name(prefix: str = "easgd") -> str:
     return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
 
+SHM_DIR = "/dev/shm"
+
+
+class _OwnerCleanup:
+    """Removes the names this process created when it exits normally or gets SIGTERM. A user's
+    own SIGTERM handler still runs afterwards; otherwise the process then dies of the signal, as
+    it would have."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+        self._pid = os.getpid()
+        self._previous: Any = None
+        self._installed = False
+        atexit.register(self.remove_all)
+
+    def own(self, name: str) -> None:
+        if os.getpid() != self._pid:  # a forked child starts with its own set
+            self._names, self._pid = set(), os.getpid()
+        self._names.add(name)
+        if not self._installed and threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+
+    def disown(self, name: str) -> None:
+        self._names.discard(name)
+
+    def remove_all(self) -> None:
+        if os.getpid() != self._pid:  # forked children inherit atexit handlers, not the names
+            return
+        for name in list(self._names):
+            with contextlib.suppress(OSError, ValueError):
+                native.SharedSegment.unlink(name)
+        self._names.clear()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.remove_all()
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+_cleanup = _OwnerCleanup()
+
+
 class SharedCenter:
     """A center in named shared memory. Make one with :meth:`create` (the owner, which removes
     the name when it exits normally or leaves its ``with`` block) or :meth:`attach`.
@@ -94,15 +150,17 @@ class SharedCenter:
         self.num_chunks: int = info["num_chunks"]
         self.workers: int = info["max_workers"]
         self.layout_digest: str = info["layout_digest"]
+        self.persistent: bool = bool(info.get("persistent", False))
         self.tensor: torch.Tensor = torch.frombuffer(segment, dtype=torch.float32)
         self._pid = os.getpid()
-        if owner:
-            atexit.register(self._remove_at_exit)
+        if owner and not self.persistent:
+            _cleanup.own(self.name)
 
     # ---- making and finding one ----------------------------------------------------------------
     @classmethod
     def create(cls, name: str, like: Iterable[torch.Tensor] | torch.nn.Module, *,
-               workers: int = 1, chunk_mb: float = DEFAULT_CHUNK_MB) -> "SharedCenter":
+               workers: int = 1, chunk_mb: float = DEFAULT_CHUNK_MB,
+               persistent: bool = False) -> "SharedCenter":
         """Creates the segment ``name`` holding a center shaped like ``like`` (the model's
         parameters, laid out as the averager flattens them) and initialized from their values.
 
@@ -112,6 +170,8 @@ class SharedCenter:
             workers: how many workers will attach (sets the default moving rate
                 ``alpha = 0.9 / workers`` and the number of worker slots).
             chunk_mb: size of one locked chunk; smaller chunks let more workers exchange at once.
+            persistent: outlive this process (attaching never calls it stale) until removed
+                with :meth:`remove`: for jobs a launcher restarts (``torchrun --max-restarts``).
 
         Raises ``FileExistsError`` if ``name`` exists (saying whether it is in use or stale).
         """
@@ -121,14 +181,18 @@ class SharedCenter:
             raise TypeError(f"workers must be an int, got {type(workers).__name__}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if not isinstance(persistent, bool):
+            raise TypeError(f"persistent must be a bool, got {type(persistent).__name__}")
         offsets, total, digest = center_layout(params)
-        segment = native.SharedSegment.create(name, total, _chunk_numel(chunk_mb), workers, digest)
+        segment = native.SharedSegment.create(name, total, _chunk_numel(chunk_mb), workers, digest,
+                                              persistent)
         center = cls(segment, owner=True)
         with torch.no_grad():
             for offset, (_, members, slots, _) in zip(offsets, plan(params)):
                 for p, slot in zip(members, slots):
                     start = offset + slot
-                    center.tensor[start:start + p.numel()].copy_(p.detach().reshape(-1))
+                    # in the parameter's memory order, as the averager's flat buffers hold it
+                    center.tensor.as_strided(p.shape, p.stride(), start).copy_(p.detach())
         return center
 
     @classmethod
@@ -145,6 +209,50 @@ class SharedCenter:
         if like is not None:
             center.check_layout(_parameters(like))
         return center
+
+    @classmethod
+    def open_or_create(cls, name: str, like: Iterable[torch.Tensor] | torch.nn.Module, *,
+                       workers: int = 1, chunk_mb: float = DEFAULT_CHUNK_MB) -> "SharedCenter":
+        """The persistent center ``name``: attached if it exists (a restarted job continues
+        from it, whoever created it), else created from ``like``'s values."""
+        try:
+            return cls.create(name, like, workers=workers, chunk_mb=chunk_mb, persistent=True)
+        except FileExistsError:
+            center = cls.attach(name, like=like)
+            if not center.persistent:
+                raise FileExistsError(f"shared center '{name}' exists but is not persistent (another "
+                                      "job's, made with create()); pick another name") from None
+            return center
+
+    @staticmethod
+    def list() -> list[dict[str, Any]]:
+        """This user's centers in /dev/shm, each with its header (:meth:`info`), its workers and
+        ``in_use``: whether its creator or any registered worker still runs."""
+        found = []
+        for name in sorted(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else []:
+            try:
+                segment = native.SharedSegment.attach(name, True)
+            except (ValueError, OSError, RuntimeError):
+                continue  # not a center, not ours, or gone meanwhile
+            info = dict(segment.info())
+            workers = [dict(w) for w in segment.workers()]
+            info["workers"] = workers
+            info["in_use"] = info["creator_alive"] or any(
+                w["alive"] and w["state"] == "active" for w in workers)
+            found.append(info)
+        return found
+
+    @classmethod
+    def sweep(cls, include_persistent: bool = False) -> list[str]:
+        """Removes this user's centers that nobody uses any more (left by crashed or killed
+        runs); persistent ones only with ``include_persistent``. Returns the names removed."""
+        removed = []
+        for info in cls.list():
+            if info["in_use"] or (info["persistent"] and not include_persistent):
+                continue
+            if cls.remove(info["name"]):
+                removed.append(info["name"])
+        return removed
 
     @staticmethod
     def remove(name: str) -> bool:
@@ -236,13 +344,13 @@ class SharedCenter:
     def unlink(self) -> bool:
         """Removes the name (mapped processes keep working); returns whether it still existed."""
         self.owner = False
-        atexit.unregister(self._remove_at_exit)
+        _cleanup.disown(self.name)
         return bool(native.SharedSegment.unlink(self.name))
 
     def close(self) -> None:
         """Drops this handle; the mapping goes away once no tensor views it. The owner's close
-        also removes the name."""
-        if self.owner and os.getpid() == self._pid:
+        also removes the name (not a persistent center's)."""
+        if self.owner and not self.persistent and os.getpid() == self._pid:
             self.unlink()
         self._segment = None
         self.tensor = torch.empty(0)  # views handed out earlier keep the mapping alive
@@ -252,12 +360,6 @@ class SharedCenter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _remove_at_exit(self) -> None:
-        # Forked children inherit atexit handlers: only the creating process removes the name.
-        if self.owner and os.getpid() == self._pid:
-            with contextlib.suppress(OSError):
-                native.SharedSegment.unlink(self.name)
 
     def __repr__(self) -> str:
         state = "closed" if self._segment is None else ("owner" if self.owner else "attached")

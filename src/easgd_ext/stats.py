@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -108,9 +109,12 @@ class ExchangeLog:
 
     def __init__(self, on_outcome: Callable[[Outcome], None], skips_on_bad: bool) -> None:
         self.stats = ExchangeStats()
+        # A bound method is held weakly: the averager owns this log, and a cycle would keep it
+        # (and its process group) alive until a garbage collection, at exit if no earlier.
+        self._on_outcome_ref = (weakref.WeakMethod(on_outcome) if hasattr(on_outcome, "__self__")
+                                else lambda: on_outcome)
         self.skips_on_bad = skips_on_bad  # a non-finite contribution stops the whole exchange
         self._pending: deque[_Pending] = deque()
-        self._on_outcome = on_outcome
         self._host_status: torch.Tensor | None = None  # pinned ring, made on first CUDA use
         self._slot = 0
 
@@ -181,7 +185,9 @@ class ExchangeLog:
             s.skipped_exchanges += 1
         s.resets += int(outcome.applied and outcome.me_bad)
         s.overflowed_exchanges += int(outcome.overflow)
-        self._on_outcome(outcome)
+        on_outcome = self._on_outcome_ref()
+        if on_outcome is not None:
+            on_outcome(outcome)
 
 
 def outcome_of(clock: int, status: Any, skips_on_bad: bool) -> Outcome:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .. import _dist
 from .._native import native, num_threads, stream_of, tensor_ref
 from ..algorithms import Algorithm
-from ..flat_params import ALIGN_ELEMENTS, FlatGroup, bucket_ranges
+from ..flat_params import ALIGN_ELEMENTS, FlatGroup, bucket_ranges, check_saved
 from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
 
 HEADER = ALIGN_ELEMENTS  # wire elements before the data: the flag, padded to keep alignment
@@ -165,6 +165,14 @@ class ReplicatedCenter:
         with torch.no_grad():
             for g, v in zip(self._groups, values):
                 g.buffers["center"].copy_(v)
+
+    def save(self) -> dict[str, list[torch.Tensor]]:
+        """Checkpoint: every rank keeps (and saves) its own replica."""
+        return {"center": [c.detach().cpu().clone() for c in self.read()]}
+
+    def load(self, buffers: dict[str, Any]) -> None:
+        check_saved("center", buffers.get("center"), self.read())
+        self.write(buffers["center"])
 
     def close(self) -> None:
         pass

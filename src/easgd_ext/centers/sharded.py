@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .._dist import Comm
 from ..algorithms import Algorithm
-from ..flat_params import ALIGN_ELEMENTS, FlatGroup
+from ..flat_params import ALIGN_ELEMENTS, FlatGroup, check_saved
 from ..stats import Outcome
 
 OP_EXCHANGE, OP_READ, OP_WRITE, OP_DONE = 1, 2, 3, 4
@@ -92,6 +92,7 @@ class ShardedCenter:
         self._groups = groups
         self._shards = [shard_ranges(g.flat.numel(), len(servers)) for g in groups]
         self._closed = False
+        self._last: list[Any] = []
         if self.is_server:
             me = servers.index(comm.rank)
             mine = [shards[me] for shards in self._shards]
@@ -99,6 +100,7 @@ class ShardedCenter:
                            for g, (s, e) in zip(groups, mine)]
             self._inbox = [torch.empty(e - s, dtype=g.dtype) for g, (s, e) in zip(groups, mine)]
             self.requests: dict[str, int] = {"exchange": 0, "read": 0, "write": 0}
+            self._header = torch.zeros(2, dtype=torch.int64)
         else:
             for g in groups:
                 algorithm.init_buffers(g)
@@ -114,7 +116,7 @@ class ShardedCenter:
         ``on_request(op, worker_rank)`` is called after each (e.g. to update a progress bar)."""
         if not self.is_server:
             raise RuntimeError("serve() runs on server ranks only")
-        header = torch.zeros(2, dtype=torch.int64)
+        header = self._header
         done: set[int] = set()
         names = {OP_EXCHANGE: "exchange", OP_READ: "read", OP_WRITE: "write", OP_DONE: "done"}
         while len(done) < self.workers:
@@ -125,11 +127,11 @@ class ShardedCenter:
             elif op == OP_READ:
                 for c in self.center:
                     if c.numel():
-                        dist.send(c, dst=src, group=self._group, tag=TAG_REPLY)
+                        self._wait(dist.isend(c, dst=src, group=self._group, tag=TAG_REPLY))
             elif op == OP_WRITE:
                 for c in self.center:
                     if c.numel():
-                        dist.recv(c, src=src, group=self._group, tag=TAG_DATA)
+                        self._wait(dist.irecv(c, src=src, group=self._group, tag=TAG_DATA))
             elif op == OP_DONE:
                 done.add(src)
             else:
@@ -144,9 +146,13 @@ class ShardedCenter:
         for c, box in zip(self.center, self._inbox):
             if not c.numel():
                 continue
-            dist.recv(box, src=src, group=self._group, tag=TAG_DATA)
+            self._wait(dist.irecv(box, src=src, group=self._group, tag=TAG_DATA))
             self.algorithm.serve_shard(box, c)
-            dist.send(box, dst=src, group=self._group, tag=TAG_REPLY)
+            self._wait(dist.isend(box, dst=src, group=self._group, tag=TAG_REPLY))
+
+    def _wait(self, work: Any) -> None:
+        work.wait()
+        self._last = [work]  # ours is the last reference (see _transact)
 
     # ---- worker side ------------------------------------------------------------------------------
     def _transact(self, op: int, clock: int = 0, send: list[torch.Tensor] | None = None,
@@ -166,6 +172,9 @@ class ShardedCenter:
                       for src, t in self._each_slice(receive)]
         for w in works:
             w.wait()
+        # Kept until the next transaction: the last reference to a finished message's tensors
+        # must be ours, not Gloo's thread's (which at interpreter exit aborts the process).
+        self._last = works
 
     def _each_slice(self, buffers: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
         """(server global rank, that server's slice of each buffer), non-empty slices only."""
@@ -215,6 +224,16 @@ class ShardedCenter:
         if not self.is_server and not self._closed:
             self._closed = True
             self._transact(OP_DONE)
+
+    def save(self) -> dict[str, list[torch.Tensor]]:
+        """Checkpoint: each server keeps (and saves) its own shards; workers keep none."""
+        return {"center_shards": [c.clone() for c in self.center]} if self.is_server else {}
+
+    def load(self, buffers: dict[str, Any]) -> None:
+        if self.is_server:
+            check_saved("center_shards", buffers.get("center_shards"), self.center)
+            for c, saved in zip(self.center, buffers["center_shards"]):
+                c.copy_(saved)
 
     def describe(self) -> dict[str, Any]:
         return {"servers": self.servers, "workers": self.workers_ranks}

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .. import _dist
 from .._native import num_threads, stream_of, tensor_ref
 from ..algorithms import Algorithm
-from ..flat_params import FlatGroup
+from ..flat_params import FlatGroup, check_saved
 from ..shared_center import SharedCenter, unique_name
 from ..stats import Outcome, warn_user
 
@@ -24,9 +24,10 @@ STAGING_SLOTS = 4  # chunks in flight per CUDA exchange: copy in, kernel, copy o
 POLICIES = {"skip": 0, "raise": 0, "reset": 1}
 
 
-def attach_given(center: object, params: list[torch.Tensor]) -> SharedCenter | None:
-    """The center a user named (checked against the parameters), or None: make one."""
-    if center is None:
+def attach_given(center: object, params: list[torch.Tensor], comm: _dist.Comm) -> SharedCenter | None:
+    """The center a user gave (checked against the parameters), or None: make one (under
+    torch.distributed a name is made, or found, by rank 0: see :func:`create_or_attach`)."""
+    if center is None or isinstance(center, str) and comm.distributed:
         return None
     if isinstance(center, str):
         return SharedCenter.attach(center, like=params)
@@ -36,9 +37,12 @@ def attach_given(center: object, params: list[torch.Tensor]) -> SharedCenter | N
     raise TypeError(f"center must be a SharedCenter, a segment name or None, got {type(center).__name__}")
 
 
-def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor]) -> SharedCenter:
-    """No center given: a private one for a single process, or, under torch.distributed, one
-    that rank 0 creates under a fresh name and the other ranks (on the same machine) attach."""
+def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor],
+                     name: str | None = None) -> SharedCenter:
+    """A center for this job: a private one for a single process, or, under torch.distributed,
+    one that rank 0 creates and the other ranks (on the same machine) attach: under a fresh name,
+    or under ``name`` as a persistent center that rank 0 attaches to if it exists already (a job
+    restarted by its launcher continues from its center)."""
     if not comm.distributed:
         return SharedCenter.create(unique_name(), like=params, workers=1)
     host = socket.gethostname()
@@ -46,7 +50,10 @@ def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor]) -> SharedCent
     created = None
     if comm.rank == 0:
         try:
-            created = SharedCenter.create(unique_name(), like=params, workers=comm.world_size)
+            if name is None:
+                created = SharedCenter.create(unique_name(), like=params, workers=comm.world_size)
+            else:
+                created = SharedCenter.open_or_create(name, like=params, workers=comm.world_size)
             box = [(created.name, None, host)]
         except (OSError, ValueError, RuntimeError) as exc:
             box = [(None, f"{type(exc).__name__}: {exc}", host)]
@@ -82,10 +89,14 @@ class SharedMemoryCenter:
     transport = "shared memory"
 
     def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
-                 algorithm: Algorithm, center: SharedCenter | None, lock_timeout: float,
+                 algorithm: Algorithm, center: SharedCenter | str | None, lock_timeout: float,
                  on_nonfinite: str) -> None:
-        self.center = center if center is not None else create_or_attach(comm, params)
+        if isinstance(center, SharedCenter):
+            self.center = center
+        else:
+            self.center = create_or_attach(comm, params, name=center)
         self.workers = self.center.workers
+        self._comm = comm
         self._groups = groups
         self._lock_timeout = lock_timeout
         self._policy = POLICIES[on_nonfinite]
@@ -149,6 +160,22 @@ class SharedMemoryCenter:
         for v, g, o in zip(values, self._groups, self._offsets):
             whole[o:o + g.flat.numel()].copy_(v)
         self.center.load_(whole)
+
+    def save(self) -> dict[str, list[torch.Tensor]]:
+        """Checkpoint: the center is the job's, not a worker's: rank 0 keeps it."""
+        return {"center": [c.cpu() for c in self.read()]} if self._comm.rank == 0 else {}
+
+    def load(self, buffers: dict[str, Any]) -> None:
+        """Rank 0 restores the center; under torch.distributed nobody returns before it has,
+        so no worker exchanges with a center still to be restored."""
+        if self._comm.rank == 0:
+            if "center" not in buffers:
+                raise ValueError("this state holds no center: in mode='async' rank 0 saves the "
+                                 "shared center and loads it back; load rank 0's own state here")
+            check_saved("center", buffers["center"], [g.flat for g in self._groups])
+            self.write(buffers["center"])
+        if self._comm.distributed:
+            dist.barrier(group=self._comm.group)
 
     def close(self) -> None:
         """This worker is done: its slot is marked finished. Idempotent."""
