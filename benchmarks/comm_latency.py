@@ -1,5 +1,6 @@
 """Latency of one exchange (ElasticAverager, fp32 and bf16 wire) against a raw all_reduce of
-the same bytes and PyTorch's PeriodicModelAverager, by size and world size, in one run; with
+the same bytes, the same exchange in plain torch (torch_flat) and PyTorch's
+PeriodicModelAverager, by size and world size, in one run; with
 ``--mode async``, the asynchronous transports (shared-memory center against the memory-traffic
 floor, concurrent workers, the sharded center over Gloo against a raw ping-pong).
 The implementation lives in easgd_ext.bench.comm (also: python -m easgd_ext.bench comm).

@@ -1,16 +1,23 @@
-"""python -m easgd_ext.bench {kernels,comm} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,step} [options]: the benchmarks shipped with the package.
 
-    kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile
-    comm      exchange latency vs size and world size, vs a raw all_reduce and PyTorch's
-              PeriodicModelAverager (table, --json, --plot PNG); with --mode async the
-              shared-memory and sharded centers against the memory-traffic floor
+    kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
+              ceiling (torch copy_, the native copy kernel, memcpy) timed with them
+    comm      exchange latency vs size and world size, vs a raw all_reduce, the same exchange
+              in plain torch (torch_flat) and PyTorch's PeriodicModelAverager (table, --json,
+              --plot PNG); with --mode async the shared-memory and sharded centers against
+              their floors
+    step      the averager's cost in a real training step (torchvision model, world-1 group)
+
+Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
+prints a short table and writes its records with --json PATH. Every ratio is a speedup over a
+peer measured in the same run: peer time / our time, > 1 = faster.
 """
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm")
+COMMANDS = ("kernels", "comm", "step")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] == "kernels":
         from .kernels import main as run
+    elif argv[0] == "step":
+        from .train_step import main as run
     else:
         from .comm import main as run
     return run(argv[1:])

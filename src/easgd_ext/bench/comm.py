@@ -1,18 +1,27 @@
 """Latency of one exchange against its peers, by model size and world size, in one run.
 
-For each size n (elements of float32 parameters, cut into tensors like a model's) and world
+For each size (elements of float32 parameters, cut into tensors like a model's) and world
 size p, every rank times, round-robin:
   easgd_fp32        ElasticAverager.exchange(), float32 wire
   easgd_bf16        ElasticAverager.exchange(), bfloat16 wire
   allreduce_fp32    a raw all_reduce of one float32 buffer of n (the bytes the fp32 wire moves)
   allreduce_bf16    the same in bfloat16
+  torch_flat        the same EASGD exchange in plain torch on one preallocated flat float32
+                    buffer: d = x - c; d *= alpha; x -= d; all_reduce(d); c += d
   pytorch_periodic  PyTorch's PeriodicModelAverager.average_parameters on the same tensors
   per_param         one all_reduce per parameter tensor, then a division (accelerate's way)
-A run's latency is the slowest rank's (all start after a barrier); the table reports medians
-and ratios against the peers. Gloo on CPU tensors; NCCL with one GPU per rank when
-``--device cuda`` and enough GPUs exist.
+A run's time is the slowest rank's, everyone starting together; "host" is how long the call
+blocked the Python thread (measured before any device synchronization: on CPU it is the whole
+time, on CUDA the cost of enqueuing). The table reports medians and the speedup of each
+exchange over each peer (peer time / our time, > 1: faster). Gloo on CPU tensors; NCCL with
+one GPU per rank with ``--device cuda`` (world 1 needs one GPU).
+
+Sizes: a number of elements (1e6, 250000), ``resnet18`` / ``resnet50`` (torchvision's parameter
+shapes), or ``resnet50:1`` (ResNet-50's 161 tensors with one element each: what the exchange
+costs the host beyond the bytes).
 
     python -m easgd_ext.bench comm                              # worlds 2 and 4, 1e5..1e8
+    python -m easgd_ext.bench comm --worlds 1 --sizes resnet50:1 --reps 21
     python -m easgd_ext.bench comm --worlds 2 --sizes 1e6 resnet18 --json comm.json
     torchrun --nproc-per-node 4 -m easgd_ext.bench comm         # under a launcher: one world
     python -m easgd_ext.bench comm --mode async                 # asynchronous transports
@@ -21,6 +30,7 @@ and ratios against the peers. Gloo on CPU tensors; NCCL with one GPU per rank wh
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -28,7 +38,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -36,15 +46,36 @@ import torch.distributed as dist
 import easgd_ext
 from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
+from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
 from .report import latency_axes, report
 
-RESNET18_NUMEL = 11_689_512
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "1e8"]
+MODELS = ("resnet18", "resnet50")
+PEERS = ["torch_flat", "pytorch_periodic", "per_param"]
+BETA = 0.9  # ElasticAverager's default: alpha = beta / p
+
+
+def size_spec(text: str) -> str:
+    """argparse type of ``--sizes``: a whole number of elements (``1e6``), a model name, or
+    ``model:k`` (the model's tensors with k elements each)."""
+    name, colon, each = text.partition(":")
+    if name in MODELS:
+        if colon:
+            count(each)
+        return text
+    if colon:
+        raise argparse.ArgumentTypeError(f"{text!r}: 'model:k' needs a model from {', '.join(MODELS)}")
+    try:
+        count(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc}; give a number of elements (1e6), {', '.join(MODELS)} or e.g. resnet50:1") from None
+    return text
 
 
 def model_like_shapes(n: int, pieces: int = 62) -> list[int]:
     """n elements cut into tensors of geometrically growing sizes, as a network's layers are
-    (ResNet-18 has 62 parameter tensors); 'resnet18' uses its real shapes."""
+    (ResNet-18 has 62 parameter tensors); the model names use their real shapes."""
     pieces = max(1, min(pieces, n // 16))
     weights = [1.12 ** k for k in range(pieces)]
     sizes = [max(1, int(n * w / sum(weights))) for w in weights]
@@ -52,34 +83,76 @@ def model_like_shapes(n: int, pieces: int = 62) -> list[int]:
     return sizes
 
 
-def parameters_for(size: str, device: torch.device) -> list[torch.nn.Parameter]:
-    if size == "resnet18":
-        import torchvision
+def model_shapes(name: str) -> list[torch.Size]:
+    """torchvision's parameter shapes of ``name`` (built on the meta device: no memory)."""
+    import torchvision
 
-        with torch.device(device):
-            return list(torchvision.models.resnet18(weights=None).parameters())
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)(weights=None)
+    return [p.shape for p in model.parameters()]
+
+
+def shapes_for(size: str) -> list[torch.Size]:
+    name, colon, each = size.partition(":")
+    if name in MODELS:
+        shapes = model_shapes(name)
+        return [torch.Size([count(each)])] * len(shapes) if colon else shapes
+    return [torch.Size([k]) for k in model_like_shapes(count(size))]
+
+
+def parameters_for(size: str, device: torch.device) -> list[torch.nn.Parameter]:
     gen = torch.Generator(device=device).manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(k, generator=gen, device=device))
-            for k in model_like_shapes(int(float(size)))]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, device=device)) for s in shapes_for(size)]
 
 
 def clone_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
-def variants(params: list[torch.nn.Parameter], world: int, peers: set[str]) -> dict[str, Callable[[], object]]:
+class Works:
+    """Keeps the Work objects of the last call of each variant referenced, so that Gloo's
+    worker thread never drops the last reference to a tensor (at interpreter shutdown that
+    aborts the process: "terminate called without an active exception")."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, list[Any]] = {}
+
+    def run(self, name: str, tensors: list[torch.Tensor], **kwargs: Any) -> None:
+        """All-reduces each of ``tensors`` (posted together), waits, and keeps the works."""
+        works = [dist.all_reduce(t, async_op=True, **kwargs) for t in tensors]
+        for w in works:
+            w.wait()
+        self.kept[name] = works
+
+
+def variants(params: list[torch.nn.Parameter], world: int, peers: set[str],
+             works: Works) -> dict[str, Callable[[], object]]:
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
     n = sum(p.numel() for p in params)
     device = params[0].device
     fns: dict[str, Callable[[], object]] = {}
-    fns["easgd_fp32"] = easgd_ext.ElasticAverager(clone_params(params), tau=1).exchange
-    fns["easgd_bf16"] = easgd_ext.ElasticAverager(clone_params(params), tau=1,
+    fns["easgd_fp32"] = easgd_ext.ElasticAverager(clone_params(params), tau=1, beta=BETA).exchange
+    fns["easgd_bf16"] = easgd_ext.ElasticAverager(clone_params(params), tau=1, beta=BETA,
                                                   comm_dtype=torch.bfloat16).exchange
     raw32 = torch.randn(n, device=device)
     raw16 = raw32.bfloat16()
-    fns["allreduce_fp32"] = lambda: dist.all_reduce(raw32)
-    fns["allreduce_bf16"] = lambda: dist.all_reduce(raw16)
+    fns["allreduce_fp32"] = lambda: works.run("allreduce_fp32", [raw32])
+    fns["allreduce_bf16"] = lambda: works.run("allreduce_bf16", [raw16])
+    if "torch_flat" in peers:
+        x = torch.cat([p.detach().reshape(-1) for p in params]).float()
+        c = x.clone()
+        d = torch.empty_like(x)
+        alpha = BETA / world
+
+        def torch_flat() -> None:
+            torch.sub(x, c, out=d)
+            d.mul_(alpha)
+            x.sub_(d)
+            works.run("torch_flat", [d])
+            c.add_(d)
+
+        fns["torch_flat"] = torch_flat
     if "pytorch_periodic" in peers:
         theirs = clone_params(params)
         for p in theirs:
@@ -90,78 +163,128 @@ def variants(params: list[torch.nn.Parameter], world: int, peers: set[str]) -> d
         fns["pytorch_periodic"] = lambda: averager.average_parameters(theirs)
     if "per_param" in peers:
         each = clone_params(params)
+        tensors = [p.detach() for p in each]  # made once: no temporary in the collectives
 
         def per_param() -> None:
+            works.run("per_param", tensors)
             with torch.no_grad():
-                for p in each:
-                    dist.all_reduce(p.data)
-                    p.data.div_(world)
+                torch._foreach_div_(tensors, world)
 
         fns["per_param"] = per_param
     return fns
 
 
-def time_collective(fn: Callable[[], object], device: torch.device) -> float:
-    """One run of a collective: the slowest rank's wall time, everyone starting together."""
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    took = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-    dist.all_reduce(took, op=dist.ReduceOp.MAX)
-    return took.item()
+class Clock:
+    """Times one run of a collective variant: everyone starts together (an all-reduce of a
+    persistent flag, then a device synchronization), and the slowest rank's host-blocking and
+    total times are agreed by an all-reduce of a persistent buffer."""
+
+    def __init__(self, device: torch.device, works: Works) -> None:
+        self.device = device
+        self.works = works
+        self.flag = torch.zeros(1, device=device)
+        self.took = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def barrier(self) -> None:
+        self.works.run("barrier", [self.flag])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """(host-blocking seconds, total seconds) of one run of ``fn``, slowest rank's."""
+        self.barrier()
+        start = time.perf_counter()
+        fn()
+        host = time.perf_counter() - start
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        total = time.perf_counter() - start
+        self.took[0], self.took[1] = host, total
+        self.works.run("took", [self.took], op=dist.ReduceOp.MAX)
+        host, total = self.took.tolist()
+        return host, total
 
 
-def measure(size: str, world: int, device: torch.device, reps: int, peers: set[str]) -> list[dict]:
+def measure(size: str, world: int, device: torch.device, reps: int, peers: set[str],
+            works: Works) -> list[dict]:
     params = parameters_for(size, device)
     n = sum(p.numel() for p in params)
-    fns = variants(params, world, peers)
+    fns = variants(params, world, peers, works)
+    clock = Clock(device, works)
     for fn in fns.values():  # warm-up: connections, allocations
-        time_collective(fn, device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(2):
+            clock(fn)
+    host: dict[str, list[float]] = {name: [] for name in fns}
+    total: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            times[name].append(time_collective(fn, device))
-    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+            h, t = clock(fn)
+            host[name].append(h)
+            total[name].append(t)
+    # Our own collectives last: whatever a peer left in flight is long finished before exit.
+    for _ in range(3):
+        clock.barrier()
+    seconds = {name: statistics.median(ts) for name, ts in total.items()}
+    host_s = {name: statistics.median(ts) for name, ts in host.items()}
     records = []
     for name, s in seconds.items():
-        payload = n * (2 if name.endswith("bf16") else 4)
-        ratios = {}
+        dtype = "bfloat16" if name.endswith("bf16") else "float32"
+        payload = n * (2 if dtype == "bfloat16" else 4)
+        record = {"name": name, "device": str(device), "numel": n, "size": size,
+                  "tensors": len(params), "world_size": world, "dtype": dtype, "seconds": s,
+                  "host_seconds": host_s[name], "GBps": payload / s / 1e9, "ratios": {}}
         if name.startswith("easgd"):
-            ratios = {f"vs_{peer}": s / seconds[peer] for peer in seconds if not peer.startswith("easgd")}
-        records.append({"name": name, "device": str(device), "numel": n, "size": size,
-                        "world_size": world, "dtype": "bfloat16" if name.endswith("bf16") else "float32",
-                        "seconds": s, "GBps": payload / s / 1e9, "ratios": ratios})
+            same = "allreduce_" + name.split("_")[1]
+            record["ratios"] = speedups(seconds, name, [same] + [p for p in seconds
+                                                                 if not p.startswith("easgd") and p != same])
+            record["ratios"]["vs_allreduce"] = record["ratios"][f"vs_{same}"]  # same wire dtype
+            record["host_over_allreduce_s"] = host_s[name] - host_s[same]
+        records.append(record)
     return records
+
+
+def leave_group() -> None:
+    """Destroys the process group and frees it now, while the interpreter is whole. An averager
+    refers to its group and is freed only by the cycle collector; left to the interpreter's
+    shutdown, the group's Gloo threads are torn down mid-finalization and the process dies with
+    SIGABRT ("terminate called without an active exception") after finishing its work."""
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
     device = join_group(rank, world, store, args.device)
     records = []
     sizes = args.sizes
+    works = Works()
     if rank == 0:
         from tqdm import tqdm
 
         sizes = tqdm(sizes, desc=f"world {world}", unit="size", file=sys.stderr)
     try:
         for size in sizes:
-            records += measure(size, world, device, args.reps, set(args.peers))
+            records += measure(size, world, device, args.reps, set(args.peers), works)
         if rank == 0:
             Path(out).write_text(json.dumps(records))
     finally:
-        dist.destroy_process_group()
+        leave_group()
+    del works  # after the group is gone: ours is the last reference to every tensor it held
 
 
 def print_table(records: list[dict]) -> None:
-    peers = ["allreduce_fp32", "allreduce_bf16", "pytorch_periodic", "per_param"]
-    head = f"{'world':>5} {'numel':>11} {'variant':<17}{'ms':>10}{'GB/s':>7}"
-    print(head + "".join(f"{'vs ' + p:>22}" for p in peers))
+    print(f"\n{RATIO_LINE}; host: time the call blocks the Python thread (no device sync)")
+    cols = [("vs_allreduce", "over all_reduce"), ("vs_torch_flat", "over torch_flat"),
+            ("vs_pytorch_periodic", "over PyTorch periodic"), ("vs_per_param", "over per_param")]
+    head = (f"{'world':>5} {'size':<11}{'numel':>11} {'variant':<17}{'ms':>9}{'host ms':>9}"
+            f"{'GB/s':>7}{'host-AR us':>11}")
+    print(head + "".join(f"{label:>{len(label) + 2}}" for _, label in cols)
+          + "   (speedups; all_reduce: the raw one of the same wire dtype)")
     for r in records:
-        cells = "".join(f"{r['ratios'].get('vs_' + p, float('nan')):>21.2f}x" if 'vs_' + p in r["ratios"]
-                        else f"{'':>22}" for p in peers)
-        print(f"{r['world_size']:>5} {r['numel']:>11} {r['name']:<17}{r['seconds'] * 1e3:>10.2f}"
-              f"{r['GBps']:>7.2f}{cells}")
+        excess = r.get("host_over_allreduce_s")
+        cells = "".join(ratio_cell(r["ratios"], key, len(label) + 2) for key, label in cols)
+        print(f"{r['world_size']:>5} {r['size']:<11}{r['numel']:>11} {r['name']:<17}"
+              f"{r['seconds'] * 1e3:>9.3f}{r['host_seconds'] * 1e3:>9.3f}{r['GBps']:>7.2f}"
+              f"{'' if excess is None else f'{excess * 1e6:+.0f}':>11}{cells}")
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -191,30 +314,26 @@ def main(argv: list[str] | None = None) -> int:
 
         return async_main(rest)
     argv = rest
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog("comm"), description=__doc__.split("\n\n")[0],
                                      epilog="--mode async: the asynchronous transports (shared "
                                             "and sharded centers); see --mode async --help")
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4],
-                        help="world sizes to spawn (ignored under torchrun)")
-    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,
-                        help="elements per model (1e6, 250000, ...) or 'resnet18'")
+    parser.add_argument("--mode", choices=["sync", "async"], default="sync",
+                        help="sync (this) or async: the asynchronous transports")
+    parser.add_argument("--worlds", type=count, nargs="+", default=[2, 4],
+                        help="world sizes to spawn, 1 included (ignored under torchrun)")
+    parser.add_argument("--sizes", type=size_spec, nargs="+", default=DEFAULT_SIZES,
+                        help="elements per model (1e6, 250000, ...), 'resnet18', 'resnet50' "
+                             "(torchvision's shapes) or 'resnet50:1' (its 161 tensors with one "
+                             "element each: the host overhead)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--peers", nargs="*", default=["pytorch_periodic", "per_param"],
-                        choices=["pytorch_periodic", "per_param"],
-                        help="slower peers to include besides the raw all_reduce")
-    parser.add_argument("--json", type=Path, help="write the records (DESIGN.md section 4) here")
+    parser.add_argument("--reps", type=count, default=7)
+    parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS,
+                        help="peers to include besides the raw all_reduce (default: all)")
+    parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
     parser.add_argument("--plot", type=Path, help="write a latency-vs-bytes PNG here")
     args = parser.parse_args(argv)
-    for size in args.sizes:
-        if size != "resnet18":
-            try:
-                if float(size) < 1:
-                    raise ValueError
-            except ValueError:
-                parser.error(f"--sizes: {size!r} is neither a positive number nor 'resnet18'")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+    if args.device == "cuda" and not (torch.cuda.is_available() and easgd_ext.build_info()["cuda"]):
+        parser.error("--device cuda needs a GPU and easgd_ext built with CUDA")
 
     records: list[dict] = []
     launched = launcher_rank_world()

@@ -9,35 +9,45 @@ and, for the whole sync and async updates, the same update done by:
   eager    torch eager ops on the flat buffers (in place, preallocated temporaries)
   foreach  torch._foreach_* over ResNet-50's 161 parameter tensors (what an optimizer-style
            per-parameter implementation does)
-  compile  torch.compile (Inductor) of the eager function
-and reports GB/s (bytes each update must move: inputs read once, outputs written once), the
-fraction of the copy ceiling measured in the same run (best of a multi-threaded memcpy and
-torch's copy_ on CPU; a device-to-device copy_ on CUDA) and the speed-up over each peer.
+  compile  torch.compile (Inductor, fullgraph, compiled afresh for each dtype and size; a
+           recompile or a fallback to eager is an error, never a silent slow peer)
+and the copy ceiling: the best of torch's copy_, the package's vectorized copy kernel (the
+fused kernels' own launch shape) and, on CPU, a multi-threaded memcpy, each copying a float32
+buffer of the same length, timed round-robin with the variants in the same loop.
+
+Reported: GB/s (bytes each update must move: inputs read once, outputs written once), "of
+copy" (the time the copy ceiling needs for those bytes / the kernel's time) and the speedup over
+each peer (peer time / fused time, > 1: the fused kernel is faster).
 
     python -m easgd_ext.bench kernels           # CPU, and CUDA too when present
-    python -m easgd_ext.bench kernels --device cuda --numel 25557032 124000000 --json out.json
+    python -m easgd_ext.bench kernels --device cuda --numel 25557032 1.24e8 --json out.json
     python benchmarks/kernel_bandwidth.py ...   # the same
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 import easgd_ext
 from easgd_ext import ops
-from easgd_ext._native import native, tensor_ref
+from easgd_ext._native import native, num_threads, stream_of, tensor_ref
 
+from .cli import RATIO_LINE, count, prog, ratio_cell, speedup, speedups
 from .report import write_records
-from .timing import interleaved_medians, median_seconds
+from .timing import interleaved_medians
 
 ALPHA = 0.225
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COPY_NAMES = {"copy/torch": "torch copy_", "copy/native": "native copy kernel",
+              "copy/memcpy": "multi-threaded memcpy"}
 
 
 def resnet50_shapes() -> list[torch.Size]:
@@ -111,36 +121,128 @@ def foreach_async(xs, cs, ts):
     torch._foreach_add_(cs, ts)
 
 
-def compiled_fns():
-    def pre(x, c, wire):
-        d = ((x.float() - c) * ALPHA).to(wire.dtype)
-        wire.copy_(d)
-        x.copy_((x.float() - d.float()).to(x.dtype))
+def compile_pre(x, c, wire):
+    d = ((x.float() - c) * ALPHA).to(wire.dtype)
+    wire.copy_(d)
+    x.copy_((x.float() - d.float()).to(x.dtype))
 
-    def post(c, wire):
-        c.add_(wire.float())
 
-    def exchange(x, c):
-        xf = x.float()
-        x_new = (xf - ALPHA * (xf - c)).to(x.dtype)
-        c.add_(xf - x_new.float())
-        x.copy_(x_new)
+def compile_post(c, wire):
+    c.add_(wire.float())
 
-    return {name: torch.compile(fn, dynamic=False) for name, fn in
-            (("pre", pre), ("post", post), ("async", exchange))}
+
+def compile_async(x, c):
+    xf = x.float()
+    x_new = (xf - ALPHA * (xf - c)).to(x.dtype)
+    c.add_(xf - x_new.float())
+    x.copy_(x_new)
+
+
+# ---- the torch.compile peer, which must never fall back silently --------------------------------
+class CompileFallbackError(RuntimeError):
+    """The torch.compile peer recompiled past its limit or fell back to eager: its time would
+    be eager's under compile's name, so the benchmark stops instead."""
+
+
+_LIMIT_HIT = re.compile(r"(recompile|cache.size).?limit", re.IGNORECASE)
+
+
+def fallback_count() -> int:
+    """How many times, so far in this process, Dynamo gave up on a frame (ran it eagerly): frames
+    that did not convert, and recompile-limit hits (by torch.compile's own counters)."""
+    from torch._dynamo.utils import counters
+
+    frames = counters.get("frames", {})
+    failed = frames.get("total", 0) - frames.get("ok", 0)
+    hits = sum(n for reason, n in counters.get("unimplemented", {}).items()
+               if _LIMIT_HIT.search(str(reason)))
+    return max(failed, 0) + hits
+
+
+def check_no_fallback(before: int, what: str = "the torch.compile peer") -> None:
+    """Raises :class:`CompileFallbackError` if Dynamo fell back since ``fallback_count()`` read
+    ``before``."""
+    now = fallback_count()
+    if now > before:
+        raise CompileFallbackError(
+            f"{what} fell back to eager or recompiled past torch._dynamo.config's recompile "
+            f"limit ({now - before} time(s)): its timing would not be torch.compile's. Each "
+            "(dtype, size) case compiles afresh, so this is a bug in the benchmark or a guard "
+            "that fails on every call; run with TORCH_LOGS=recompiles to see why")
+
+
+class CompiledPeer:
+    """The eager updates under ``torch.compile(fullgraph=True, dynamic=False)``, compiled for
+    one (dtype, size) case after ``torch._dynamo.reset()``. Calls that hit the recompile limit
+    raise :class:`CompileFallbackError`; :meth:`check` (after timing) raises it if Dynamo
+    fell back in any other way."""
+
+    def __init__(self, backend: str = "inductor") -> None:
+        torch._dynamo.reset()
+        self._before = fallback_count()
+        self._fns = {name: torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+                     for name, fn in (("pre", compile_pre), ("post", compile_post),
+                                      ("async", compile_async))}
+
+    def __getitem__(self, name: str) -> Callable[..., None]:
+        fn = self._fns[name]
+
+        def call(*args: torch.Tensor) -> None:
+            try:
+                fn(*args)
+            except CompileFallbackError:
+                raise
+            except Exception as exc:  # Dynamo's own FailOnRecompileLimitHit, Unsupported...
+                if _LIMIT_HIT.search(f"{type(exc).__name__} {exc}"):
+                    raise CompileFallbackError(
+                        f"the torch.compile peer ({name}) hit the recompile limit "
+                        f"({type(exc).__name__}: {exc}); it would have run eagerly") from exc
+                raise
+        return call
+
+    def check(self) -> None:
+        check_no_fallback(self._before, "the torch.compile peer")
+
+
+@contextlib.contextmanager
+def strict_dynamo() -> Iterator[None]:
+    """Dynamo settings under which a recompile-limit hit raises instead of falling back
+    (``fail_on_recompile_limit_hit`` where this torch has it) and compile errors are never
+    suppressed; restored on leaving."""
+    changes: dict[str, Any] = {"suppress_errors": False}
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(torch._dynamo.config, name):
+            changes[name] = True
+            break
+    import torch._inductor.config as inductor_config
+
+    # Compile in this process: a pool of compile workers warming up in the background would
+    # steal cores from the timed loop (on a 2-core machine every kernel read 8 ms).
+    with torch._dynamo.config.patch(**changes), inductor_config.patch(compile_threads=1):
+        yield
 
 
 # ---- measurement -------------------------------------------------------------------------------
-def copy_ceiling(n: int, device: torch.device, reps: int) -> tuple[float, str]:
-    """Bytes read + written per second by the fastest plain copy of a float32 buffer of n."""
+def copy_candidates(n: int, device: torch.device) -> dict[str, Callable[[], object]]:
+    """Ways to copy a float32 buffer of ``n``: the copy ceiling is the fastest of them."""
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    candidates = {"torch copy_": lambda: dst.copy_(src)}
+    refs = (tensor_ref("dst", dst), tensor_ref("src", src))
+    launch = native.prepare.copy(*refs)
+    fns: dict[str, Callable[[], object]] = {
+        "copy/torch": lambda: dst.copy_(src),
+        "copy/native": lambda: native.run([launch], stream_of(device), num_threads()),
+    }
     if device.type == "cpu":
-        refs = (tensor_ref("dst", dst), tensor_ref("src", src))
-        candidates["parallel memcpy"] = lambda: native.memcpy(*refs, torch.get_num_threads())
-    best = {name: 2 * n * 4 / median_seconds(fn, device, reps) for name, fn in candidates.items()}
-    name = max(best, key=best.get)
-    return best[name], name
+        fns["copy/memcpy"] = lambda: native.memcpy(*refs, num_threads())
+    return fns
+
+
+def copy_ceiling(n: int, device: torch.device, reps: int) -> tuple[float, str]:
+    """Bytes read + written per second by the fastest copy of a float32 buffer of n, and which
+    copy it was (the candidates timed round-robin; for benchmarks without a loop of their own)."""
+    seconds = interleaved_medians(copy_candidates(n, device), device, reps)
+    best = min(seconds, key=seconds.get)
+    return 2 * n * 4 / seconds[best], COPY_NAMES[best]
 
 
 def bytes_moved(update: str, n: int, dtype: torch.dtype) -> int:
@@ -151,72 +253,106 @@ def bytes_moved(update: str, n: int, dtype: torch.dtype) -> int:
                 "async": 2 * (sx + 4)}[update]
 
 
-def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int, copy_bw: float,
-             shapes: list[torch.Size] | None, compiled: dict | None) -> list[dict]:
+UPDATES = ("elastic_difference", "sync_apply", "sync", "async")
+
+
+def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
+             shapes: list[torch.Size] | None, compile_backend: str | None) -> list[dict]:
+    """Every variant of one (size, dtype) case and the copy candidates, timed round-robin in one
+    loop; returns the records (updates, their peers, the copies)."""
     b = make_buffers(n, dtype, device, shapes)
     x, c, w, t = b.x, b.c, b.wire, b.tmp
     # The peers do the sync exchange the way a plain torch implementation would (x -= d before
     # the all-reduce, c += sum after); the fused pair leaves x alone until the sum is known to be
     # finite, so a bad exchange can be skipped, at the cost of reading x and c once more.
-    impls: dict[str, dict[str, Callable[[], object]]] = {
-        "elastic_difference": {"fused": lambda: ops.elastic_difference(x, c, w, ALPHA)},
-        "sync_apply": {"fused": lambda: ops.sync_apply(x, c, w, ALPHA)},
-        "sync": {"fused": lambda: (ops.elastic_difference(x, c, w, ALPHA),
-                                   ops.sync_apply(x, c, w, ALPHA)),
-                 "eager": lambda: (eager_pre(x, c, w, t), eager_post(c, w))},
-        "async": {"fused": lambda: ops.async_exchange(x, c, ALPHA),
-                  "eager": lambda: eager_async(x, c, t)},
+    fns: dict[str, Callable[[], object]] = {
+        "elastic_difference": lambda: ops.elastic_difference(x, c, w, ALPHA),
+        "sync_apply": lambda: ops.sync_apply(x, c, w, ALPHA),
+        "sync": lambda: (ops.elastic_difference(x, c, w, ALPHA), ops.sync_apply(x, c, w, ALPHA)),
+        "sync/eager": lambda: (eager_pre(x, c, w, t), eager_post(c, w)),
+        "async": lambda: ops.async_exchange(x, c, ALPHA),
+        "async/eager": lambda: eager_async(x, c, t),
     }
     if b.lists:
         xs, cs, ws, ts = (b.lists[k] for k in ("x", "c", "wire", "tmp"))
-        impls["sync"]["foreach"] = lambda: (foreach_pre(xs, cs, ws, ts), foreach_post(cs, ws))
-        impls["async"]["foreach"] = lambda: foreach_async(xs, cs, ts)
-    if compiled is not None:
-        impls["sync"]["compile"] = lambda: (compiled["pre"](x, c, w), compiled["post"](c, w))
-        impls["async"]["compile"] = lambda: compiled["async"](x, c)
+        fns["sync/foreach"] = lambda: (foreach_pre(xs, cs, ws, ts), foreach_post(cs, ws))
+        fns["async/foreach"] = lambda: foreach_async(xs, cs, ts)
+    fns.update(copy_candidates(n, device))
 
-    records = []
+    with strict_dynamo() if compile_backend else contextlib.nullcontext():
+        compiled = CompiledPeer(compile_backend) if compile_backend else None
+        if compiled is not None:
+            pre, post, exchange = compiled["pre"], compiled["post"], compiled["async"]
+            fns["sync/compile"] = lambda: (pre(x, c, w), post(c, w))
+            fns["async/compile"] = lambda: exchange(x, c)
+        seconds = interleaved_medians(fns, device, reps)
+        if compiled is not None:
+            compiled.check()
+
+    copies = {k: s for k, s in seconds.items() if k.startswith("copy/")}
+    best = min(copies, key=copies.get)
+    copy_bw = 2 * n * 4 / copies[best]
     dtype_name = str(dtype).removeprefix("torch.")
-    for update, variants in impls.items():
-        seconds = interleaved_medians(variants, device, reps)
+    records = []
+    for update in UPDATES:
         nbytes = bytes_moved(update, n, dtype)
-        ratios = {"vs_copy": nbytes / seconds["fused"] / copy_bw}
-        ratios.update({f"vs_{peer}": s / seconds["fused"] for peer, s in seconds.items()
-                       if peer != "fused"})
-        for name, s in seconds.items():
-            records.append({
-                "name": update if name == "fused" else f"{update}/{name}",
-                "device": str(device), "numel": n, "dtype": dtype_name, "seconds": s,
-                "GBps": nbytes / s / 1e9, "ratios": ratios if name == "fused" else {},
-            })
+        mine = {k: s for k, s in seconds.items() if k == update or k.startswith(update + "/")}
+        for name, s in mine.items():
+            ratios = {"vs_copy": speedup(nbytes / copy_bw, s)}
+            if name == update:
+                ratios.update({f"vs_{peer.split('/', 1)[1]}": speedup(ps, s)
+                               for peer, ps in mine.items() if peer != update})
+            records.append({"name": name, "device": str(device), "numel": n, "dtype": dtype_name,
+                            "seconds": s, "GBps": nbytes / s / 1e9, "ratios": ratios,
+                            "copy_ceiling": COPY_NAMES[best], "copy_GBps": copy_bw / 1e9})
+    for name, s in copies.items():
+        records.append({"name": name, "device": str(device), "numel": n, "dtype": "float32",
+                        "seconds": s, "GBps": 2 * n * 4 / s / 1e9,
+                        "ratios": speedups(copies, name), "case_dtype": dtype_name,
+                        "best": name == best})
     return records
 
 
-def print_table(records: list[dict], copy_bw: float, copy_name: str) -> None:
-    print(f"\ncopy ceiling: {copy_bw / 1e9:.1f} GB/s ({copy_name})")
+def print_table(records: list[dict]) -> None:
+    print(f"\n{RATIO_LINE}; 'of copy': the copy ceiling's time for the same bytes / ours")
+    print("copy ceiling per case: the best of " + ", ".join(COPY_NAMES.values())
+          + " (float32, timed with the variants)")
+    for r in records:
+        if r["name"].startswith("copy/") and r["best"]:
+            others = ", ".join(f"{COPY_NAMES[o['name']]} {o['GBps']:.1f}" for o in records
+                               if o["name"].startswith("copy/") and not o["best"]
+                               and o["device"] == r["device"] and o["numel"] == r["numel"]
+                               and o["case_dtype"] == r["case_dtype"])
+            print(f"  {r['device']:<6} {r['case_dtype']:<9} {r['numel']:>11}: {r['GBps']:.1f} GB/s "
+                  f"({COPY_NAMES[r['name']]}; {others})")
     print(f"{'update':<20}{'device':<8}{'dtype':<10}{'numel':>11}{'fused ms':>10}{'GB/s':>8}"
-          f"{'of copy':>9}{'vs eager':>10}{'vs foreach':>12}{'vs compile':>12}")
+          f"{'of copy':>9}{'speedup over eager':>20}{'over foreach':>14}{'over compile':>14}")
     for r in records:
         if "/" in r["name"]:
             continue
         q = r["ratios"]
-        cell = lambda k: f"{q[k]:.2f}x" if k in q else "-"  # noqa: E731
         print(f"{r['name']:<20}{r['device']:<8}{r['dtype']:<10}{r['numel']:>11}"
-              f"{r['seconds'] * 1e3:>10.3f}{r['GBps']:>8.1f}{q['vs_copy']:>8.0%} "
-              f"{cell('vs_eager'):>10}{cell('vs_foreach'):>12}{cell('vs_compile'):>12}")
+              f"{r['seconds'] * 1e3:>10.3f}{r['GBps']:>8.1f}{q['vs_copy']:>9.0%}"
+              f"{ratio_cell(q, 'vs_eager', 20)}{ratio_cell(q, 'vs_foreach', 14)}"
+              f"{ratio_cell(q, 'vs_compile', 14)}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog("kernels"), description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: the CPU, and the GPU too when one is usable")
-    parser.add_argument("--numel", type=int, nargs="+", default=None,
-                        help="elements per buffer (default: ResNet-50's 25.56M parameters)")
+    parser.add_argument("--numel", type=count, nargs="+", default=None,
+                        help="elements per buffer, e.g. 1e6 25557032 (default: ResNet-50's "
+                             "25.56M parameters)")
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per variant (median)")
+    parser.add_argument("--reps", type=count, default=None,
+                        help="timed runs per variant (median; default 11 on CPU, 50 on CUDA)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compile peer (default inductor; "
+                             "'eager' only to test the harness quickly)")
     parser.add_argument("--no-foreach", action="store_true", help="skip the _foreach peer")
-    parser.add_argument("--json", type=Path, help="write the records (DESIGN.md section 4) here")
+    parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
     args = parser.parse_args(argv)
 
     info = easgd_ext.build_info()
@@ -231,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
     shapes = None if args.no_foreach else resnet50_shapes()
     resnet_numel = sum(s.numel() for s in shapes) if shapes else 25_557_032
     sizes = args.numel or [resnet_numel]
-    compiled = None if args.no_compile else compiled_fns()
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, CPU ISA {info['cpu_isa']}, "
           f"{torch.get_num_threads()} CPU threads"
           + (f", GPU {torch.cuda.get_device_name()}" if cuda_ok else ""))
@@ -239,16 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     records: list[dict] = []
-    cases = [(d, n, DTYPES[t]) for d in devices for n in sizes for t in args.dtype]
-    ceilings = {}
+    cases = [(d, n, DTYPES[t]) for d in devices for n in dict.fromkeys(sizes)
+             for t in dict.fromkeys(args.dtype)]
     for device, n, dtype in tqdm(cases, desc="kernel bandwidth", unit="case", file=sys.stderr):
         reps = args.reps or (11 if device.type == "cpu" else 50)
-        if (device, n) not in ceilings:
-            ceilings[(device, n)] = copy_ceiling(n, device, reps)
         use_shapes = shapes if shapes and n == resnet_numel else None
-        records += run_case(n, dtype, device, reps, ceilings[(device, n)][0], use_shapes, compiled)
-    for (device, n), (bw, name) in ceilings.items():
-        print_table([r for r in records if r["device"] == str(device) and r["numel"] == n], bw, name)
+        records += run_case(n, dtype, device, reps, use_shapes,
+                            None if args.no_compile else args.compile_backend)
+    for device in devices:
+        for n in dict.fromkeys(sizes):
+            print_table([r for r in records if r["device"] == str(device) and r["numel"] == n])
     write_records(args.json, records)
     return 0
 

@@ -9,7 +9,10 @@ from typing import Any, Callable, Iterator
 
 
 def write_records(path: Path | None, records: list[dict]) -> None:
-    """Writes the benchmark records (DESIGN.md section 4) as JSON when a path was given."""
+    """Writes the benchmark records as a JSON list when a path was given. Each record has
+    ``name``, ``device``, ``numel``, ``dtype``, ``seconds``, ``GBps`` (null where no byte count
+    applies) and ``ratios`` (``{"vs_<peer>": peer_seconds / seconds}``: speedups over peers
+    measured in the same run), plus keys of its own benchmark."""
     if path is not None:
         path.write_text(json.dumps(records, indent=1))
         print(f"\nwrote {len(records)} records to {path}")

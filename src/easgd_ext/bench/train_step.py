@@ -1,0 +1,277 @@
+"""What the averager costs in a real training step, in one run.
+
+A torchvision model's training step (forward, backward, SGD step) is timed alone and with an
+exchange after the optimizer step:
+  step          the training step alone (no averaging)
+  easgd_tau1    + ElasticAverager.step() after every opt.step(), tau=1: an exchange every step
+  easgd_tau10   + the same with tau=10: an exchange every tenth step
+  torch_flat    + the same EASGD exchange in plain torch every step, on one flat float32
+                buffer the parameters view: d = x - c; d *= alpha; x -= d; all_reduce(d); c += d
+Each variant has its own copy of the model (same initial weights) and optimizer, and the same
+batch. The variants run in rounds, in a random order each round (seeded); in a round each
+runs a block of steps (a multiple of 10, so easgd_tau10 exchanges equally often in every
+block), and its step time in that round is the block's mean. Reported per variant: the median
+over rounds, the inter-quartile range, the overhead against the step alone (median / the step's
+median - 1) and the speedups over the step alone and over torch_flat (peer time / ours, > 1:
+faster). The process joins a world-1 process group (Gloo on CPU, NCCL on CUDA), so the exchange
+goes through a real all-reduce; under torchrun, the launcher's world.
+
+On CUDA every step is followed by a device synchronization: the step time is what the user
+sees. With channels_last, the step alone keeps its weights channels_last, while the averaged
+variants (easgd_*, torch_flat) view contiguous flat buffers, as the averager requires
+contiguous parameters; the input is channels_last for all.
+
+    python -m easgd_ext.bench step                    # CPU: resnet18, batch 8, float32
+    python -m easgd_ext.bench step --device cuda      # resnet50, batch 128, bf16, channels_last
+    python -m easgd_ext.bench step --batch 2 --image-size 64 --rounds 2 --json step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import easgd_ext
+from easgd_ext._launch import join_group, launcher_rank_world, run_workers
+
+from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
+from .comm import Works, leave_group
+from .report import write_records
+
+VARIANTS = ("step", "easgd_tau1", "easgd_tau10", "torch_flat")
+TAUS = {"easgd_tau1": 1, "easgd_tau10": 10, "torch_flat": 1}
+BETA = 0.9  # ElasticAverager's default: alpha = beta / p
+AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULTS = {
+    "cuda": {"model": "resnet50", "batch": 128, "amp": "bfloat16", "channels_last": True, "rounds": 20},
+    "cpu": {"model": "resnet18", "batch": 8, "amp": "none", "channels_last": False, "rounds": 3},
+}
+
+
+class Variant:
+    """One model, its optimizer and what runs after each optimizer step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 after: Callable[[], object] | None) -> None:
+        self.name, self.model, self.opt, self.after = name, model, opt, after
+
+
+def flat_views(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Moves ``params`` into one contiguous float32 buffer and makes each a view of its slot
+    (what a plain torch implementation of a flat exchange does); returns the buffer."""
+    x = torch.empty(sum(p.numel() for p in params), device=params[0].device)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.numel()
+            x[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = x[offset:offset + n].view(p.shape)
+            offset += n
+    return x
+
+
+def torch_flat_exchange(params: list[torch.nn.Parameter], world: int, works: Works) -> Callable[[], None]:
+    x = flat_views(params)
+    c, d = x.clone(), torch.empty_like(x)
+    alpha = BETA / world
+
+    def exchange() -> None:
+        with torch.no_grad():
+            torch.sub(x, c, out=d)
+            d.mul_(alpha)
+            x.sub_(d)
+            works.run("torch_flat", [d])
+            c.add_(d)
+
+    return exchange
+
+
+def make_variants(args: argparse.Namespace, device: torch.device, world: int,
+                  works: Works) -> list[Variant]:
+    import torchvision
+
+    torch.manual_seed(args.seed)
+    base = getattr(torchvision.models, args.model)(weights=None).to(device)
+    variants = []
+    for name in VARIANTS:
+        model = copy.deepcopy(base)
+        after: Callable[[], object] | None = None
+        if name == "step":
+            if args.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+        elif name == "torch_flat":
+            after = torch_flat_exchange(list(model.parameters()), world, works)
+        else:
+            after = easgd_ext.ElasticAverager(model.parameters(), tau=TAUS[name], beta=BETA).step
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
+        variants.append(Variant(name, model, opt, after))
+    return variants
+
+
+def train_step(v: Variant, images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None) -> None:
+    with torch.autocast(images.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+        loss = F.cross_entropy(v.model(images), labels)
+    v.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    v.opt.step()
+    if v.after is not None:
+        v.after()
+
+
+def block_seconds(v: Variant, steps: int, images: torch.Tensor, labels: torch.Tensor,
+                  amp: torch.dtype | None) -> float:
+    """Mean seconds per step over ``steps`` steps (synchronized per step on CUDA)."""
+    cuda = images.device.type == "cuda"
+    total = 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(v, images, labels, amp)
+        if cuda:
+            torch.cuda.synchronize(images.device)
+        total += time.perf_counter() - start
+    return total / steps
+
+
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q3
+
+
+def measure(args: argparse.Namespace, device: torch.device, world: int, rank: int,
+            works: Works) -> list[dict]:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    variants = make_variants(args, device, world, works)
+    amp = AMP[args.amp]
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+    for v in variants:  # warm-up: allocations, cuDNN's algorithm search, the first exchanges
+        block_seconds(v, args.block, images, labels, amp)
+    order = random.Random(args.seed)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    rounds = range(args.rounds)
+    if rank == 0:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="step rounds", unit="round", file=sys.stderr)
+    for _ in rounds:
+        # Every rank draws the same order: the averaged variants' all-reduces pair up.
+        for v in order.sample(variants, len(variants)):
+            times[v.name].append(block_seconds(v, args.block, images, labels, amp))
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    numel = sum(p.numel() for p in variants[0].model.parameters())
+    records = []
+    for v in variants:
+        q1, q3 = quartiles(times[v.name])
+        s = seconds[v.name]
+        finite = all(bool(torch.isfinite(p).all()) for p in v.model.parameters())
+        records.append({
+            "name": v.name, "device": str(device), "numel": numel,
+            "dtype": args.amp if amp is not None else "float32", "seconds": s, "GBps": None,
+            "ratios": speedups(seconds, v.name, ["step", "torch_flat"]) if v.name != "step" else {},
+            "q1_seconds": q1, "q3_seconds": q3, "iqr_seconds": q3 - q1,
+            "overhead_pct": (s / seconds["step"] - 1) * 100, "tau": TAUS.get(v.name),
+            "model": args.model, "batch": args.batch, "image_size": args.image_size,
+            "channels_last": args.channels_last and v.name == "step",
+            "world_size": world, "rounds": args.rounds, "block": args.block,
+            "parameters_finite": finite,
+        })
+    return records
+
+
+def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
+    device = join_group(rank, world, store, args.device)
+    works = Works()
+    try:
+        records = measure(args, device, world, rank, works)
+        works.run("drain", [torch.zeros(1, device=device)])  # our own collective last
+        if rank == 0:
+            Path(out).write_text(json.dumps(records))
+    finally:
+        leave_group()
+    del works
+
+
+def print_table(records: list[dict]) -> None:
+    r0 = records[0]
+    print(f"\n{r0['model']}, batch {r0['batch']}, {r0['image_size']}px, {r0['dtype']}, "
+          f"world {r0['world_size']}, {r0['numel']:,} parameters; median of {r0['rounds']} rounds "
+          f"of {r0['block']} steps per variant")
+    print(f"{RATIO_LINE}; overhead: median step time / the step alone's - 1")
+    print(f"{'variant':<13}{'tau':>4}{'step ms':>10}{'IQR ms':>9}{'overhead':>10}"
+          f"{'speedup over step':>19}{'over torch_flat':>17}")
+    for r in records:
+        tau = "-" if r["tau"] is None else str(r["tau"])
+        note = "" if r["parameters_finite"] else "  (parameters became non-finite)"
+        print(f"{r['name']:<13}{tau:>4}{r['seconds'] * 1e3:>10.2f}{r['iqr_seconds'] * 1e3:>9.2f}"
+              f"{r['overhead_pct']:>+9.1f}%{ratio_cell(r['ratios'], 'vs_step', 19)}"
+              f"{ratio_cell(r['ratios'], 'vs_torch_flat', 17)}{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog("step"), description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when usable, else the CPU")
+    parser.add_argument("--model", default=None,
+                        help="a torchvision classification model (default resnet50 on CUDA, "
+                             "resnet18 on CPU)")
+    parser.add_argument("--batch", type=count, default=None, help="default 128 on CUDA, 8 on CPU")
+    parser.add_argument("--image-size", type=count, default=224)
+    parser.add_argument("--amp", choices=list(AMP), default=None,
+                        help="autocast dtype (default bfloat16 on CUDA, none on CPU)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last input and weights (default on CUDA)")
+    parser.add_argument("--rounds", type=count, default=None, help="default 20 on CUDA, 3 on CPU")
+    parser.add_argument("--block", type=count, default=10,
+                        help="steps per variant per round (a multiple of 10)")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9, Nesterov")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
+    args = parser.parse_args(argv)
+    cuda_ok = torch.cuda.is_available() and easgd_ext.build_info()["cuda"]
+    if args.device == "auto":
+        args.device = "cuda" if cuda_ok else "cpu"
+    if args.device == "cuda" and not cuda_ok:
+        parser.error("--device cuda needs a GPU and easgd_ext built with CUDA")
+    if args.block % 10:
+        parser.error(f"--block {args.block}: give a multiple of 10 (easgd_tau10 must exchange "
+                     "equally often in every block)")
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    import torchvision
+
+    if not callable(getattr(torchvision.models, args.model, None)):
+        parser.error(f"--model {args.model!r} is not a torchvision model")
+
+    launched = launcher_rank_world()
+    records = run_workers(rank_main, launched[1] if launched else 1, args)
+    if records is None:  # a launched rank other than 0
+        return 0
+    print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    print_table(records)
+    write_records(args.json, records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
