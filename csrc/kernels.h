@@ -74,28 +74,29 @@ struct Launch {
   int device = -1;
 };
 
+// Calls f(X{}, W{}) with the storage types of two runtime dtypes (a parameter's and a wire's).
+template <typename F> void dispatch_dtypes(DType x, DType w, F&& f) {
+  dispatch_dtype(x, [&](auto xt) { dispatch_dtype(w, [&](auto wt) { f(xt, wt); }); });
+}
+
 // Calls launch(functor, n) with the functor for an element-wise call's dtypes.
 template <typename Launcher>
 void for_functor(const ElasticDifferenceArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
+  dispatch_dtypes(a.x.dtype, a.wire.dtype, [&](auto xt, auto wt) {
     using X = decltype(xt);
-    dispatch_dtype(a.wire.dtype, [&](auto wt) {
-      using W = decltype(wt);
-      launch(ElasticDifference<X, W>{a.x.as<X>(), a.center.as<float>(), a.wire.as<W>(), a.alpha,
-                                     a.nonfinite}, n);
-    });
+    using W = decltype(wt);
+    launch(ElasticDifference<X, W>{a.x.as<X>(), a.center.as<float>(), a.wire.as<W>(), a.alpha,
+                                   a.nonfinite}, n);
   });
 }
 
 template <typename Launcher>
 void for_functor(const SyncApplyArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
+  dispatch_dtypes(a.x.dtype, a.reduced.dtype, [&](auto xt, auto wt) {
     using X = decltype(xt);
-    dispatch_dtype(a.reduced.dtype, [&](auto wt) {
-      using W = decltype(wt);
-      launch(SyncApply<X, W>{a.x.as<X>(), a.center.as<float>(), a.reduced.as<W>(), a.alpha,
-                             a.guard.guard(), a.nonfinite}, n);
-    });
+    using W = decltype(wt);
+    launch(SyncApply<X, W>{a.x.as<X>(), a.center.as<float>(), a.reduced.as<W>(), a.alpha,
+                           a.guard.guard(), a.nonfinite}, n);
   });
 }
 
@@ -109,24 +110,20 @@ void for_functor(const AsyncExchangeArgs& a, int64_t n, const Launcher& launch) 
 
 template <typename Launcher>
 void for_functor(const DownpourPushArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
+  dispatch_dtypes(a.x.dtype, a.wire.dtype, [&](auto xt, auto wt) {
     using X = decltype(xt);
-    dispatch_dtype(a.wire.dtype, [&](auto wt) {
-      using W = decltype(wt);
-      launch(DownpourPush<X, W>{a.x.as<X>(), a.x_last.as<X>(), a.wire.as<W>(), a.nonfinite}, n);
-    });
+    using W = decltype(wt);
+    launch(DownpourPush<X, W>{a.x.as<X>(), a.x_last.as<X>(), a.wire.as<W>(), a.nonfinite}, n);
   });
 }
 
 template <typename Launcher>
 void for_functor(const DownpourPullArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
+  dispatch_dtypes(a.x.dtype, a.reduced.dtype, [&](auto xt, auto wt) {
     using X = decltype(xt);
-    dispatch_dtype(a.reduced.dtype, [&](auto wt) {
-      using W = decltype(wt);
-      launch(DownpourPull<X, W>{a.center.as<float>(), a.reduced.as<W>(), a.x.as<X>(),
-                                a.x_last.as<X>(), a.guard.guard(), a.nonfinite}, n);
-    });
+    using W = decltype(wt);
+    launch(DownpourPull<X, W>{a.center.as<float>(), a.reduced.as<W>(), a.x.as<X>(),
+                              a.x_last.as<X>(), a.guard.guard(), a.nonfinite}, n);
   });
 }
 
@@ -141,24 +138,20 @@ void for_functor(const DownpourAsyncExchangeArgs& a, int64_t n, const Launcher& 
 
 template <typename Launcher>
 void for_functor(const AverageSendArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
+  dispatch_dtypes(a.x.dtype, a.wire.dtype, [&](auto xt, auto wt) {
     using X = decltype(xt);
-    dispatch_dtype(a.wire.dtype, [&](auto wt) {
-      using W = decltype(wt);
-      launch(AverageSend<X, W>{a.x.as<X>(), a.wire.as<W>(), a.nonfinite}, n);
-    });
+    using W = decltype(wt);
+    launch(AverageSend<X, W>{a.x.as<X>(), a.wire.as<W>(), a.nonfinite}, n);
   });
 }
 
 template <typename Launcher>
 void for_functor(const AverageApplyArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
+  dispatch_dtypes(a.x.dtype, a.reduced.dtype, [&](auto xt, auto wt) {
     using X = decltype(xt);
-    dispatch_dtype(a.reduced.dtype, [&](auto wt) {
-      using W = decltype(wt);
-      launch(AverageApply<X, W>{a.x.as<X>(), a.reduced.as<W>(), a.scale, a.guard.guard(),
-                                a.nonfinite}, n);
-    });
+    using W = decltype(wt);
+    launch(AverageApply<X, W>{a.x.as<X>(), a.reduced.as<W>(), a.scale, a.guard.guard(),
+                              a.nonfinite}, n);
   });
 }
 
