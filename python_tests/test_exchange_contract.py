@@ -189,7 +189,8 @@ def nccl_world_one(rank: int, world: int, fn, *args):
 
 
 def graph_replay(comm: str | None) -> dict:
-    eager = easgd_ext.ElasticAverager(layout("cuda"), tau=1, comm_dtype=comm)
+    eager_params = layout("cuda")
+    eager = easgd_ext.ElasticAverager(eager_params, tau=1, comm_dtype=comm)
     captured_params = layout("cuda")
     graphed = easgd_ext.ElasticAverager(captured_params, tau=1, comm_dtype=comm)
     side = torch.cuda.Stream()
@@ -203,7 +204,7 @@ def graph_replay(comm: str | None) -> dict:
         graphed.exchange()
     for _ in range(5):
         with torch.no_grad():
-            for a, b in zip(captured_params, eager._params):  # the same local step on both
+            for a, b in zip(captured_params, eager_params):  # the same local step on both
                 a.mul_(1.01)
                 b.mul_(1.01)
         graph.replay()

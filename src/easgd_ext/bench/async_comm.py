@@ -54,7 +54,7 @@ from easgd_ext._launch import join_group, run_workers
 from easgd_ext.shared_center import unique_name
 
 from .cli import RATIO_LINE, count, prog, speedup, speedups
-from .comm import Works, leave_group
+from .collectives import Works, leave_group
 from .kernels import COPY_NAMES, copy_candidates
 from .report import latency_axes, report
 from .timing import interleaved_medians, median_seconds

@@ -30,7 +30,6 @@ costs the host beyond the bytes).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -38,7 +37,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,6 +46,7 @@ import easgd_ext
 from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
+from .collectives import Works, leave_group
 from .report import latency_axes, report
 
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "1e8"]
@@ -107,22 +107,6 @@ def parameters_for(size: str, device: torch.device) -> list[torch.nn.Parameter]:
 
 def clone_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
-
-
-class Works:
-    """Keeps the Work objects of the last call of each variant referenced, so that Gloo's
-    worker thread never drops the last reference to a tensor (at interpreter shutdown that
-    aborts the process: "terminate called without an active exception")."""
-
-    def __init__(self) -> None:
-        self.kept: dict[str, list[Any]] = {}
-
-    def run(self, name: str, tensors: list[torch.Tensor], **kwargs: Any) -> None:
-        """All-reduces each of ``tensors`` (posted together), waits, and keeps the works."""
-        works = [dist.all_reduce(t, async_op=True, **kwargs) for t in tensors]
-        for w in works:
-            w.wait()
-        self.kept[name] = works
 
 
 def variants(params: list[torch.nn.Parameter], world: int, peers: set[str],
@@ -241,15 +225,6 @@ def measure(size: str, world: int, device: torch.device, reps: int, peers: set[s
             record["host_over_allreduce_s"] = host_s[name] - host_s[same]
         records.append(record)
     return records
-
-
-def leave_group() -> None:
-    """Destroys the process group and frees it now, while the interpreter is whole. An averager
-    refers to its group and is freed only by the cycle collector; left to the interpreter's
-    shutdown, the group's Gloo threads are torn down mid-finalization and the process dies with
-    SIGABRT ("terminate called without an active exception") after finishing its work."""
-    dist.destroy_process_group()
-    gc.collect()
 
 
 def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:

@@ -47,7 +47,7 @@ import easgd_ext
 from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
-from .comm import Works, leave_group
+from .collectives import Works, leave_group
 from .report import write_records
 
 VARIANTS = ("step", "easgd_tau1", "easgd_tau10", "torch_flat")

@@ -21,6 +21,7 @@ a few microseconds instead of the dispatcher's tens.
 from __future__ import annotations
 
 import numbers
+import sys
 
 import torch
 
@@ -136,4 +137,4 @@ def count_nonfinite(t: torch.Tensor) -> int:
     return native.count_nonfinite(tensor_ref("t", t), num_threads=num_threads())
 
 
-library.register()
+library.register(sys.modules[__name__])

@@ -8,6 +8,8 @@ while compiling: the dispatcher would add tens of microseconds to every eager ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -15,13 +17,13 @@ NAMESPACE = "easgd_ext"
 _registered = False
 
 
-def register() -> None:
-    """Defines the ops once per process (importing easgd_ext.ops calls it)."""
+def register(ops: Any) -> None:
+    """Defines the ops once per process over the eager functions of ``ops`` (the module
+    easgd_ext.ops, which calls this when it is imported)."""
     global _registered
     if _registered:
         return
     _registered = True
-    from easgd_ext import ops
 
     def define(name: str, mutates: tuple[str, ...], impl):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates)(impl)
