@@ -9,6 +9,10 @@
 #include "cpu_isa.h"
 #include "kernels.h"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #ifndef EASGD_CPU_ISA
 #define EASGD_CPU_ISA baseline
 #endif
@@ -35,16 +39,42 @@ struct CpuLauncher {
     record_verdict(f, dec);
     if (dec.skip) return;
     const int threads = threads_for(n, num_threads);
-    (void)threads;  // unused when built without OpenMP
+    const bool seen = threads > 1 ? run_parallel(f, dec, n, threads) : run_range(f, dec, 0, n);
+    if (seen && f.flag() != nullptr) *f.flag() = 1.f;
+  }
+
+  // [begin, end) in this thread; whether a non-finite value was seen.
+  template <typename F>
+  static bool run_range(const F& f, const Decision& dec, int64_t begin, int64_t end) {
     int seen = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(| : seen) firstprivate(f, dec)
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = begin; i < end; ++i) {
       typename F::template Regs<1> r;
       f.template load<1>(i, r);
       seen |= int(f.template update<1>(r, dec));
       f.template store<1>(i, r);
     }
-    if (seen != 0 && f.flag() != nullptr) *f.flag() = 1.f;
+    return seen != 0;
+  }
+
+  // Small buffers never get here: a parallel region costs microseconds even for one thread,
+  // which is what a 161-tensor model's exchange is made of.
+  template <typename F>
+  static bool run_parallel(const F& f, const Decision& dec, int64_t n, int threads) {
+    int seen = 0;
+    (void)threads;  // unused when built without OpenMP
+#pragma omp parallel num_threads(threads) reduction(| : seen)
+    {
+#if defined(_OPENMP)
+      const int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+      const int64_t parts = 1, me = 0;
+#endif
+      // Contiguous pieces, split on multiples of 64 elements (cache lines of every dtype).
+      const int64_t piece = (n / parts + 63) / 64 * 64;
+      const int64_t begin = std::min(n, me * piece), end = std::min(n, begin + piece);
+      seen |= int(run_range(f, dec, begin, end));
+    }
+    return seen != 0;
   }
 };
 
