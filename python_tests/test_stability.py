@@ -191,3 +191,11 @@ def test_cli_help_shows_every_default_once(capsys):
         entry = text.split(f" {option} ", 1)[1].split(f" {next_option} ", 1)[0]
         assert entry.endswith(f"(default: {default})"), (option, entry)  # and so has a help string
     assert text.count("default") == 7, text  # one per option: no hand-written "(default 3)"
+
+
+def test_cli_names_itself_and_explains_an_overflowing_cycle(capsys):
+    with pytest.raises(SystemExit):
+        stability.main(["--eta", "1e120", "--no-plots"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m easgd_ext.stability")
+    assert "the cycle matrix overflows float64" in err

@@ -223,6 +223,7 @@ def _nonnegative(what: str, why: str) -> Callable[[str], float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m easgd_ext.stability",
         description="Round-robin stability of EASGD and ADMM on f(x) = h x^2 / 2 (Zhang et al. "
         "2015, section 4): the spectral radius of one cycle of p worker turns, < 1 stable, "
         "1 marginally stable, > 1 unstable.",
@@ -256,8 +257,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"slow above p = {MAX_P_MAPS}")
 
     eta_h = args.eta * args.h
-    r_easgd = easgd_radius(args.p, eta_h, args.alpha)
-    r_admm = admm_radius(args.p, args.eta, args.h, args.rho)
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            r_easgd = easgd_radius(args.p, eta_h, args.alpha)
+            r_admm = admm_radius(args.p, args.eta, args.h, args.rho)
+        except np.linalg.LinAlgError:
+            r_easgd = r_admm = float("nan")
+    if not (np.isfinite(r_easgd) and np.isfinite(r_admm)):
+        parser.error(f"--eta {args.eta:g} --h {args.h:g} --alpha {args.alpha:g} --rho {args.rho:g}: "
+                     "the cycle matrix overflows float64; such steps diverge at once (eta h far "
+                     "above 2)")
     if eta_h <= 2.0:  # eta, h >= 0, so eta h >= 0 here
         analytic = (f"analytic bound alpha <= {float(easgd_alpha_bound(eta_h)):.6g}, "
                     f"{easgd_region(eta_h, args.alpha)} the stable region")
