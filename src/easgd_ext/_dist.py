@@ -37,8 +37,9 @@ def init_process_group(backend: str | None = None, timeout: timedelta | None = N
     Under ``torchrun --max-restarts``, every attempt of the job joins its group through the
     launcher's own store under a namespace of its own (``TORCHELASTIC_RESTART_COUNT``): with
     plain ``init_process_group`` a restarted Gloo group finds the previous attempt's addresses
-    in that store and can fail to connect (seen in 5 of 8 restarts with torch 2.14). Outside a
-    restarting launcher it is ``init_process_group(backend, timeout=timeout)``."""
+    in that store and can fail to connect (6 of 8 restarts of a plain torch script failed so
+    here, torch 2.14). Outside a restarting launcher it is
+    ``init_process_group(backend, timeout=timeout)``."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if attempt is None or "MASTER_ADDR" not in os.environ:
