@@ -18,8 +18,10 @@ params = [torch.nn.Parameter(torch.randn(20_000))]
 avg = easgd_ext.ElasticAverager(params, tau=1, mode="async", center=name)
 updates = sum(avg.center.segment.chunk_updates())
 from_center = torch.equal(params[0].detach(), avg.center.snapshot()[:20_000])
-print(f"attempt {attempt} rank {rank}: {updates} chunk updates at start, "
-      f"starts from the center: {from_center}", flush=True)
+sys.stdout.write(f"attempt {attempt} rank {rank}: {updates} chunk updates at start, "
+                 f"starts from the center: {from_center}\n")
+sys.stdout.flush()
+dist.barrier()  # nobody exchanges before every worker has looked at its start
 for step in range(30):
     with torch.no_grad():
         params[0].add_(0.01 * torch.randn(20_000))
