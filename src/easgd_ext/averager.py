@@ -136,7 +136,7 @@ class Averager:
     @property
     def center(self) -> SharedCenter | None:
         """The shared-memory center of ``mode="async"`` on one machine (else ``None``)."""
-        return getattr(self._center, "center", None) if isinstance(self._center, SharedMemoryCenter) else None
+        return self._center.center if isinstance(self._center, SharedMemoryCenter) else None
 
     @property
     def worker_id(self) -> int | None:

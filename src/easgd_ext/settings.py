@@ -22,6 +22,8 @@ DEFAULT_ON_NONFINITE = "reset"     # a diverged worker restarts from the center
 
 MODES = ("sync", "async")
 ON_NONFINITE = ("reset", "skip", "raise")
+# The kernels' policy codes (native OnNonFinite): "raise" skips on the device like "skip".
+POLICY_CODES = {"skip": 0, "raise": 0, "reset": 1}
 COMM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 

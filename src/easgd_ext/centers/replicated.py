@@ -9,9 +9,9 @@ One exchange, all of it enqueued on the current stream with no host synchronizat
    the rank's contribution;
 3. one all-reduce per bucket; the header travels in the first bucket, so after the sum it holds
    how many ranks flagged: one collective per bucket, never a separate one for the flag;
-4. once every bucket has arrived, the apply kernels read that count on the device and decide there: skip the whole exchange
-   (``on_nonfinite="skip"``/``"raise"``), or apply the healthy ranks' sum and reset the flagged
-   rank to the center (``"reset"``). A float16 sum that overflowed leaves those elements alone
+4. once every bucket has arrived, the apply kernels read that count on the device and decide
+   there: skip the whole exchange (``on_nonfinite="skip"``/``"raise"``), or apply the healthy
+   ranks' sum and reset the flagged rank to the center (``"reset"``). A float16 sum that overflowed leaves those elements alone
    on every rank alike (they all see the same sum) and sets ``status[OVERFLOW]``.
 
 Everything the kernels need is built once here (views, wire slices, launches), so an exchange
@@ -30,10 +30,10 @@ from .. import _dist
 from .._native import native, num_threads, stream_of, tensor_ref
 from ..algorithms import Algorithm
 from ..flat_params import ALIGN_ELEMENTS, FlatGroup, bucket_ranges, check_saved
+from ..settings import POLICY_CODES
 from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
 
 HEADER = ALIGN_ELEMENTS  # wire elements before the data: the flag, padded to keep alignment
-POLICIES = {"skip": 0, "raise": 0, "reset": 1}
 
 
 class ExchangeError(RuntimeError):
@@ -59,7 +59,7 @@ class ReplicatedCenter:
         self._groups = groups
         self._timeout = timedelta(seconds=exchange_timeout)
         self.workers = comm.world_size
-        policy = POLICIES[on_nonfinite]
+        policy = POLICY_CODES[on_nonfinite]
         # One status vector per device (zeroed by each exchange's first launch there); a numpy
         # view of the CPU ones lets the log read them without a tensor method.
         self._status: dict[torch.device, torch.Tensor] = {}
@@ -70,8 +70,8 @@ class ReplicatedCenter:
             self._status.setdefault(g.device, torch.zeros(STATUS_LEN, device=g.device))
         self.host_status = {d: s.numpy() for d, s in self._status.items() if d.type == "cpu"}
 
-        zero, send, publish = [], [], []
-        self._buckets: list[tuple[torch.device, torch.Tensor, Any]] = []  # (device, wire slice, apply)
+        zero, send, publish, apply = [], [], [], []
+        self._buckets: list[torch.Tensor] = []  # wire slices, one all-reduce each
         self._bytes = 0
         for device, status in self._status.items():
             zero.append((device, native.prepare.zero(tensor_ref("status", status))))
@@ -91,14 +91,15 @@ class ReplicatedCenter:
                      "nonfinite": tensor_ref("overflow", status[OVERFLOW:OVERFLOW + 1])}
             # Buckets cover the header and the data; each applies the data it carries.
             for s, e in bucket_ranges(wire.numel(), bucket_bytes // wire.element_size()):
+                self._buckets.append(wire[s:e])
                 lo, hi = max(s, HEADER) - HEADER, e - HEADER
-                apply = algorithm.apply(g, lo, hi, data[lo:hi], guard) if hi > lo else None
-                self._buckets.append((g.device, wire[s:e], apply))
+                if hi > lo:
+                    apply.append((g.device, algorithm.apply(g, lo, hi, data[lo:hi], guard)))
             self._bytes += wire.nbytes
         self._prepare = _by_device(zero + send + publish)
-        self._apply_all = _by_device([(d, a) for d, _, a in self._buckets if a is not None])
-        # Gloo (CPU tensors, or CUDA tensors staged through the host) blocks in all_reduce: post
-        # every bucket, then apply each as it arrives. NCCL only enqueues: apply after all.
+        self._apply_all = _by_device(apply)
+        # Gloo (CPU tensors, or CUDA tensors staged through the host): the host waits for the
+        # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
         self._host_waits = comm.distributed and (
             groups[0].device.type == "cpu" or dist.get_backend(comm.group) == "gloo")
         # The last exchange's collectives, kept until the next one. Gloo's worker thread drops
@@ -126,14 +127,16 @@ class ReplicatedCenter:
         comm = self._comm
         if comm.distributed:
             if not self._host_waits and torch.cuda.is_current_stream_capturing():
-                for _, w, _ in self._buckets:  # captured into the graph with the kernels
+                for w in self._buckets:  # captured into the graph with the kernels
                     dist.all_reduce(w, group=comm.group)
             else:
                 self._works = [dist.all_reduce(w, group=comm.group, async_op=True)
-                               for _, w, _ in self._buckets]
+                               for w in self._buckets]
                 for work in self._works:
-                    # Gloo: the host waits, at most exchange_timeout; NCCL: the stream waits.
-                    self._wait(work, clock) if self._host_waits else work.wait()
+                    if self._host_waits:
+                        self._wait(work, clock)  # at most exchange_timeout
+                    else:
+                        work.wait()  # NCCL: makes the current stream wait, not the host
         for device, launches in self._apply_all:
             native.run(launches, stream_of(device), threads)
 

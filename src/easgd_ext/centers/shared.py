@@ -17,11 +17,11 @@ from .. import _dist
 from .._native import num_threads, stream_of, tensor_ref
 from ..algorithms import Algorithm
 from ..flat_params import FlatGroup, check_saved
+from ..settings import POLICY_CODES
 from ..shared_center import SharedCenter, unique_name
 from ..stats import Outcome, warn_user
 
 STAGING_SLOTS = 4  # chunks in flight per CUDA exchange: copy in, kernel, copy out overlapped
-POLICIES = {"skip": 0, "raise": 0, "reset": 1}
 
 
 def attach_given(center: object, params: list[torch.Tensor], comm: _dist.Comm) -> SharedCenter | None:
@@ -99,7 +99,7 @@ class SharedMemoryCenter:
         self._comm = comm
         self._groups = groups
         self._lock_timeout = lock_timeout
-        self._policy = POLICIES[on_nonfinite]
+        self._policy = POLICY_CODES[on_nonfinite]
         self._offsets = self.center.check_layout(params)
         segment = self.center.segment
         self.worker_id: int = segment.register_worker()
