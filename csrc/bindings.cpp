@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -64,169 +66,244 @@ OnNonFinite policy_of(int policy) {
   return OnNonFinite(policy);
 }
 
-// The verdict of a guarded apply kernel: bad_ranks (one element of the reduced buffer's dtype,
-// the all-reduced flag) and me_bad (this rank's float32 flag); both or neither.
-GuardArgs guard_args(const TensorRef* bad_ranks, const TensorRef* me_bad, int policy, int world,
-                     const TensorRef* verdict, const TensorRef& reduced, const Exec& exec,
-                     const std::vector<const TensorRef*>& data) {
-  GuardArgs g;
-  if ((bad_ranks == nullptr) != (me_bad == nullptr)) {
-    throw py::value_error("give both bad_ranks and me_bad (a guarded exchange) or neither");
-  }
-  if (bad_ranks == nullptr) return g;
-  g.verdict = static_cast<float*>(flag_pointer(verdict, exec, data));
-  g.bad_ranks = flag_pointer(bad_ranks, exec, data, reduced.dtype.c_str());
-  g.bad_dtype = float_dtype(reduced);
-  g.me_bad = static_cast<const float*>(flag_pointer(me_bad, exec, data));
-  g.policy = policy_of(policy);
-  if (world < 1) throw py::value_error("world must be >= 1 in a guarded call, got " + std::to_string(world));
-  g.world = world;
-  return g;
-}
-
-float* flag(const TensorRef* t, const Exec& exec, const std::vector<const TensorRef*>& data) {
-  return static_cast<float*>(flag_pointer(t, exec, data));
-}
-
-Launch make(KernelCall call, int64_t numel, const Exec& exec) {
-  return Launch{std::move(call), numel, exec.device};
-}
+// The verdict of a guarded apply kernel, as Python hands it over once (`_C.Guard`): bad_ranks
+// (one element of the reduced buffer's dtype: the all-reduced flag), me_bad (this rank's
+// float32 flag), the policy, the ranks in the all-reduce and where to record the verdict.
+struct GuardRefs {
+  TensorRef bad_ranks, me_bad;
+  int policy = 0;
+  int world = 0;
+  std::optional<TensorRef> verdict;
+};
 
 using Ref = const TensorRef&;
 using OptRef = const TensorRef*;
 
+// One kernel call being built: its tensors checked together once (element count, device, no
+// overlap but the allowed pairs), then each argument checked for its role.
+class Call {
+ public:
+  Call(std::vector<const TensorRef*> data,
+       std::vector<std::pair<const TensorRef*, const TensorRef*>> may_alias = {})
+      : exec_(check_call(data, may_alias, 0, 1)), data_(std::move(data)) {}
+
+  Buf param(Ref t) const { return buf(t, float_dtype(t)); }       // float32/bfloat16/float16
+  Buf center(Ref t) const { return buf(t, center_dtype(t)); }      // float32 only
+  Buf like(Ref t, Ref other) const { return buf(t, same_dtype_as(t, other)); }
+  float* flag(OptRef t) const { return static_cast<float*>(flag_pointer(t, exec_, data_)); }
+
+  Guard guard(const GuardRefs* g, Ref reduced) const {
+    Guard out;
+    if (g == nullptr) return out;
+    out.bad_ranks = flag_pointer(&g->bad_ranks, exec_, data_, reduced.dtype.c_str());
+    out.me_bad = flag(&g->me_bad);
+    out.verdict = g->verdict ? flag(&*g->verdict) : nullptr;
+    out.policy = policy_of(g->policy);
+    if (g->world < 1) throw py::value_error("world must be >= 1 in a guarded call, got " + std::to_string(g->world));
+    out.world = g->world;
+    return out;
+  }
+
+  Launch launch(KernelCall call, int64_t numel) const { return Launch{std::move(call), numel, exec_.device}; }
+  const Exec& exec() const { return exec_; }
+
+ private:
+  Exec exec_;
+  std::vector<const TensorRef*> data_;
+};
+
+// Optional trailing arguments (made when bound: a default is a Python object).
+py::arg_v guard_arg() { return py::arg("guard") = static_cast<const GuardRefs*>(nullptr); }
+py::arg_v nonfinite_arg() { return py::arg("nonfinite") = static_cast<OptRef>(nullptr); }
+
 void bind_prepare(py::module_& p) {
-  p.def("elastic_difference",
-        [](Ref x, Ref center, Ref wire, double alpha, OptRef nonfinite) {
-          const Exec e = check_call({&x, &center, &wire}, {}, 0, 1);
-          return make(ElasticDifferenceArgs{buf(x, float_dtype(x)), buf(center, center_dtype(center)),
-                                            buf(wire, float_dtype(wire)), finite_scalar("alpha", alpha),
-                                            flag(nonfinite, e, {&x, &center, &wire})},
-                      x.numel, e);
-        },
-        py::arg("x"), py::arg("center"), py::arg("wire"), py::arg("alpha"),
-        py::arg("nonfinite") = nullptr,
-        "wire = alpha (x - center), rounded to wire's dtype; sets *nonfinite = 1 on an Inf/NaN d.");
+  py::class_<GuardRefs>(p, "Guard", "The verdict a guarded apply kernel reads on the device.")
+      .def(py::init([](Ref bad_ranks, Ref me_bad, int policy, int world, OptRef verdict) {
+             policy_of(policy);
+             return GuardRefs{bad_ranks, me_bad, policy, world,
+                              verdict ? std::optional<TensorRef>(*verdict) : std::nullopt};
+           }),
+           py::arg("bad_ranks"), py::arg("me_bad"), py::arg("policy"), py::arg("world"),
+           py::arg("verdict") = static_cast<OptRef>(nullptr));
 
-  p.def("sync_apply",
-        [](Ref x, Ref center, Ref reduced, double alpha, OptRef bad_ranks, OptRef me_bad, int policy,
-           int world, OptRef verdict, OptRef nonfinite) {
-          const Exec e = check_call({&x, &center, &reduced}, {}, 0, 1);
-          const std::vector<const TensorRef*> data{&x, &center, &reduced};
-          return make(SyncApplyArgs{buf(x, float_dtype(x)), buf(center, center_dtype(center)),
-                                    buf(reduced, float_dtype(reduced)), finite_scalar("alpha", alpha),
-                                    guard_args(bad_ranks, me_bad, policy, world, verdict, reduced, e, data),
-                                    flag(nonfinite, e, data)},
-                      x.numel, e);
-        },
-        py::arg("x"), py::arg("center"), py::arg("reduced"), py::arg("alpha"),
-        py::arg("bad_ranks") = nullptr, py::arg("me_bad") = nullptr, py::arg("policy") = 0,
-        py::arg("world") = 0, py::arg("verdict") = nullptr, py::arg("nonfinite") = nullptr,
-        "x -= d (recomputed); center += reduced. Guarded: skip or reset by the verdict.");
+  p.def("elastic_difference", [](Ref x, Ref center, Ref wire, double alpha, OptRef nonfinite, OptRef keep) {
+    const Call c = keep ? Call({&x, &center, &wire, keep}) : Call({&x, &center, &wire});
+    return c.launch(ElasticDifferenceArgs{c.param(x), c.center(center), c.param(wire),
+                                          finite_scalar("alpha", alpha), c.flag(nonfinite),
+                                          keep ? c.like(*keep, wire) : Buf{}}, x.numel);
+  }, py::arg("x"), py::arg("center"), py::arg("wire"), py::arg("alpha"), nonfinite_arg(),
+  py::arg("keep") = static_cast<OptRef>(nullptr),
+  "wire = alpha (x - center), rounded to wire's dtype (and into keep, if given); sets "
+  "*nonfinite = 1 on an Inf/NaN d.");
 
-  p.def("async_exchange",
-        [](Ref x, Ref center, double alpha) {
-          const Exec e = check_call({&x, &center}, {}, 0, 1);
-          AsyncExchangeArgs a{buf(x, float_dtype(x)), buf(center, center_dtype(center)),
-                              finite_scalar("alpha", alpha), {}};
-          return make(a, x.numel, e);
-        },
-        py::arg("x"), py::arg("center"), py::arg("alpha"),
-        "e = alpha (x - center); x -= e; center += e.");
+  p.def("sync_apply", [](Ref x, Ref center, Ref reduced, double alpha, const GuardRefs* guard, OptRef nonfinite,
+                         OptRef keep) {
+    const Call c = keep ? Call({&x, &center, &reduced, keep}) : Call({&x, &center, &reduced});
+    return c.launch(SyncApplyArgs{c.param(x), c.center(center), c.param(reduced), finite_scalar("alpha", alpha),
+                                  c.guard(guard, reduced), c.flag(nonfinite),
+                                  keep ? c.like(*keep, reduced) : Buf{}}, x.numel);
+  }, py::arg("x"), py::arg("center"), py::arg("reduced"), py::arg("alpha"), guard_arg(), nonfinite_arg(),
+  py::arg("keep") = static_cast<OptRef>(nullptr),
+  "x -= d (recomputed, or read from keep); center += reduced. Guarded: skip or reset by the verdict.");
 
-  p.def("downpour_push",
-        [](Ref x, Ref x_last, Ref wire, OptRef nonfinite) {
-          const Exec e = check_call({&x, &x_last, &wire}, {}, 0, 1);
-          return make(DownpourPushArgs{buf(x, float_dtype(x)), buf(x_last, same_dtype_as(x_last, x)),
-                                       buf(wire, float_dtype(wire)), flag(nonfinite, e, {&x, &x_last, &wire})},
-                      x.numel, e);
-        },
-        py::arg("x"), py::arg("x_last"), py::arg("wire"), py::arg("nonfinite") = nullptr,
-        "wire = x - x_last.");
+  p.def("outer_apply", [](Ref x, Ref center, Ref momentum, Ref reduced, double alpha, double lr, double mu,
+                          double nesterov, double pull_to_new, double normalize, const GuardRefs* guard,
+                          OptRef nonfinite, OptRef keep) {
+    const Call c = keep ? Call({&x, &center, &momentum, &reduced, keep}) : Call({&x, &center, &momentum, &reduced});
+    const int flags = (nesterov != 0 ? kNesterov : 0) | (pull_to_new != 0 ? kPullNew : 0) |
+                      (normalize != 0 ? kNormalize : 0);
+    return c.launch(OuterApplyArgs{c.param(x), c.center(center), c.center(momentum), c.param(reduced),
+                                   finite_scalar("alpha", alpha), finite_scalar("lr", lr), finite_scalar("mu", mu),
+                                   flags, c.guard(guard, reduced), c.flag(nonfinite),
+                                   keep ? c.like(*keep, reduced) : Buf{}}, x.numel);
+  }, py::arg("x"), py::arg("center"), py::arg("momentum"), py::arg("reduced"), py::arg("alpha"), py::arg("lr"),
+  py::arg("mu"), py::arg("nesterov"), py::arg("pull_to_new"), py::arg("normalize") = 0.0, guard_arg(),
+  nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
+  "An outer (Nesterov) momentum step on the center from the all-reduced elastic differences; x "
+  "pulled towards the old center, or the new one.");
 
-  p.def("downpour_pull",
-        [](Ref center, Ref reduced, Ref x, Ref x_last, OptRef bad_ranks, OptRef me_bad, int policy,
-           int world, OptRef verdict, OptRef nonfinite) {
-          const Exec e = check_call({&center, &reduced, &x, &x_last}, {}, 0, 1);
-          const std::vector<const TensorRef*> data{&center, &reduced, &x, &x_last};
-          return make(DownpourPullArgs{buf(center, center_dtype(center)), buf(reduced, float_dtype(reduced)),
-                                       buf(x, float_dtype(x)), buf(x_last, same_dtype_as(x_last, x)),
-                                       guard_args(bad_ranks, me_bad, policy, world, verdict, reduced, e, data),
-                                       flag(nonfinite, e, data)},
-                      center.numel, e);
-        },
-        py::arg("center"), py::arg("reduced"), py::arg("x"), py::arg("x_last"),
-        py::arg("bad_ranks") = nullptr, py::arg("me_bad") = nullptr, py::arg("policy") = 0,
-        py::arg("world") = 0, py::arg("verdict") = nullptr, py::arg("nonfinite") = nullptr,
-        "center += reduced; x = x_last = center.");
+  p.def("async_exchange", [](Ref x, Ref center, double alpha) {
+    const Call c({&x, &center});
+    return c.launch(AsyncExchangeArgs{c.param(x), c.center(center), finite_scalar("alpha", alpha), {}}, x.numel);
+  }, py::arg("x"), py::arg("center"), py::arg("alpha"), "e = alpha (x - center); x -= e; center += e.");
 
-  p.def("downpour_async_exchange",
-        [](Ref x, Ref x_last, Ref center) {
-          const Exec e = check_call({&x, &x_last, &center}, {}, 0, 1);
-          DownpourAsyncExchangeArgs a{buf(x, float_dtype(x)), buf(x_last, same_dtype_as(x_last, x)),
-                                      buf(center, center_dtype(center)), {}};
-          return make(a, x.numel, e);
-        },
-        py::arg("x"), py::arg("x_last"), py::arg("center"),
-        "center += x - x_last; x = x_last = center.");
+  p.def("downpour_push", [](Ref x, Ref x_last, Ref wire, OptRef nonfinite) {
+    const Call c({&x, &x_last, &wire});
+    return c.launch(DownpourPushArgs{c.param(x), c.like(x_last, x), c.param(wire), c.flag(nonfinite)}, x.numel);
+  }, py::arg("x"), py::arg("x_last"), py::arg("wire"), nonfinite_arg(), "wire = x - x_last.");
 
-  p.def("average_send",
-        [](Ref x, Ref wire, OptRef nonfinite) {
-          const Exec e = check_call({&x, &wire}, {}, 0, 1);
-          return make(AverageSendArgs{buf(x, float_dtype(x)), buf(wire, float_dtype(wire)),
-                                      flag(nonfinite, e, {&x, &wire})},
-                      x.numel, e);
-        },
-        py::arg("x"), py::arg("wire"), py::arg("nonfinite") = nullptr, "wire = x (rounded).");
+  // reduced, x and x_last may all be one buffer: a sharded center's server adds a worker's
+  // change and answers with the new center in the same buffer.
+  p.def("downpour_pull", [](Ref center, Ref reduced, Ref x, Ref x_last, const GuardRefs* guard, OptRef nonfinite) {
+    const Call c({&center, &reduced, &x, &x_last}, {{&reduced, &x}, {&reduced, &x_last}, {&x, &x_last}});
+    return c.launch(DownpourPullArgs{c.center(center), c.param(reduced), c.param(x), c.like(x_last, x),
+                                     c.guard(guard, reduced), c.flag(nonfinite)}, center.numel);
+  }, py::arg("center"), py::arg("reduced"), py::arg("x"), py::arg("x_last"), guard_arg(), nonfinite_arg(),
+  "center += reduced; x = x_last = center.");
 
-  p.def("average_apply",
-        [](Ref x, Ref reduced, double scale, OptRef bad_ranks, OptRef me_bad, int policy, int world,
-           OptRef verdict, OptRef nonfinite) {
-          const Exec e = check_call({&x, &reduced}, {{&x, &reduced}}, 0, 1);
-          const std::vector<const TensorRef*> data{&x, &reduced};
-          return make(AverageApplyArgs{buf(x, float_dtype(x)), buf(reduced, float_dtype(reduced)),
-                                       finite_scalar("scale", scale),
-                                       guard_args(bad_ranks, me_bad, policy, world, verdict, reduced, e, data),
-                                       flag(nonfinite, e, data)},
-                      x.numel, e);
-        },
-        py::arg("x"), py::arg("reduced"), py::arg("scale"), py::arg("bad_ranks") = nullptr,
-        py::arg("me_bad") = nullptr, py::arg("policy") = 0, py::arg("world") = 0,
-        py::arg("verdict") = nullptr, py::arg("nonfinite") = nullptr,
-        "x = reduced * scale (guarded: the mean over the healthy ranks).");
+  p.def("downpour_async_exchange", [](Ref x, Ref x_last, Ref center) {
+    const Call c({&x, &x_last, &center});
+    return c.launch(DownpourAsyncExchangeArgs{c.param(x), c.like(x_last, x), c.center(center), {}}, x.numel);
+  }, py::arg("x"), py::arg("x_last"), py::arg("center"), "center += x - x_last; x = x_last = center.");
 
-  p.def("check_finite",
-        [](Ref x, Ref nonfinite) {
-          const Exec e = check_call({&x}, {}, 0, 1);
-          return make(CheckFiniteArgs{buf(x, float_dtype(x)), flag(&nonfinite, e, {&x})}, x.numel, e);
-        },
-        py::arg("x"), py::arg("nonfinite"), "*nonfinite = 1 if x holds an Inf or NaN.");
+  p.def("average_send", [](Ref x, Ref wire, OptRef nonfinite) {
+    const Call c({&x, &wire});
+    return c.launch(AverageSendArgs{c.param(x), c.param(wire), c.flag(nonfinite)}, x.numel);
+  }, py::arg("x"), py::arg("wire"), nonfinite_arg(), "wire = x (rounded).");
 
-  p.def("copy",
-        [](Ref dst, Ref src) {
-          const Exec e = check_call({&dst, &src}, {}, 0, 1);
-          return make(CopyArgs{buf(dst, float_dtype(dst)), buf(src, same_dtype_as(src, dst))}, dst.numel, e);
-        },
-        py::arg("dst"), py::arg("src"),
-        "dst = src with the kernels' own launch: the copy ceiling of the benchmarks.");
+  p.def("average_apply", [](Ref x, Ref reduced, double scale, const GuardRefs* guard, OptRef nonfinite) {
+    const Call c({&x, &reduced}, {{&x, &reduced}});
+    return c.launch(AverageApplyArgs{c.param(x), c.param(reduced), finite_scalar("scale", scale),
+                                     c.guard(guard, reduced), c.flag(nonfinite)}, x.numel);
+  }, py::arg("x"), py::arg("reduced"), py::arg("scale"), guard_arg(), nonfinite_arg(),
+  "x = reduced * scale (guarded: the mean over the healthy ranks).");
 
-  p.def("publish_flag",
-        [](Ref wire, Ref header, Ref me_bad) {
-          const Exec e = check_call({&wire}, {}, 0, 1);
-          return make(PublishFlagArgs{buf(wire, float_dtype(wire)),
-                                      Buf{flag_pointer(&header, e, {&wire}, wire.dtype.c_str()), float_dtype(wire)},
-                                      flag(&me_bad, e, {&wire})},
-                      wire.numel, e);
-        },
-        py::arg("wire"), py::arg("header"), py::arg("me_bad"),
-        "header[0] = me_bad[0]; if set, wire = 0 (a diverged rank sends nothing).");
+  p.def("copy", [](Ref dst, Ref src) {
+    const Call c({&dst, &src});
+    return c.launch(CopyArgs{c.param(dst), c.like(src, dst)}, dst.numel);
+  }, py::arg("dst"), py::arg("src"), "dst = src with the kernels' own launch: the copy ceiling of the benchmarks.");
 
-  p.def("zero",
-        [](Ref t) {
-          const Exec e = check_call({&t}, {}, 0, 1);
-          return make(ZeroArgs{reinterpret_cast<void*>(t.ptr), t.nbytes()}, t.numel, e);
-        },
-        py::arg("t"), "t = 0, in stream order (the exchange's status flags).");
+  p.def("publish_flag", [](Ref wire, Ref header, Ref me_bad) {
+    const Call c({&wire});
+    return c.launch(PublishFlagArgs{c.param(wire),
+                                    Buf{flag_pointer(&header, c.exec(), {&wire}, wire.dtype.c_str()), float_dtype(wire)},
+                                    c.flag(&me_bad)}, wire.numel);
+  }, py::arg("wire"), py::arg("header"), py::arg("me_bad"),
+  "header[0] = me_bad[0]; if set, wire = 0 (a diverged rank sends nothing).");
+
+  // ---- the 8-bit wire -------------------------------------------------------------------------
+  p.def("quant_layout", [](int64_t n, int world) {
+    if (n < 0 || world < 1) throw py::value_error("quant_layout needs n >= 0 and world >= 1");
+    const QuantLayout l = QuantLayout::make(n, world);
+    return py::make_tuple(l.chunk, l.record);
+  }, py::arg("n"), py::arg("world"),
+  "(chunk elements per owner, bytes per record) of an n-element piece's 8-bit wire among world ranks.");
+
+  p.def("quantized_send", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref records, int world, double alpha,
+                             OptRef nonfinite, OptRef keep) {
+    if ((center == nullptr) == (x_last == nullptr)) throw py::value_error("give center (EASGD) or x_last (DOWNPOUR)");
+    std::vector<const TensorRef*> data{&x, &residual};
+    if (center) data.push_back(center);
+    if (x_last) data.push_back(x_last);
+    if (keep) data.push_back(keep);
+    const Call c(data);
+    const QuantLayout l = QuantLayout::make(x.numel, world);
+    QuantizedSendArgs a;
+    a.x = c.param(x).ptr; a.x_dtype = float_dtype(x);
+    if (center) a.center = c.center(*center).as<float>();
+    if (x_last) a.x_last = c.like(*x_last, x).ptr;
+    a.residual = c.center(residual).as<float>();
+    if (keep) a.keep = c.center(*keep).as<float>();
+    a.records = bytes_pointer(records, world * l.record, c.exec(), data);
+    a.layout = l;
+    a.rule = center ? QuantRule::elastic : QuantRule::downpour;
+    a.alpha = finite_scalar("alpha", alpha);
+    a.nonfinite = c.flag(nonfinite);
+    return c.launch(a, x.numel);
+  }, py::arg("x"), py::arg("center"), py::arg("x_last"), py::arg("residual"), py::arg("records"), py::arg("world"),
+  py::arg("alpha") = 1.0, nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
+  "v = d + residual (d = alpha (x - center), or x - x_last), block-quantized into the world records.");
+
+  p.def("publish_records", [](Ref records, int64_t n, int world, Ref me_bad) {
+    const QuantLayout l = QuantLayout::make(n, world);
+    const Call c({&me_bad});
+    PublishRecordsArgs a{bytes_pointer(records, world * l.record, c.exec(), {&me_bad}), l,
+                         static_cast<const float*>(flag_pointer(&me_bad, c.exec(), {}))};
+    return c.launch(a, n);
+  }, py::arg("records"), py::arg("n"), py::arg("world"), py::arg("me_bad"),
+  "Every record's header = me_bad; if set, every scale and q = 0.");
+
+  p.def("quantized_reduce", [](Ref received, Ref own, Ref server_residual, int64_t n, int world, int policy) {
+    const QuantLayout l = QuantLayout::make(n, world);
+    if (server_residual.numel != l.chunk) {
+      throw py::value_error("server_residual must hold " + std::to_string(l.chunk) + " elements (one chunk)");
+    }
+    const Call c({&server_residual});
+    QuantizedReduceArgs a;
+    a.received = bytes_pointer(received, world * l.record, c.exec(), {&server_residual});
+    a.own = bytes_pointer(own, l.record, c.exec(), {&server_residual, &received});
+    a.server_residual = c.center(server_residual).as<float>();
+    a.layout = l;
+    a.policy = policy_of(policy);
+    return c.launch(a, l.chunk);
+  }, py::arg("received"), py::arg("own"), py::arg("server_residual"), py::arg("n"), py::arg("world"),
+  py::arg("policy") = 0,
+  "The owner's chunk: sum of the received records + its residual, re-quantized into own.");
+
+  p.def("quantized_apply", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref sent, Ref gathered, int world,
+                              double alpha, const GuardRefs* guard, OptRef keep) {
+    if (center == nullptr) throw py::value_error("the 8-bit apply needs the center");
+    std::vector<const TensorRef*> data{&x, &residual, center};
+    if (x_last) data.push_back(x_last);
+    if (keep) data.push_back(keep);
+    const Call c(data);
+    const QuantLayout l = QuantLayout::make(x.numel, world);
+    QuantizedApplyArgs a;
+    a.x = c.param(x).ptr; a.x_dtype = float_dtype(x);
+    a.center = c.center(*center).as<float>();
+    if (x_last) a.x_last = c.like(*x_last, x).ptr;
+    a.residual = c.center(residual).as<float>();
+    if (keep) a.keep = c.center(*keep).as<float>();
+    a.sent = bytes_pointer(sent, world * l.record, c.exec(), data);
+    a.gathered = bytes_pointer(gathered, world * l.record, c.exec(), data);
+    a.layout = l;
+    a.rule = x_last ? QuantRule::downpour : QuantRule::elastic;
+    a.alpha = finite_scalar("alpha", alpha);
+    if (guard != nullptr) {
+      a.me_bad = c.flag(&guard->me_bad);
+      a.policy = policy_of(guard->policy);
+      a.verdict = guard->verdict ? c.flag(&*guard->verdict) : nullptr;
+    }
+    return c.launch(a, x.numel);
+  }, py::arg("x"), py::arg("center"), py::arg("x_last"), py::arg("residual"), py::arg("sent"), py::arg("gathered"),
+  py::arg("world"), py::arg("alpha") = 1.0, guard_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
+  "S = deq(gathered); residual += d - deq(sent); EASGD: x -= d, center += S; DOWNPOUR: center += S, "
+  "x = x_last = center. Guarded by the count in the gathered header.");
+
+  p.def("zero", [](Ref t) {
+    const Call c({&t});
+    return c.launch(ZeroArgs{reinterpret_cast<void*>(t.ptr), t.nbytes()}, t.numel);
+  }, py::arg("t"), "t = 0, in stream order (the exchange's status flags).");
 }
 
 }  // namespace

@@ -5,10 +5,8 @@
 #include <pybind11/stl.h>
 
 #include <memory>
-#include <optional>
 
 #include "chunk_exchange.h"
-#include "process_liveness.h"
 #include "segment.h"
 #include "tensor_ref.h"
 
@@ -40,29 +38,83 @@ py::dict header_dict(const Segment& s) {
   return d;
 }
 
-// The rule's buffers over a whole flat group, checked against each other and, on the CPU,
-// against the center slice they will be applied to.
-shm::ChunkRule elastic_rule(const TensorRef& x, double alpha) {
-  check_call({&x}, {}, 0, 1);
+// An algorithm's asynchronous rule over a worker's whole flat group, validated once: its kernel's
+// arguments (x, x_last) with the center left empty, cut into chunks by each exchange.
+struct PreparedRule {
+  shm::ChunkRule rule;
+  int64_t numel = 0;
+  int device = -1;  // -1: CPU
+  std::string device_str;
+};
+
+PreparedRule elastic_rule(const TensorRef& x, double alpha) {
+  const Exec e = check_call({&x}, {}, 0, 1);
   AsyncExchangeArgs a;
   a.x = Buf{reinterpret_cast<void*>(x.ptr), float_dtype(x)};
   a.alpha = finite_scalar("alpha", alpha);
-  return shm::ChunkRule{a};
+  return PreparedRule{shm::ChunkRule{a}, x.numel, e.device, x.device_str()};
 }
 
-shm::ChunkRule downpour_rule(const TensorRef& x, const TensorRef& x_last) {
-  check_call({&x, &x_last}, {}, 0, 1);
+PreparedRule downpour_rule(const TensorRef& x, const TensorRef& x_last) {
+  const Exec e = check_call({&x, &x_last}, {}, 0, 1);
   DownpourAsyncExchangeArgs a;
   a.x = Buf{reinterpret_cast<void*>(x.ptr), float_dtype(x)};
   a.x_last = Buf{reinterpret_cast<void*>(x_last.ptr), same_dtype_as(x_last, x)};
-  return shm::ChunkRule{a};
+  return PreparedRule{shm::ChunkRule{a}, x.numel, e.device, x.device_str()};
 }
 
-struct RuleRefs {
-  TensorRef x;
-  std::optional<TensorRef> x_last;  // DOWNPOUR
-  double alpha = 0.0;               // EASGD
+// One worker's exchange of one flat group with its slice of the center, checked once (the slice
+// fits the center, does not overlap the worker's buffers, the CUDA staging ring fits a chunk)
+// and run every exchange: the asynchronous counterpart of a prepared Launch.
+struct PreparedExchange {
+  std::shared_ptr<Segment> segment;
+  int worker = 0;
+  PreparedRule rule;
+  int64_t offset = 0;
+  shm::ExchangeOptions options;
 };
+
+PreparedExchange prepare_exchange(const std::shared_ptr<Segment>& s, int worker, const PreparedRule& rule,
+                                  int64_t offset, int policy, const TensorRef* staging,
+                                  const TensorRef* me_bad) {
+  s->worker(worker);  // range check
+  if (offset < 0 || offset + rule.numel > s->numel()) {
+    throw py::value_error("a flat group of " + std::to_string(rule.numel) + " elements at offset " +
+                          std::to_string(offset) + " does not fit the shared center of " +
+                          std::to_string(s->numel()) + " elements");
+  }
+  if (policy != 0 && policy != 1) throw py::value_error("policy must be 0 (skip) or 1 (reset)");
+  PreparedExchange p{s, worker, rule, offset, {}};
+  p.options.policy = OnNonFinite(policy);
+  const Buf x = rule.rule.x();
+  const TensorRef x_ref{"x", uintptr_t(x.ptr), rule.numel, dtype_name(x.dtype), rule.device < 0 ? "cpu" : "cuda",
+                        rule.device};
+  if (rule.device < 0) {
+    // The center slice as a TensorRef, so the usual checks catch an overlap with the worker's buffers.
+    const TensorRef center{"center", uintptr_t(s->data() + offset), rule.numel, "float32", "cpu", -1};
+    const Buf last = rule.rule.x_last();
+    if (last.ptr != nullptr) {
+      const TensorRef last_ref{"x_last", uintptr_t(last.ptr), rule.numel, dtype_name(last.dtype), "cpu", -1};
+      check_call({&x_ref, &last_ref, &center}, {}, 0, 1);
+    } else {
+      check_call({&x_ref, &center}, {}, 0, 1);
+    }
+    return p;
+  }
+  if (staging == nullptr || me_bad == nullptr) {
+    throw py::value_error("CUDA parameters need staging= and me_bad= device buffers");
+  }
+  const Exec e = check_call({staging}, {}, 0, 1);
+  const int64_t chunk = s->header().chunk_numel;
+  if (staging->dtype != "float32" || staging->device_str() != rule.device_str || staging->numel < chunk) {
+    throw py::value_error("staging must be float32 on " + rule.device_str + " with at least one chunk (" +
+                          std::to_string(chunk) + " elements)");
+  }
+  p.options.staging = reinterpret_cast<float*>(staging->ptr);
+  p.options.staging_slots = int(staging->numel / chunk);
+  p.options.me_bad_device = static_cast<float*>(flag_pointer(me_bad, e, {&x_ref, staging}));
+  return p;
+}
 
 }  // namespace
 
@@ -101,7 +153,6 @@ void bind_shared_segment(py::module_& m) {
       .def_static("unlink", &Segment::unlink, py::arg("name"))
       .def_property_readonly("name", &Segment::name)
       .def_property_readonly("numel", &Segment::numel)
-      .def_property_readonly("data_ptr", [](const Segment& s) { return uintptr_t(s.data()); })
       .def("info", &header_dict)
       .def("lock", [](Segment& s, int64_t k, double timeout) { return int(s.lock(k, timeout)); },
            py::arg("chunk"), py::arg("timeout") = 0.0, release,
@@ -126,80 +177,43 @@ void bind_shared_segment(py::module_& m) {
              return out;
            })
       .def("pin_for_cuda", &Segment::pin_for_cuda, release)
-      .def("exchange",
-           [](Segment& s, int worker, const RuleRefs& rule, int64_t offset, int num_threads,
-              double timeout, int policy, uintptr_t stream, const TensorRef* staging,
-              const TensorRef* me_bad) {
-             const TensorRef& x = rule.x;
-             if (offset < 0 || offset + x.numel > s.numel()) {
-               throw py::value_error(x.name + " (" + std::to_string(x.numel) + " elements at offset " +
-                                     std::to_string(offset) + ") does not fit the shared center of " +
-                                     std::to_string(s.numel()) + " elements");
-             }
-             if (policy != 0 && policy != 1) throw py::value_error("policy must be 0 (skip) or 1 (reset)");
-             shm::ChunkRule r = rule.x_last ? downpour_rule(x, *rule.x_last) : elastic_rule(x, rule.alpha);
-             shm::ExchangeOptions o;
-             o.num_threads = num_threads;
-             o.lock_timeout_s = timeout;
-             o.policy = OnNonFinite(policy);
-             int device = -1;
-             if (x.device_type == "cpu") {
-               // The center slice as a TensorRef, so the usual checks catch overlaps with it.
-               const TensorRef center{"center", uintptr_t(s.data() + offset), x.numel, "float32", "cpu", -1};
-               if (rule.x_last) check_call({&x, &*rule.x_last, &center}, {}, 0, 1);
-               else check_call({&x, &center}, {}, 0, 1);
-             } else {
-               const Exec e = check_call({&x}, {}, stream, 1);
-               device = e.device;
-               if (staging == nullptr || me_bad == nullptr) {
-                 throw py::value_error("CUDA parameters need staging= and me_bad= device buffers");
-               }
-               check_call({staging}, {}, stream, 1);
-               if (staging->dtype != "float32" || staging->device_str() != x.device_str() ||
-                   staging->numel < s.header().chunk_numel) {
-                 throw py::value_error("staging must be float32 on " + x.device_str() +
-                                       " with at least one chunk (" +
-                                       std::to_string(s.header().chunk_numel) + " elements)");
-               }
-               o.stream = stream;
-               o.staging = reinterpret_cast<float*>(staging->ptr);
-               o.staging_slots = int(staging->numel / s.header().chunk_numel);
-               o.me_bad_device = static_cast<float*>(flag_pointer(me_bad, e, {&x, staging}));
-             }
-             shm::ExchangeResult got;
-             {
-               py::gil_scoped_release no_gil;
-               got = shm::exchange(s, worker, r, device, offset, x.numel, o);
-             }
-             return py::make_tuple(got.recovered_locks, got.nonfinite);
-           },
-           py::arg("worker"), py::arg("rule"), py::arg("offset"), py::arg("num_threads") = 1,
-           py::arg("timeout") = 0.0, py::arg("policy") = 0, py::arg("stream") = 0,
-           py::arg("staging") = nullptr, py::arg("me_bad") = nullptr,
-           "One exchange of a worker's flat group with center[offset:offset+numel], chunk by chunk "
-           "under the chunks' locks (CUDA parameters: through a device staging ring on `stream`). "
-           "Returns (locks recovered from dead holders, whether x held Inf/NaN). Record the whole "
-           "exchange with record_exchange afterwards.")
+      .def("prepare_exchange", &prepare_exchange, py::arg("worker"), py::arg("rule"), py::arg("offset"),
+           py::arg("policy") = 0, py::arg("staging") = static_cast<const TensorRef*>(nullptr),
+           py::arg("me_bad") = static_cast<const TensorRef*>(nullptr),
+           "Checks once that `rule` (a worker's flat group) can exchange with center[offset:offset+numel] "
+           "(CUDA parameters: through the device staging ring `staging` with the verdict in `me_bad`) and "
+           "returns the PreparedExchange to run at every exchange.")
       .def_buffer([](Segment& s) {
         return py::buffer_info(s.data(), sizeof(float), py::format_descriptor<float>::format(), 1,
                                {s.numel()}, {int64_t(sizeof(float))});
       });
 
-  py::class_<RuleRefs>(m, "ChunkRule",
-                       "An algorithm's asynchronous update rule over a worker's flat group.")
-      .def_static("elastic",
-                  [](const TensorRef& x, double alpha) {
-                    elastic_rule(x, alpha);  // validate now, not at the first exchange
-                    return RuleRefs{x, std::nullopt, alpha};
-                  },
-                  py::arg("x"), py::arg("alpha"),
+  py::class_<PreparedRule>(m, "ChunkRule",
+                           "An algorithm's asynchronous update rule over a worker's flat group.")
+      .def_static("elastic", &elastic_rule, py::arg("x"), py::arg("alpha"),
                   "EASGD: e = alpha (x - c); x -= e; c += e.")
-      .def_static("downpour",
-                  [](const TensorRef& x, const TensorRef& x_last) {
-                    downpour_rule(x, x_last);
-                    return RuleRefs{x, x_last, 0.0};
-                  },
-                  py::arg("x"), py::arg("x_last"), "DOWNPOUR: c += x - x_last; x = x_last = c.");
+      .def_static("downpour", &downpour_rule, py::arg("x"), py::arg("x_last"),
+                  "DOWNPOUR: c += x - x_last; x = x_last = c.");
+
+  py::class_<PreparedExchange>(m, "PreparedExchange",
+                               "One worker's exchange of a flat group with a shared center, checked once.")
+      .def("run",
+           [](PreparedExchange& p, int num_threads, double timeout, uintptr_t stream) {
+             shm::ExchangeOptions o = p.options;
+             o.num_threads = num_threads;
+             o.lock_timeout_s = timeout;
+             o.stream = stream;
+             shm::ExchangeResult got;
+             {
+               py::gil_scoped_release no_gil;
+               got = shm::exchange(*p.segment, p.worker, p.rule.rule, p.rule.device, p.offset, p.rule.numel, o);
+             }
+             return py::make_tuple(got.recovered_locks, got.nonfinite);
+           },
+           py::arg("num_threads") = 1, py::arg("timeout") = 0.0, py::arg("stream") = 0,
+           "One exchange, chunk by chunk under the chunks' locks (CUDA parameters: through the staging "
+           "ring on `stream`). Returns (locks recovered from dead holders, whether x held Inf/NaN). "
+           "Record the whole exchange with record_exchange afterwards.");
 
   m.def("chunk_plan",
         [](int64_t offset, int64_t n, int64_t chunk_numel, int worker, int workers) {
@@ -213,8 +227,6 @@ void bind_shared_segment(py::module_& m) {
         "The (chunk, begin, end) pieces of center[offset:offset+n] in the order a worker visits "
         "them (what every shared-center exchange follows).");
 
-  m.def("process_alive", [](int64_t pid) { return shm::process_alive(pid, 0); }, py::arg("pid"),
-        "Whether pid is a running (not zombie) process.");
 }
 
 }  // namespace easgd

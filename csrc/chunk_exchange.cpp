@@ -46,6 +46,13 @@ Buf ChunkRule::x() const {
   return std::visit([](const auto& a) { return a.x; }, proto);
 }
 
+Buf ChunkRule::x_last() const {
+  return std::visit([](const auto& a) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(a)>, DownpourAsyncExchangeArgs>) return a.x_last;
+    return Buf{};
+  }, proto);
+}
+
 namespace {
 
 // The CPU exchange: one pass to check x, then each chunk in place under its lock.

@@ -35,6 +35,7 @@ struct ChunkRule {
   // chunk of the center, wherever it is: shared memory, or a device staging copy).
   KernelCall at(int64_t begin, float* center, const float* me_bad, OnNonFinite policy) const;
   Buf x() const;
+  Buf x_last() const;  // null for rules without one
 };
 
 struct ExchangeOptions {

@@ -114,8 +114,9 @@ template <typename F> EASGD_HD void record_verdict(const F& f, const Decision& d
 
 // Before the all-reduce: wire = d = alpha (x - c), rounded to the wire dtype. x is left alone, so
 // an exchange that is skipped leaves every worker as it was. Reports a non-finite stored d.
+// With `keep` (a delayed apply: x moves on before the sum arrives) d is stored there too.
 template <typename X, typename W> struct ElasticDifference {
-  const X* x; const float* c; W* wire; float alpha; float* nonfinite;
+  const X* x; const float* c; W* wire; float alpha; float* nonfinite; W* keep = nullptr;
 
   template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<W, V> d; };
   EASGD_HD Decision decide() const { return {}; }
@@ -134,26 +135,31 @@ template <typename X, typename W> struct ElasticDifference {
   }
   template <int V> EASGD_HD void store(int64_t i, const Regs<V>& r) const {
     easgd::store<V>(wire + i, r.d);
+    if (keep != nullptr) easgd::store<V>(keep + i, r.d);
   }
   template <int V> bool vectorizable() const {
-    return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(wire);
+    return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(wire) &&
+           (keep == nullptr || aligned_for<V>(keep));
   }
 };
 
 // After the all-reduce: x -= d; c += sum_i d_i. d is recomputed from the unchanged x and c with
 // the same float32 operations and rounding as ElasticDifference, so x loses bit for bit what it
-// sent. A non-finite sum (a float16 wire that overflowed) leaves that element alone on every
-// rank (they all see the same sum) and is reported. A reset rank takes the new center.
+// sent; with `keep` (a delayed apply, x has moved on since) d is read from there instead. A
+// non-finite sum (a float16 wire that overflowed) leaves that element alone on every rank (they
+// all see the same sum) and is reported. A reset rank takes the new center.
 template <typename X, typename W> struct SyncApply {
   X* x; float* c; const W* reduced; float alpha; Guard guard; float* nonfinite;
+  const W* keep = nullptr;
 
-  template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<W, V> s; };
+  template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<W, V> s; Vec<W, V> d; };
   EASGD_HD Decision decide() const { return easgd::decide<W>(guard); }
   EASGD_HD float* flag() const { return nonfinite; }
   template <int V> EASGD_HD void load(int64_t i, Regs<V>& r) const {
     r.x = easgd::load<V>(x + i);
     r.c = easgd::load<V>(c + i);
     r.s = easgd::load<V>(reduced + i);
+    if (keep != nullptr) r.d = easgd::load<V>(keep + i);
   }
   template <int V> EASGD_HD bool update(Regs<V>& r, const Decision& dec) const {
     bool bad = false;
@@ -164,7 +170,7 @@ template <typename X, typename W> struct SyncApply {
       const bool skip = non_finite(s);
       bad |= skip;
       const float c_new = select(skip, cf, cf + s);
-      const float d = to_float(from_float<W>(alpha * (xf - cf)));
+      const float d = keep != nullptr ? to_float(r.d.v[k]) : to_float(from_float<W>(alpha * (xf - cf)));
       // Selects in float32, one rounding to X: what keeps the CPU loops vectorized. A kept x
       // (a skipped element) round-trips exactly.
       r.x.v[k] = from_float<X>(select(dec.reset, c_new, select(skip, xf, xf - d)));
@@ -177,7 +183,65 @@ template <typename X, typename W> struct SyncApply {
     easgd::store<V>(c + i, r.c);
   }
   template <int V> bool vectorizable() const {
-    return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(reduced);
+    return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(reduced) &&
+           (keep == nullptr || aligned_for<V>(keep));
+  }
+};
+
+// ---- an outer optimizer on the center (EASGD with outer momentum; DiLoCo) ---------------------
+
+// After the all-reduce of d = alpha (x - c) (ElasticDifference): g = sum (times world / healthy
+// ranks with kNormalize, the mean's correction when flagged ranks sent nothing); m = mu m + g;
+// c += lr (Nesterov: g + mu m; else m); x -= d (the pull of EASGD, towards the old center) or,
+// with kPullNew, x -= alpha (x - c_new) (alpha = 1: x = c_new exactly, DiLoCo's reset). With
+// mu = 0 and lr = 1 it stores bit for bit what SyncApply stores. A non-finite sum element leaves
+// x, c and m alone there; a reset rank takes the new center.
+enum OuterFlags : int { kNesterov = 1, kPullNew = 2, kNormalize = 4 };
+
+template <typename X, typename W> struct OuterApply {
+  X* x; float* c; float* m; const W* reduced; float alpha, lr, mu; int flags; Guard guard;
+  float* nonfinite; const W* keep = nullptr;
+
+  template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<float, V> m; Vec<W, V> s; Vec<W, V> d; };
+  EASGD_HD Decision decide() const { return easgd::decide<W>(guard); }
+  EASGD_HD float* flag() const { return nonfinite; }
+  template <int V> EASGD_HD void load(int64_t i, Regs<V>& r) const {
+    r.x = easgd::load<V>(x + i);
+    r.c = easgd::load<V>(c + i);
+    r.m = easgd::load<V>(m + i);
+    r.s = easgd::load<V>(reduced + i);
+    if (keep != nullptr) r.d = easgd::load<V>(keep + i);
+  }
+  template <int V> EASGD_HD bool update(Regs<V>& r, const Decision& dec) const {
+    const float scale = (flags & kNormalize) != 0 && dec.healthy > 0.f ? float(guard.world) / dec.healthy : 1.f;
+    const bool nesterov = (flags & kNesterov) != 0, pull_new = (flags & kPullNew) != 0;
+    bool bad = false;
+    EASGD_UNROLL for (int k = 0; k < V; ++k) {
+      const float xf = to_float(r.x.v[k]);
+      const float cf = r.c.v[k];
+      const float s = to_float(r.s.v[k]);
+      const bool skip = non_finite(s);
+      bad |= skip;
+      const float g = s * scale;
+      const float m_new = mu * r.m.v[k] + g;
+      const float step = nesterov ? g + mu * m_new : m_new;
+      const float c_new = cf + lr * step;
+      const float d = keep != nullptr ? to_float(r.d.v[k]) : to_float(from_float<W>(alpha * (xf - cf)));
+      const float pulled = pull_new ? select(alpha == 1.f, c_new, xf - alpha * (xf - c_new)) : xf - d;
+      r.x.v[k] = from_float<X>(select(dec.reset, c_new, select(skip, xf, pulled)));
+      r.c.v[k] = select(skip, cf, c_new);
+      r.m.v[k] = select(skip, r.m.v[k], m_new);
+    }
+    return bad;
+  }
+  template <int V> EASGD_HD void store(int64_t i, const Regs<V>& r) const {
+    easgd::store<V>(x + i, r.x);
+    easgd::store<V>(c + i, r.c);
+    easgd::store<V>(m + i, r.m);
+  }
+  template <int V> bool vectorizable() const {
+    return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(m) && aligned_for<V>(reduced) &&
+           (keep == nullptr || aligned_for<V>(keep));
   }
 };
 

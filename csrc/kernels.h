@@ -1,14 +1,22 @@
-// The kernels' named argument structs, the variant that carries any one of them, and the
-// dtype dispatch shared by both backends. A backend supplies a launcher (`launcher(functor, n)`)
-// and calls for_functor with it, so the mapping from arguments to a functor exists once.
+// The kernels' argument structs, the variant that carries any one of them, and the dtype
+// dispatch shared by both backends.
+//
+// Every element-wise Args struct names its functor: `functor<X>()` (or `functor<X, W>()` where
+// the call has a wire dtype besides the parameters', `wire_dtype()`) builds it for the storage
+// types of the call's dtypes. One generic `for_functor` turns any of them into a launch, so a
+// new element-wise kernel is one functor (elastic_ops.h), one Args struct here (plus its entry in
+// KernelCall) and one builder in bindings.cpp.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 #include <variant>
 
 #include "elastic_ops.h"
+#include "quantize.h"
 
 namespace easgd {
 
@@ -22,42 +30,119 @@ struct Buf {
   }
 };
 
-// The exchange's verdict, as the bindings hand it over: `bad_ranks` points at one element of
-// dtype `bad_dtype` (the all-reduced flag in the wire buffer), `me_bad` at this rank's float32
-// flag. Null pointers: unguarded.
-struct GuardArgs {
-  const void* bad_ranks = nullptr;
-  DType bad_dtype = DType::f32;
-  const float* me_bad = nullptr;
-  OnNonFinite policy = OnNonFinite::skip;
-  int world = 0;
-  float* verdict = nullptr;
+// ---- element-wise kernels: fields named as in the Python API --------------------------------
+// `nonfinite`: where the kernel sets 1.0f when it sees an Inf/NaN it was asked to report (null:
+// do not report). `guard`: the exchange's verdict (unguarded when its pointers are null).
 
-  Guard guard() const { return Guard{bad_ranks, me_bad, policy, world, verdict}; }
+// `keep` (optional, wire dtype): d as sent, for an apply that comes steps later.
+struct ElasticDifferenceArgs {
+  Buf x, center, wire; float alpha = 0.f; float* nonfinite = nullptr; Buf keep;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return wire.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return ElasticDifference<X, W>{x.as<X>(), center.as<float>(), wire.as<W>(), alpha, nonfinite,
+                                   keep.as<W>()};
+  }
 };
 
-// One struct per kernel, fields named as in the Python API. `nonfinite`: where the kernel sets
-// 1.0f when it sees an Inf/NaN it was asked to report (null: do not report).
-struct ElasticDifferenceArgs { Buf x, center, wire; float alpha = 0.f; float* nonfinite = nullptr; };
-struct SyncApplyArgs { Buf x, center, reduced; float alpha = 0.f; GuardArgs guard; float* nonfinite = nullptr; };
-struct AsyncExchangeArgs { Buf x, center; float alpha = 0.f; GuardArgs guard; };
-struct DownpourPushArgs { Buf x, x_last, wire; float* nonfinite = nullptr; };
-struct DownpourPullArgs { Buf center, reduced, x, x_last; GuardArgs guard; float* nonfinite = nullptr; };
-struct DownpourAsyncExchangeArgs { Buf x, x_last, center; GuardArgs guard; };
-struct AverageSendArgs { Buf x, wire; float* nonfinite = nullptr; };
-struct AverageApplyArgs { Buf x, reduced; float scale = 1.f; GuardArgs guard; float* nonfinite = nullptr; };
-struct CheckFiniteArgs { Buf x; float* nonfinite = nullptr; };
-struct CopyArgs { Buf dst, src; };
+struct SyncApplyArgs {
+  Buf x, center, reduced; float alpha = 0.f; Guard guard; float* nonfinite = nullptr; Buf keep;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return reduced.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return SyncApply<X, W>{x.as<X>(), center.as<float>(), reduced.as<W>(), alpha, guard, nonfinite,
+                           keep.as<W>()};
+  }
+};
+
+struct OuterApplyArgs {
+  Buf x, center, momentum, reduced; float alpha = 0.f, lr = 1.f, mu = 0.f; int flags = 0; Guard guard;
+  float* nonfinite = nullptr; Buf keep;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return reduced.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return OuterApply<X, W>{x.as<X>(), center.as<float>(), momentum.as<float>(), reduced.as<W>(), alpha, lr,
+                            mu, flags, guard, nonfinite, keep.as<W>()};
+  }
+};
+
+struct AsyncExchangeArgs {
+  Buf x, center; float alpha = 0.f; Guard guard;
+  DType x_dtype() const { return x.dtype; }
+  template <typename X> auto functor() const {
+    return AsyncExchange<X>{x.as<X>(), center.as<float>(), alpha, guard};
+  }
+};
+
+struct DownpourPushArgs {
+  Buf x, x_last, wire; float* nonfinite = nullptr;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return wire.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return DownpourPush<X, W>{x.as<X>(), x_last.as<X>(), wire.as<W>(), nonfinite};
+  }
+};
+
+struct DownpourPullArgs {
+  Buf center, reduced, x, x_last; Guard guard; float* nonfinite = nullptr;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return reduced.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return DownpourPull<X, W>{center.as<float>(), reduced.as<W>(), x.as<X>(), x_last.as<X>(), guard,
+                              nonfinite};
+  }
+};
+
+struct DownpourAsyncExchangeArgs {
+  Buf x, x_last, center; Guard guard;
+  DType x_dtype() const { return x.dtype; }
+  template <typename X> auto functor() const {
+    return DownpourAsyncExchange<X>{x.as<X>(), x_last.as<X>(), center.as<float>(), guard};
+  }
+};
+
+struct AverageSendArgs {
+  Buf x, wire; float* nonfinite = nullptr;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return wire.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return AverageSend<X, W>{x.as<X>(), wire.as<W>(), nonfinite};
+  }
+};
+
+struct AverageApplyArgs {
+  Buf x, reduced; float scale = 1.f; Guard guard; float* nonfinite = nullptr;
+  DType x_dtype() const { return x.dtype; }
+  DType wire_dtype() const { return reduced.dtype; }
+  template <typename X, typename W> auto functor() const {
+    return AverageApply<X, W>{x.as<X>(), reduced.as<W>(), scale, guard, nonfinite};
+  }
+};
+
+struct CheckFiniteArgs {
+  Buf x; float* nonfinite = nullptr;
+  DType x_dtype() const { return x.dtype; }
+  template <typename X> auto functor() const { return CheckFinite<X>{x.as<X>(), nonfinite}; }
+};
+
+struct CopyArgs {
+  Buf dst, src;
+  DType x_dtype() const { return dst.dtype; }
+  template <typename X> auto functor() const { return Copy<X>{dst.as<X>(), src.as<X>()}; }
+};
+
+// ---- the others -----------------------------------------------------------------------------------
 // Not element-wise: header[0] = *me_bad (this rank's flag, into the wire so it travels in the
 // all-reduce) and, if it is set, wire = 0 so the sum carries only the healthy ranks.
 struct PublishFlagArgs { Buf wire, header; const float* me_bad = nullptr; };
 // Zeroes `bytes` bytes (the exchange's status flags) in stream order.
 struct ZeroArgs { void* ptr = nullptr; size_t bytes = 0; };
 
-using KernelCall = std::variant<ElasticDifferenceArgs, SyncApplyArgs, AsyncExchangeArgs,
+using KernelCall = std::variant<ElasticDifferenceArgs, SyncApplyArgs, OuterApplyArgs, AsyncExchangeArgs,
                                 DownpourPushArgs, DownpourPullArgs, DownpourAsyncExchangeArgs,
                                 AverageSendArgs, AverageApplyArgs, CheckFiniteArgs, CopyArgs,
-                                PublishFlagArgs, ZeroArgs>;
+                                PublishFlagArgs, ZeroArgs, QuantizedSendArgs, PublishRecordsArgs,
+                                QuantizedReduceArgs, QuantizedApplyArgs>;
 
 // Where and how to run: device < 0 is the CPU (num_threads OpenMP threads), otherwise a CUDA
 // device and the caller's stream (a cudaStream_t passed as an integer, 0 = legacy default).
@@ -74,101 +159,30 @@ struct Launch {
   int device = -1;
 };
 
+// ---- dispatch ---------------------------------------------------------------------------------
+template <typename A, typename = void> struct is_elementwise : std::false_type {};
+template <typename A>
+struct is_elementwise<A, std::void_t<decltype(std::declval<const A&>().x_dtype())>> : std::true_type {};
+
+template <typename A, typename = void> struct has_wire_dtype : std::false_type {};
+template <typename A>
+struct has_wire_dtype<A, std::void_t<decltype(std::declval<const A&>().wire_dtype())>> : std::true_type {};
+
 // Calls f(X{}, W{}) with the storage types of two runtime dtypes (a parameter's and a wire's).
 template <typename F> void dispatch_dtypes(DType x, DType w, F&& f) {
   dispatch_dtype(x, [&](auto xt) { dispatch_dtype(w, [&](auto wt) { f(xt, wt); }); });
 }
 
-// Calls launch(functor, n) with the functor for an element-wise call's dtypes.
-template <typename Launcher>
-void for_functor(const ElasticDifferenceArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtypes(a.x.dtype, a.wire.dtype, [&](auto xt, auto wt) {
-    using X = decltype(xt);
-    using W = decltype(wt);
-    launch(ElasticDifference<X, W>{a.x.as<X>(), a.center.as<float>(), a.wire.as<W>(), a.alpha,
-                                   a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const SyncApplyArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtypes(a.x.dtype, a.reduced.dtype, [&](auto xt, auto wt) {
-    using X = decltype(xt);
-    using W = decltype(wt);
-    launch(SyncApply<X, W>{a.x.as<X>(), a.center.as<float>(), a.reduced.as<W>(), a.alpha,
-                           a.guard.guard(), a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const AsyncExchangeArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
-    using X = decltype(xt);
-    launch(AsyncExchange<X>{a.x.as<X>(), a.center.as<float>(), a.alpha, a.guard.guard()}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const DownpourPushArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtypes(a.x.dtype, a.wire.dtype, [&](auto xt, auto wt) {
-    using X = decltype(xt);
-    using W = decltype(wt);
-    launch(DownpourPush<X, W>{a.x.as<X>(), a.x_last.as<X>(), a.wire.as<W>(), a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const DownpourPullArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtypes(a.x.dtype, a.reduced.dtype, [&](auto xt, auto wt) {
-    using X = decltype(xt);
-    using W = decltype(wt);
-    launch(DownpourPull<X, W>{a.center.as<float>(), a.reduced.as<W>(), a.x.as<X>(),
-                              a.x_last.as<X>(), a.guard.guard(), a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const DownpourAsyncExchangeArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
-    using X = decltype(xt);
-    launch(DownpourAsyncExchange<X>{a.x.as<X>(), a.x_last.as<X>(), a.center.as<float>(),
-                                    a.guard.guard()}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const AverageSendArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtypes(a.x.dtype, a.wire.dtype, [&](auto xt, auto wt) {
-    using X = decltype(xt);
-    using W = decltype(wt);
-    launch(AverageSend<X, W>{a.x.as<X>(), a.wire.as<W>(), a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const AverageApplyArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtypes(a.x.dtype, a.reduced.dtype, [&](auto xt, auto wt) {
-    using X = decltype(xt);
-    using W = decltype(wt);
-    launch(AverageApply<X, W>{a.x.as<X>(), a.reduced.as<W>(), a.scale, a.guard.guard(),
-                              a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const CheckFiniteArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.x.dtype, [&](auto xt) {
-    using X = decltype(xt);
-    launch(CheckFinite<X>{a.x.as<X>(), a.nonfinite}, n);
-  });
-}
-
-template <typename Launcher>
-void for_functor(const CopyArgs& a, int64_t n, const Launcher& launch) {
-  dispatch_dtype(a.dst.dtype, [&](auto xt) {
-    using X = decltype(xt);
-    launch(Copy<X>{a.dst.as<X>(), a.src.as<X>()}, n);
-  });
+// Calls launch(functor, n) with the functor an element-wise call names for its dtypes.
+template <typename A, typename Launcher>
+void for_functor(const A& a, int64_t n, const Launcher& launch) {
+  if constexpr (has_wire_dtype<A>::value) {
+    dispatch_dtypes(a.x_dtype(), a.wire_dtype(), [&](auto xt, auto wt) {
+      launch(a.template functor<decltype(xt), decltype(wt)>(), n);
+    });
+  } else {
+    dispatch_dtype(a.x_dtype(), [&](auto xt) { launch(a.template functor<decltype(xt)>(), n); });
+  }
 }
 
 // The backends. Each runs any KernelCall (the element-wise ones through for_functor).

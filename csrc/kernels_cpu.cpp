@@ -3,6 +3,7 @@
 // this file once per x86-64 ISA level, each into its own namespace (EASGD_CPU_ISA); the
 // dispatcher in cpu_dispatch.cpp picks the best one the running CPU supports.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -87,18 +88,173 @@ void publish_flag(const PublishFlagArgs& a, int64_t n) {
   if (flag != 0.f) std::memset(a.wire.ptr, 0, size_t(n) * size_t(dtype_size(a.wire.dtype)));
 }
 
+
+// ---- the 8-bit wire (quantize.h): block kernels, one block of kQuantBlock elements per step ----
+
+template <typename X, QuantRule R>
+bool quantized_send(const QuantizedSendArgs& a, int num_threads) {
+  const QuantLayout& l = a.layout;
+  const X* x = static_cast<const X*>(a.x);
+  const X* last = static_cast<const X*>(a.x_last);
+  const int64_t blocks = l.blocks();
+  int seen = 0;
+  (void)num_threads;
+#pragma omp parallel for schedule(static) num_threads(threads_for(l.n, num_threads)) reduction(| : seen)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kQuantBlock;
+    const int64_t len = std::min<int64_t>(kQuantBlock, l.n - begin);
+    float v[kQuantBlock];
+    float m = 0.f;
+    int bad = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      const float d = rule_difference<X>(R, x, a.center, last, a.alpha, begin + k);
+      if (a.keep != nullptr) a.keep[begin + k] = d;
+      v[k] = d + a.residual[begin + k];
+      m = std::max(m, std::fabs(v[k]));
+      bad |= int(non_finite(v[k]));
+    }
+    const Place p = place(l, begin);
+    uint8_t* rec = a.records + p.owner * l.record;
+    const BlockScale s = block_scale(m);
+    l.scales(rec)[p.block] = s.scale;
+    int8_t* q = l.q(rec) + p.index;
+    for (int64_t k = 0; k < len; ++k) q[k] = quantize(v[k], s.inv);
+    seen |= bad;
+  }
+  return seen != 0;
+}
+
+void publish_records(const PublishRecordsArgs& a) {
+  const QuantLayout& l = a.layout;
+  const float flag = *a.me_bad;
+  for (int w = 0; w < l.world; ++w) {
+    uint8_t* rec = a.records + w * l.record;
+    *QuantLayout::flag(rec) = flag;
+    if (flag != 0.f) std::memset(rec + kHeaderBytes, 0, size_t(l.record - kHeaderBytes));
+  }
+}
+
+void quantized_reduce(const QuantizedReduceArgs& a, int num_threads) {
+  const QuantLayout& l = a.layout;
+  float bad = 0.f;
+  for (int w = 0; w < l.world; ++w) bad += *QuantLayout::flag(a.received + w * l.record);
+  *QuantLayout::flag(a.own) = bad;
+  const bool keep_residual = a.policy == OnNonFinite::skip && bad != 0.f;  // nothing applies
+  const int64_t blocks = l.chunk_blocks();
+  (void)num_threads;
+#pragma omp parallel for schedule(static) num_threads(threads_for(l.chunk, num_threads))
+  for (int64_t jb = 0; jb < blocks; ++jb) {
+    const int64_t begin = jb * kQuantBlock;
+    float s[kQuantBlock] = {};
+    for (int w = 0; w < l.world; ++w) {
+      const uint8_t* rec = a.received + w * l.record;
+      const float scale = l.scales(rec)[jb];
+      const int8_t* q = l.q(rec) + begin;
+      for (int k = 0; k < kQuantBlock; ++k) s[k] += dequantize(q[k], scale);
+    }
+    float m = 0.f;
+    for (int k = 0; k < kQuantBlock; ++k) {
+      s[k] += a.server_residual[begin + k];
+      m = std::max(m, std::fabs(s[k]));
+    }
+    const BlockScale bs = block_scale(m);
+    l.scales(a.own)[jb] = bs.scale;
+    int8_t* q = l.q(a.own) + begin;
+    for (int k = 0; k < kQuantBlock; ++k) q[k] = quantize(s[k], bs.inv);
+    if (!keep_residual) {
+      for (int k = 0; k < kQuantBlock; ++k) a.server_residual[begin + k] = s[k] - dequantize(q[k], bs.scale);
+    }
+  }
+}
+
+template <typename X, QuantRule R>
+bool quantized_apply(const QuantizedApplyArgs& a, int num_threads) {
+  const QuantLayout& l = a.layout;
+  const float bad = *QuantLayout::flag(a.gathered);  // every owner's header holds the same count
+  if (a.verdict != nullptr) *a.verdict = bad;
+  if (a.policy == OnNonFinite::skip && bad != 0.f) return false;
+  const bool reset = a.policy == OnNonFinite::reset && a.me_bad != nullptr && *a.me_bad != 0.f;
+  X* x = static_cast<X*>(a.x);
+  X* last = static_cast<X*>(a.x_last);
+  const int64_t blocks = l.blocks();
+  int seen = 0;
+  (void)num_threads;
+#pragma omp parallel for schedule(static) num_threads(threads_for(l.n, num_threads)) reduction(| : seen)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kQuantBlock;
+    const int64_t len = std::min<int64_t>(kQuantBlock, l.n - begin);
+    const Place p = place(l, begin);
+    const uint8_t* got = a.gathered + p.owner * l.record;
+    const uint8_t* sent = a.sent + p.owner * l.record;
+    const float got_scale = l.scales(got)[p.block], sent_scale = l.scales(sent)[p.block];
+    const int8_t* got_q = l.q(got) + p.index;
+    const int8_t* sent_q = l.q(sent) + p.index;
+    int bad_sum = 0;
+    for (int64_t k = 0; k < len; ++k) {
+      const int64_t i = begin + k;
+      const float S = dequantize(got_q[k], got_scale);
+      const bool kept = non_finite(S);
+      bad_sum |= int(kept);
+      const float d = a.keep != nullptr ? a.keep[i] : rule_difference<X>(R, x, a.center, last, a.alpha, i);
+      const float r = a.residual[i];
+      const float cf = a.center[i];
+      const float c_new = select(kept, cf, cf + S);
+      const float xf = to_float(x[i]);
+      float x_new;
+      if constexpr (R == QuantRule::elastic) {
+        x_new = select(reset, c_new, select(kept, xf, xf - d));
+      } else {
+        x_new = select(kept, xf, c_new);
+      }
+      a.residual[i] = select(reset, r, (d + r) - dequantize(sent_q[k], sent_scale));
+      a.center[i] = c_new;
+      x[i] = from_float<X>(x_new);
+      if constexpr (R == QuantRule::downpour) last[i] = from_float<X>(x_new);
+    }
+    seen |= bad_sum;
+  }
+  return seen != 0;
+}
+
+template <typename A, typename F> bool for_rule(const A& a, F&& f) {
+  bool seen = false;
+  dispatch_dtype(a.x_dtype, [&](auto xt) {
+    using X = decltype(xt);
+    seen = a.rule == QuantRule::elastic ? f(std::integral_constant<int, 0>{}, X{})
+                                        : f(std::integral_constant<int, 1>{}, X{});
+  });
+  return seen;
+}
+
+void run_special(const QuantizedSendArgs& a, int64_t, int threads) {
+  const bool seen = for_rule(a, [&](auto rule, auto xt) {
+    return quantized_send<decltype(xt), QuantRule(decltype(rule)::value)>(a, threads);
+  });
+  if (seen && a.nonfinite != nullptr) *a.nonfinite = 1.f;
+}
+
+void run_special(const QuantizedApplyArgs& a, int64_t, int threads) {
+  // A sum element that is not finite is left alone; there is no per-call overflow flag here.
+  for_rule(a, [&](auto rule, auto xt) {
+    return quantized_apply<decltype(xt), QuantRule(decltype(rule)::value)>(a, threads);
+  });
+}
+
+void run_special(const PublishRecordsArgs& a, int64_t, int) { publish_records(a); }
+void run_special(const QuantizedReduceArgs& a, int64_t, int threads) { quantized_reduce(a, threads); }
+void run_special(const ZeroArgs& a, int64_t, int) { std::memset(a.ptr, 0, a.bytes); }
+void run_special(const PublishFlagArgs& a, int64_t n, int) { publish_flag(a, n); }
+
 }  // namespace
 
 void launch(const KernelCall& call, int64_t numel, const Exec& exec) {
   const CpuLauncher launcher{exec.num_threads};
   std::visit([&](const auto& a) {
     using A = std::decay_t<decltype(a)>;
-    if constexpr (std::is_same_v<A, ZeroArgs>) {
-      std::memset(a.ptr, 0, a.bytes);
-    } else if constexpr (std::is_same_v<A, PublishFlagArgs>) {
-      publish_flag(a, numel);
-    } else if (numel > 0) {
-      for_functor(a, numel, launcher);
+    if constexpr (is_elementwise<A>::value) {
+      if (numel > 0) for_functor(a, numel, launcher);
+    } else {
+      run_special(a, numel, exec.num_threads);
     }
   }, call);
 }

@@ -1,10 +1,12 @@
 // CUDA backend: every element-wise update runs on the caller's stream, never with a device
-// synchronize. Launch shape (measured on an H100: a grid-stride loop capped at SMs x 8 blocks
-// reached 2.36 TB/s on the async update; this shape 2.89 TB/s, equal to a float4 copy kernel):
-// one block per kThreads x kUnroll vectors of kVec elements, each thread issuing the loads of
-// all its kUnroll vectors before any arithmetic or store. When a pointer is not aligned for
-// kVec-element vectors (a view at an odd offset), a scalar grid-stride loop handles any
-// element alignment.
+// synchronize. Launch shape: one block per kThreads x kUnroll vectors of kVec elements, each
+// thread issuing the loads of all its kUnroll vectors before any arithmetic or store. That is
+// the shape reported to reach the copy bandwidth of an H100 for this kind of update (about
+// 2.9 TB/s, against about 2.4 TB/s for a grid-stride loop capped at SMs x 8 blocks) in
+// measurements made outside this project; this project has not measured it on a GPU yet
+// (benchmarks/gpu_session.sh does, against a vectorized copy kernel). When a pointer is not
+// aligned for kVec-element vectors (a view at an odd offset), a scalar grid-stride loop handles
+// any element alignment.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <cstdint>
 #include <vector>
 
 #include "cuda_check.h"
@@ -126,6 +129,180 @@ struct CudaLauncher {
   }
 };
 
+
+// ---- the 8-bit wire (quantize.h): one warp per block of kQuantBlock elements ----------------
+constexpr int kWarp = 32;
+constexpr int kPerLane = kQuantBlock / kWarp;
+constexpr int kQuantWarpsPerBlock = kThreads / kWarp;
+
+__device__ float warp_max(float m) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  return m;
+}
+
+template <typename X, QuantRule R>
+__global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendArgs a) {
+  const QuantLayout l = a.layout;
+  const int64_t b = int64_t(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (b >= l.blocks()) return;  // whole warps leave together
+  const X* x = static_cast<const X*>(a.x);
+  const X* last = static_cast<const X*>(a.x_last);
+  const int64_t begin = b * kQuantBlock;
+  const int64_t len = min(int64_t(kQuantBlock), l.n - begin);
+  float v[kPerLane];
+  float m = 0.f;
+  bool bad = false;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t e = lane + int64_t(k) * kWarp;
+    v[k] = 0.f;
+    if (e < len) {
+      const float d = rule_difference<X>(R, x, a.center, last, a.alpha, begin + e);
+      if (a.keep != nullptr) a.keep[begin + e] = d;
+      v[k] = d + a.residual[begin + e];
+      m = fmaxf(m, fabsf(v[k]));
+      bad |= non_finite(v[k]);
+    }
+  }
+  m = warp_max(m);
+  const Place p = place(l, begin);
+  uint8_t* rec = a.records + p.owner * l.record;
+  const BlockScale s = block_scale(m);
+  if (lane == 0) l.scales(rec)[p.block] = s.scale;
+  int8_t* q = l.q(rec) + p.index;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t e = lane + int64_t(k) * kWarp;
+    if (e < len) q[e] = quantize(v[k], s.inv);
+  }
+  if (bad && a.nonfinite != nullptr) *a.nonfinite = 1.f;
+}
+
+__global__ void __launch_bounds__(kThreads) publish_records_kernel(PublishRecordsArgs a) {
+  const QuantLayout l = a.layout;
+  const float flag = *a.me_bad;
+  for (int w = 0; w < l.world; ++w) {
+    uint8_t* rec = a.records + w * l.record;
+    if (threadIdx.x == 0) *QuantLayout::flag(rec) = flag;
+    if (flag != 0.f) {
+      for (int64_t i = kHeaderBytes + threadIdx.x; i < l.record; i += blockDim.x) rec[i] = 0;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) quantized_reduce_kernel(QuantizedReduceArgs a) {
+  const QuantLayout l = a.layout;
+  const int64_t jb = int64_t(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  float bad = 0.f;
+  for (int w = 0; w < l.world; ++w) bad += *QuantLayout::flag(a.received + w * l.record);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *QuantLayout::flag(a.own) = bad;
+  if (jb >= l.chunk_blocks()) return;
+  const bool keep_residual = a.policy == OnNonFinite::skip && bad != 0.f;
+  const int64_t begin = jb * kQuantBlock;
+  float s[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) s[k] = 0.f;
+  for (int w = 0; w < l.world; ++w) {
+    const uint8_t* rec = a.received + w * l.record;
+    const float scale = l.scales(rec)[jb];
+    const int8_t* q = l.q(rec) + begin;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) s[k] += dequantize(q[lane + k * kWarp], scale);
+  }
+  float m = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    s[k] += a.server_residual[begin + lane + k * kWarp];
+    m = fmaxf(m, fabsf(s[k]));
+  }
+  m = warp_max(m);
+  const BlockScale bs = block_scale(m);
+  if (lane == 0) l.scales(a.own)[jb] = bs.scale;
+  int8_t* q = l.q(a.own) + begin;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int8_t qk = quantize(s[k], bs.inv);
+    q[lane + k * kWarp] = qk;
+    if (!keep_residual) a.server_residual[begin + lane + k * kWarp] = s[k] - dequantize(qk, bs.scale);
+  }
+}
+
+template <typename X, QuantRule R>
+__global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedApplyArgs a) {
+  const QuantLayout l = a.layout;
+  const float bad = *QuantLayout::flag(a.gathered);
+  if (blockIdx.x == 0 && threadIdx.x == 0 && a.verdict != nullptr) *a.verdict = bad;
+  if (a.policy == OnNonFinite::skip && bad != 0.f) return;
+  const bool reset = a.policy == OnNonFinite::reset && a.me_bad != nullptr && *a.me_bad != 0.f;
+  const int64_t b = int64_t(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (b >= l.blocks()) return;
+  X* x = static_cast<X*>(a.x);
+  X* last = static_cast<X*>(a.x_last);
+  const int64_t begin = b * kQuantBlock;
+  const int64_t len = min(int64_t(kQuantBlock), l.n - begin);
+  const Place p = place(l, begin);
+  const uint8_t* got = a.gathered + p.owner * l.record;
+  const uint8_t* sent = a.sent + p.owner * l.record;
+  const float got_scale = l.scales(got)[p.block], sent_scale = l.scales(sent)[p.block];
+  const int8_t* got_q = l.q(got) + p.index;
+  const int8_t* sent_q = l.q(sent) + p.index;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int64_t e = lane + int64_t(k) * kWarp;
+    if (e >= len) continue;
+    const int64_t i = begin + e;
+    const float S = dequantize(got_q[e], got_scale);
+    const bool kept = non_finite(S);
+    const float d = a.keep != nullptr ? a.keep[i] : rule_difference<X>(R, x, a.center, last, a.alpha, i);
+    const float r = a.residual[i];
+    const float cf = a.center[i];
+    const float c_new = select(kept, cf, cf + S);
+    const float xf = to_float(x[i]);
+    const float x_new = R == QuantRule::elastic ? select(reset, c_new, select(kept, xf, xf - d))
+                                                : select(kept, xf, c_new);
+    a.residual[i] = select(reset, r, (d + r) - dequantize(sent_q[e], sent_scale));
+    a.center[i] = c_new;
+    x[i] = from_float<X>(x_new);
+    if (R == QuantRule::downpour) last[i] = from_float<X>(x_new);
+  }
+}
+
+unsigned quant_grid(int64_t blocks) {
+  const int64_t grid = std::max<int64_t>(1, (blocks + kQuantWarpsPerBlock - 1) / kQuantWarpsPerBlock);
+  if (grid > INT32_MAX) throw std::invalid_argument("easgd_ext: buffer too large for one launch");
+  return unsigned(grid);
+}
+
+template <typename A, typename F> void with_rule(const A& a, F&& f) {
+  dispatch_dtype(a.x_dtype, [&](auto xt) {
+    if (a.rule == QuantRule::elastic) f(std::integral_constant<int, 0>{}, xt);
+    else f(std::integral_constant<int, 1>{}, xt);
+  });
+}
+
+void run_special(const QuantizedSendArgs& a, cudaStream_t stream) {
+  with_rule(a, [&](auto rule, auto xt) {
+    quantized_send_kernel<decltype(xt), QuantRule(decltype(rule)::value)>
+        <<<quant_grid(a.layout.blocks()), kThreads, 0, stream>>>(a);
+  });
+}
+void run_special(const QuantizedApplyArgs& a, cudaStream_t stream) {
+  with_rule(a, [&](auto rule, auto xt) {
+    quantized_apply_kernel<decltype(xt), QuantRule(decltype(rule)::value)>
+        <<<quant_grid(a.layout.blocks()), kThreads, 0, stream>>>(a);
+  });
+}
+void run_special(const QuantizedReduceArgs& a, cudaStream_t stream) {
+  quantized_reduce_kernel<<<quant_grid(a.layout.chunk_blocks()), kThreads, 0, stream>>>(a);
+}
+void run_special(const PublishRecordsArgs& a, cudaStream_t stream) {
+  publish_records_kernel<<<1, kThreads, 0, stream>>>(a);
+}
+
 }  // namespace
 
 int cuda::device_count() {
@@ -167,9 +344,12 @@ void cuda::launch(const KernelCall& call, int64_t numel, const Exec& exec) {
         publish_flag_kernel<<<1, kThreads, 0, stream>>>(a.wire.template as<W>(), a.header.template as<W>(), a.me_bad, numel);
       });
       cuda_check(cudaGetLastError(), "kernel launch");
-    } else if (numel > 0) {
-      for_functor(a, numel, launcher);
+    } else if constexpr (is_elementwise<A>::value) {
+      if (numel > 0) for_functor(a, numel, launcher);
+    } else {
+      run_special(a, stream);
     }
+    cuda_check(cudaGetLastError(), "kernel launch");
   }, call);
 }
 

@@ -93,8 +93,25 @@ void* flag_pointer(const TensorRef* t, const Exec& exec, const std::vector<const
   return reinterpret_cast<void*>(t->ptr);
 }
 
-Exec check_call(std::initializer_list<const TensorRef*> args,
-                std::initializer_list<std::pair<const TensorRef*, const TensorRef*>> may_alias,
+uint8_t* bytes_pointer(const TensorRef& t, int64_t bytes, const Exec& exec,
+                       const std::vector<const TensorRef*>& others) {
+  if (t.dtype != "uint8") throw py::type_error(t.name + " must be uint8 (a byte buffer), got " + t.dtype);
+  if (t.numel != bytes) {
+    throw py::value_error(t.name + " must hold " + std::to_string(bytes) + " bytes, got " + std::to_string(t.numel));
+  }
+  const bool on_cpu = exec.device < 0;
+  const bool same_device = on_cpu ? t.device_type == "cpu"
+                                  : t.device_type == "cuda" && std::max(0, t.device_index) == exec.device;
+  if (!same_device) throw py::value_error(t.name + " is on " + t.device_str() + ", not on the device of the call");
+  if (t.ptr == 0 || t.ptr % 64 != 0) throw py::value_error(t.name + " must be 64-byte aligned");
+  for (const TensorRef* o : others) {
+    if (overlap(t, *o)) throw py::value_error(t.name + " and " + o->name + " overlap in memory; pass separate buffers");
+  }
+  return reinterpret_cast<uint8_t*>(t.ptr);
+}
+
+Exec check_call(const std::vector<const TensorRef*>& args,
+                const std::vector<std::pair<const TensorRef*, const TensorRef*>>& may_alias,
                 uintptr_t stream, int num_threads) {
   const TensorRef& first = **args.begin();
   for (const TensorRef* t : args) {

@@ -34,8 +34,8 @@ DType same_dtype_as(const TensorRef& t, const TensorRef& like);
 // Checks what all arguments of one kernel call must share (element count, device), that each
 // pointer is usable, and that no two buffers overlap in memory, except the pairs in
 // `may_alias`, which may also be the very same buffer. Returns where to run.
-Exec check_call(std::initializer_list<const TensorRef*> args,
-                std::initializer_list<std::pair<const TensorRef*, const TensorRef*>> may_alias,
+Exec check_call(const std::vector<const TensorRef*>& args,
+                const std::vector<std::pair<const TensorRef*, const TensorRef*>>& may_alias,
                 uintptr_t stream, int num_threads);
 
 float finite_scalar(const char* name, double value);
@@ -44,5 +44,10 @@ float finite_scalar(const char* name, double value);
 // the call's device, not overlapping any of `data`. Null when `t` is.
 void* flag_pointer(const TensorRef* t, const Exec& exec, const std::vector<const TensorRef*>& data,
                    const char* dtype = "float32");
+
+// A byte buffer (uint8) of exactly `bytes` bytes on the call's device, aligned for the float32
+// scales it holds, overlapping none of `others` (what the 8-bit wire's records live in).
+uint8_t* bytes_pointer(const TensorRef& t, int64_t bytes, const Exec& exec,
+                       const std::vector<const TensorRef*>& others);
 
 }  // namespace easgd

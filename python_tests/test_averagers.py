@@ -288,9 +288,19 @@ def test_attached_averager_steps_with_the_optimizer():
     for _ in range(4):
         train_step(m, opt)
     assert (avg.clock, avg.stats.exchanges) == (4, 2)
+    # Attached, a step of the loop's own would count every step twice: it is an error, as is a
+    # second attach; detached, the loop steps the averager itself again.
+    with pytest.raises(RuntimeError, match="count each step twice"):
+        avg.step()
+    with pytest.raises(RuntimeError, match="already attached"):
+        avg.attach(torch.optim.SGD(m.parameters(), lr=0.1))
+    assert avg.clock == 4
     handle.remove()
     train_step(m, opt)
     assert avg.clock == 4
+    avg.step()
+    assert avg.clock == 5
+    avg.attach(opt).remove()  # attachable again once detached
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         avg.attach(m)
 

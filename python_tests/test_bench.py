@@ -24,7 +24,8 @@ def by_name(records: list[dict]) -> dict[str, dict]:
 @pytest.mark.parametrize("argv, program", [
     (["kernels"], "python -m easgd_ext.bench kernels"),
     (["comm"], "python -m easgd_ext.bench comm"),
-    (["comm", "--mode", "async"], "python -m easgd_ext.bench comm --mode async"),
+    (["async"], "python -m easgd_ext.bench async"),
+    (["comm", "--mode", "async"], "python -m easgd_ext.bench async"),
     (["step"], "python -m easgd_ext.bench step"),
 ])
 def test_usage_names_the_command(argv, program, capsys):
@@ -57,7 +58,7 @@ def test_counts_may_be_written_as_floats():
     (["comm", "--sizes", "resnet51"], "argument --sizes: 'resnet51' is not a number"),
     (["comm", "--sizes", "resnet50:0"], "argument --sizes: '0' is less than 1"),
     (["comm", "--mode", "async", "--sizes", "1e-3"], "argument --sizes: '1e-3' is not a whole number"),
-    (["step", "--block", "15"], "--block 15: give a multiple of 10"),
+    (["step", "--block", "15"], "--block 15: give a multiple of --tau 4"),
 ])
 def test_bad_numbers_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -177,7 +178,7 @@ def test_comm_two_ranks_exit_cleanly(tmp_path):
 
 def test_async_benchmark_small(tmp_path, capsys):
     out, png = tmp_path / "async.json", tmp_path / "async.png"
-    assert bench.main(["comm", "--mode", "async", "--sizes", "1e4", "--reps", "2", "--sharded",
+    assert bench.main(["async", "--sizes", "1e4", "--reps", "2", "--sharded",
                        "--json", str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "shared_easgd" in text and "sharded_easgd" in text and "vs_floor" in text
@@ -205,14 +206,14 @@ def test_async_benchmark_small(tmp_path, capsys):
 def test_step_benchmark_small(tmp_path, capsys):
     out = tmp_path / "step.json"
     assert bench.main(["step", "--device", "cpu", "--model", "resnet18", "--batch", "2",
-                       "--image-size", "32", "--rounds", "2", "--json", str(out)]) == 0
+                       "--image-size", "32", "--rounds", "2", "--world", "2", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     r = by_name(records)
-    assert list(r) and set(r) == {"step", "easgd_tau1", "easgd_tau10", "torch_flat"}
+    assert list(r) and set(r) == {"step", "easgd", "easgd_stream", "easgd_tau1", "torch_flat"}
     step = r["step"]["seconds"]
     for rec in records:
         assert SCHEMA <= rec.keys()
-        assert rec["device"] == "cpu" and rec["world_size"] == 1 and rec["parameters_finite"]
+        assert rec["device"] == "cpu" and rec["world_size"] == 2 and rec["parameters_finite"]
         assert rec["numel"] == 11_689_512 and rec["dtype"] == "float32"
         assert rec["q1_seconds"] <= rec["seconds"] <= rec["q3_seconds"]
         assert rec["overhead_pct"] == pytest.approx((rec["seconds"] / step - 1) * 100)
@@ -220,6 +221,14 @@ def test_step_benchmark_small(tmp_path, capsys):
             assert rec["ratios"]["vs_step"] == pytest.approx(step / rec["seconds"])
     assert r["easgd_tau1"]["ratios"]["vs_torch_flat"] == pytest.approx(
         r["torch_flat"]["seconds"] / r["easgd_tau1"]["seconds"])
-    assert [r[n]["tau"] for n in ("step", "easgd_tau1", "easgd_tau10", "torch_flat")] == [None, 1, 10, 1]
+    assert [r[n]["tau"] for n in ("step", "easgd", "easgd_stream", "easgd_tau1", "torch_flat")] == [
+        None, 4, 4, 1, 1]
+    # The streamed exchange sends a quarter of the model per step (ring all-reduce at p = 2:
+    # the payload once), and blocks the loop for less than the whole exchange does.
+    whole = 4 * (11_689_512 + 64 * 62)  # float32, each tensor's slot padded to 64 elements
+    assert r["easgd"]["peak_bytes_per_step"] >= 4 * 11_689_512
+    assert r["easgd_stream"]["peak_bytes_vs_easgd"] <= 1.1 / 4
+    assert 0 < r["easgd_stream"]["blocked_seconds_per_window"]
+    assert r["easgd"]["peak_bytes_per_step"] <= whole + 4 * 64
     text = capsys.readouterr().out
-    assert "speedup over step" in text and "overhead" in text
+    assert "speedup over step" in text and "overhead" in text and "easgd_stream" in text

@@ -110,40 +110,59 @@ def test_the_host_read_guard_itself_works():
         torch.ones(1).item()
 
 
-# ---- custom ops ---------------------------------------------------------------------------------
-def op_samples(device: str) -> dict[str, tuple]:
-    g = torch.Generator().manual_seed(1)
+# ---- the kernel table: every row is a custom op that passes opcheck and matches its reference -----
+SCALARS = {"alpha": 0.3, "scale": 0.5, "lr": 0.7, "mu": 0.9, "nesterov": 1.0, "pull_to_new": 0.0}
 
-    def r(dtype=torch.float32, n=1000):
-        return torch.randn(n, generator=g).to(dtype).to(device)
 
-    return {
-        "elastic_difference": (r(torch.bfloat16), r(), r(torch.bfloat16), 0.3),
-        "sync_apply": (r(), r(), r(), 0.3),
-        "async_exchange": (r(torch.float16), r(), 0.3),
-        "downpour_push": (r(), r(), r()),
-        "downpour_pull": (r(), r(), r(torch.bfloat16), r(torch.bfloat16)),
-        "downpour_async_exchange": (r(), r(), r()),
-        "average_apply": (r(), r(), 0.5),
-    }
+def row_samples(spec: ops.KernelSpec, device: str, param: torch.dtype, wire: torch.dtype) -> tuple:
+    """Fresh random arguments for a table row: each tensor in the dtype of its role."""
+    g = torch.Generator()
+    g.seed()
+    tensors = [torch.randn(1000, generator=g, dtype=torch.float64).to(spec.dtype_of(t, param, wire))
+               .to(device) for t in spec.tensors]
+    return (*tensors, *(SCALARS[s] for s in spec.scalars))
+
+
+ROWS = sorted(ops.KERNELS)
+
+
+def test_the_table_holds_every_kernel():
+    assert set(ROWS) == {"elastic_difference", "sync_apply", "outer_apply", "async_exchange",
+                         "downpour_push", "downpour_pull", "downpour_async_exchange", "average_apply"}
+    for spec in ops.KERNELS.values():
+        assert spec.op is getattr(torch.ops.easgd_ext, spec.name)
+        assert spec.function is getattr(ops, spec.name)
+        assert set(spec.mutates) <= set(spec.tensors)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", list(op_samples("cpu")))
+@pytest.mark.parametrize("name", ROWS)
 def test_custom_ops_pass_opcheck(device, name):
-    op = getattr(torch.ops.easgd_ext, name)
-    torch.library.opcheck(op, op_samples(device)[name])
+    spec = ops.KERNELS[name]
+    torch.library.opcheck(spec.op, row_samples(spec, device, torch.float16, torch.bfloat16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_custom_ops_equal_the_eager_functions(device):
-    for name, args in op_samples(device).items():
-        eager = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-        getattr(torch.ops.easgd_ext, name)(*args)
-        getattr(ops, name)(*eager)
-        for a, b in zip(args, eager):
-            if isinstance(a, torch.Tensor):
-                assert torch.equal(a, b), name
+@pytest.mark.parametrize("name", ROWS)
+@pytest.mark.parametrize("param,wire", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16)])
+def test_custom_ops_match_their_float64_reference(device, name, param, wire):
+    """The op, called as torch.compile calls it, writes what the row's reference says, every
+    element, and nothing else."""
+    spec = ops.KERNELS[name]
+    args = row_samples(spec, device, param, wire)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    want = spec.reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in before])
+    spec.op(*args)
+    assert set(want) == set(spec.mutates)
+    magnitude = sum(a.double().abs().cpu() for a in before if isinstance(a, torch.Tensor))
+    for i, t in enumerate(spec.tensors):
+        got = args[i].double().cpu()
+        if t in spec.mutates:
+            tol = 4 * (torch.finfo(args[i].dtype).eps + torch.finfo(torch.float32).eps) * magnitude
+            err = (got - want[t]).abs()
+            assert torch.isfinite(got).all() and (err <= tol).all(), (name, t, float(err.max()))
+        else:
+            assert torch.equal(args[i], before[i]), f"{name} wrote {t}, which it does not declare"
 
 
 def sync_exchange_step(x, c, wire, alpha):

@@ -25,6 +25,12 @@ def refs(**tensors):
     return {k: tensor_ref(k, v) for k, v in tensors.items()}
 
 
+def guard(bad_ranks, me_bad, policy, world, verdict=None):
+    """The verdict a guarded apply kernel reads, as one object (the averagers build it once)."""
+    return native.prepare.Guard(tensor_ref("bad_ranks", bad_ranks), tensor_ref("me_bad", me_bad),
+                                policy, world, None if verdict is None else tensor_ref("verdict", verdict))
+
+
 def fresh(device: str, dtype=torch.float32, n: int = N, gen=None) -> torch.Tensor:
     return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(device)
 
@@ -80,9 +86,9 @@ def guarded_apply(device, x_dtype, wire_dtype, bad_ranks, me_bad, policy, gen, w
     status = torch.tensor([me_bad, -1.0, 0.0, 0.0], device=device)
     x0, c0 = x.clone(), c.clone()
     run(device, native.prepare.sync_apply(
-        **refs(x=x, center=c, reduced=s), alpha=0.3, bad_ranks=tensor_ref("bad_ranks", header),
-        me_bad=tensor_ref("me_bad", status[0:1]), policy=policy, world=world,
-        verdict=tensor_ref("verdict", status[1:2]), nonfinite=tensor_ref("overflow", status[2:3])))
+        **refs(x=x, center=c, reduced=s), alpha=0.3,
+        guard=guard(header, status[0:1], policy, world, verdict=status[1:2]),
+        nonfinite=tensor_ref("overflow", status[2:3])))
     return x, c, s, x0, c0, status
 
 
@@ -129,8 +135,7 @@ def test_an_overflowed_sum_leaves_those_elements_alone(device, gen):
     status = torch.zeros(4, device=device)
     x0, c0 = x.clone(), c.clone()
     run(device, native.prepare.sync_apply(
-        **refs(x=x, center=c, reduced=s), alpha=0.3, bad_ranks=tensor_ref("bad_ranks", header),
-        me_bad=tensor_ref("me_bad", status[0:1]), policy=SKIP, world=2,
+        **refs(x=x, center=c, reduced=s), alpha=0.3, guard=guard(header, status[0:1], SKIP, 2),
         nonfinite=tensor_ref("overflow", status[2:3])))
     assert status[2].item() == 1.0
     kept = torch.zeros(N, dtype=torch.bool, device=device)
@@ -148,8 +153,7 @@ def test_guarded_average_is_the_mean_of_the_healthy_ranks(device, bad, gen):
     me_bad = torch.zeros(1, device=device)
     x0 = x.clone()
     run(device, native.prepare.average_apply(
-        **refs(x=x, reduced=s), scale=0.25, bad_ranks=tensor_ref("bad_ranks", header),
-        me_bad=tensor_ref("me_bad", me_bad), policy=RESET, world=3))
+        **refs(x=x, reduced=s), scale=0.25, guard=guard(header, me_bad, RESET, 3)))
     if bad >= 3:  # nobody healthy: nothing to average
         assert torch.equal(x, x0)
     else:
@@ -157,15 +161,21 @@ def test_guarded_average_is_the_mean_of_the_healthy_ranks(device, bad, gen):
         assert torch.equal(x, s * scale)
 
 
-def test_a_guard_needs_both_halves():
+def test_a_guard_is_checked_against_its_call():
     x, c, s, flag = torch.randn(8), torch.randn(8), torch.randn(8), torch.zeros(1)
-    with pytest.raises(ValueError, match="give both bad_ranks and me_bad"):
-        native.prepare.sync_apply(**refs(x=x, center=c, reduced=s), alpha=0.3,
-                                  bad_ranks=tensor_ref("bad_ranks", flag))
+    with pytest.raises(TypeError):  # a guard needs both halves: the flag and this rank's
+        native.prepare.Guard(tensor_ref("bad_ranks", flag), policy=SKIP, world=2)
+    with pytest.raises(ValueError, match="policy must be 0"):
+        guard(flag, torch.zeros(1), 7, 2)
     with pytest.raises(TypeError, match="bad_ranks must be bfloat16"):
         native.prepare.sync_apply(**refs(x=x, center=c, reduced=s.bfloat16()), alpha=0.3,
-                                  bad_ranks=tensor_ref("bad_ranks", flag),
-                                  me_bad=tensor_ref("me_bad", torch.zeros(1)), world=2)
+                                  guard=guard(flag, torch.zeros(1), SKIP, 2))
+    with pytest.raises(ValueError, match="world must be >= 1"):
+        native.prepare.sync_apply(**refs(x=x, center=c, reduced=s), alpha=0.3,
+                                  guard=guard(flag, torch.zeros(1), SKIP, 0))
+    with pytest.raises(ValueError, match="me_bad and x overlap"):
+        native.prepare.sync_apply(**refs(x=x, center=c, reduced=s), alpha=0.3,
+                                  guard=guard(flag, x[2:3], SKIP, 2))
     with pytest.raises(ValueError, match="nonfinite and x overlap"):
         native.prepare.elastic_difference(**refs(x=x, center=c, wire=s), alpha=0.3,
                                           nonfinite=tensor_ref("nonfinite", x[3:4]))

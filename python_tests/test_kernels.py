@@ -41,7 +41,7 @@ def test_elastic_difference(device, gen, n, offset, x_dtype, wire_dtype):
 
     mag_d = ALPHA * (x0.double().abs() + c0.double().abs())
     tol_d = 2 * eps(wire_dtype) * mag_d + 4 * EPS32 * mag_d
-    assert_close(wire, ref.elastic_difference(x0, c0, wire_dtype, ALPHA), tol_d, "wire")
+    assert_close(wire, ref.elastic_difference(x0, c0, wire, ALPHA)["wire"], tol_d, "wire")
     assert torch.equal(x, x0), "x must be read-only"
     assert torch.equal(c, c0), "center must be read-only"
 
@@ -53,7 +53,8 @@ def test_sync_apply(device, gen, n, offset, x_dtype, wire_dtype):
     c = random_tensor(n, torch.float32, device, gen, offset)
     s = random_tensor(n, wire_dtype, device, gen, offset, scale=3.0)
     x0, c0, s0 = x.clone(), c.clone(), s.clone()
-    want_x, want_c = ref.sync_apply(x0, c0, s0, ALPHA)
+    want = ref.sync_apply(x0, c0, s0, ALPHA)
+    want_x, want_c = want["x"], want["center"]
 
     ops.sync_apply(x, c, s, ALPHA)
 
@@ -70,7 +71,8 @@ def test_async_exchange(device, gen, n, offset, x_dtype):
     x = random_tensor(n, x_dtype, device, gen, offset)
     c = random_tensor(n, torch.float32, device, gen, offset)
     x0, c0 = x.clone(), c.clone()
-    want_x, want_c = ref.async_exchange(x0, c0, ALPHA)
+    want = ref.async_exchange(x0, c0, ALPHA)
+    want_x, want_c = want["x"], want["center"]
 
     ops.async_exchange(x, c, ALPHA)
 
@@ -93,7 +95,7 @@ def test_downpour_push(device, gen, n, offset, x_dtype, wire_dtype):
     ops.downpour_push(x, x_last, wire)
 
     mag = x0.double().abs() + l0.double().abs()
-    assert_close(wire, ref.downpour_push(x0, l0, wire_dtype), (eps(wire_dtype) + 2 * EPS32) * mag,
+    assert_close(wire, ref.downpour_push(x0, l0, wire)["wire"], (eps(wire_dtype) + 2 * EPS32) * mag,
                  "wire")
     assert torch.equal(x, x0) and torch.equal(x_last, l0), "x and x_last must be read-only"
 
@@ -106,7 +108,8 @@ def test_downpour_pull(device, gen, n, offset, x_dtype, wire_dtype):
     x = poisoned(n, x_dtype, device, offset)
     x_last = poisoned(n, x_dtype, device, offset)
     c0, s0 = c.clone(), s.clone()
-    want_c, want_x = ref.downpour_pull(c0, s0, x_dtype)
+    want = ref.downpour_pull(c0, s0, x, x_last)
+    want_c, want_x = want["center"], want["x"]
 
     ops.downpour_pull(c, s, x, x_last)
 
@@ -123,7 +126,8 @@ def test_downpour_async_exchange(device, gen, n, offset, x_dtype):
     x_last = random_tensor(n, x_dtype, device, gen, offset)
     c = random_tensor(n, torch.float32, device, gen, offset)
     x0, l0, c0 = x.clone(), x_last.clone(), c.clone()
-    want_x, want_c = ref.downpour_async_exchange(x0, l0, c0)
+    want = ref.downpour_async_exchange(x0, l0, c0)
+    want_x, want_c = want["x"], want["center"]
 
     ops.downpour_async_exchange(x, x_last, c)
 
@@ -142,7 +146,7 @@ def test_average_apply(device, gen, n, offset, x_dtype, wire_dtype):
 
     ops.average_apply(x, s, 1 / 3)
 
-    want = ref.average_apply(s0, 1 / 3, x_dtype)
+    want = ref.average_apply(x, s0, 1 / 3)["x"]
     assert_close(x, want, (2 * eps(x_dtype) + 2 * EPS32) * want.abs(), "x")
 
 
@@ -150,7 +154,7 @@ def test_average_apply(device, gen, n, offset, x_dtype, wire_dtype):
 def test_average_apply_in_place(device, gen, x_dtype):
     """`reduced` may be `x` itself: the all-reduce runs in place on the flat buffer."""
     x = random_tensor(100_003, x_dtype, device, gen, scale=4.0)
-    want = ref.average_apply(x.clone(), 0.25, x_dtype)
+    want = ref.average_apply(x, x.clone(), 0.25)["x"]
     ops.average_apply(x, x, 0.25)
     assert_close(x, want, (2 * eps(x_dtype) + 2 * EPS32) * want.abs(), "x")
 
@@ -160,7 +164,7 @@ def test_multidimensional_tensors_of_one_shape(device, gen):
     c = random_tensor(6 * 35, torch.float32, device, gen).view(6, 35)
     x0, c0 = x.clone(), c.clone()
     ops.async_exchange(x, c, 0.5)
-    want_x, _ = ref.async_exchange(x0, c0, 0.5)
+    want_x = ref.async_exchange(x0, c0, 0.5)["x"]
     assert_close(x, want_x, 4 * EPS32 * (x0.abs() + c0.abs()).double(), "x")
 
 
@@ -209,7 +213,8 @@ def test_cuda_runs_on_the_callers_stream(gen):
     stream = torch.cuda.Stream()
     x = random_tensor(n, torch.float32, "cuda", gen)
     c = random_tensor(n, torch.float32, "cuda", gen)
-    want_x, want_c = ref.async_exchange((x * 2).cpu(), c.cpu(), ALPHA)
+    want = ref.async_exchange((x * 2).cpu(), c.cpu(), ALPHA)
+    want_x, want_c = want["x"], want["center"]
     torch.cuda.synchronize()
     with torch.cuda.stream(stream):
         x.mul_(2)  # must finish before the exchange reads x
@@ -226,7 +231,7 @@ def test_cuda_runs_on_the_callers_stream(gen):
 def test_cuda_second_device(gen):
     x = random_tensor(10_001, torch.float32, "cuda:1", gen)
     c = random_tensor(10_001, torch.float32, "cuda:1", gen)
-    want_x, _ = ref.async_exchange(x.cpu(), c.cpu(), ALPHA)
+    want_x = ref.async_exchange(x.cpu(), c.cpu(), ALPHA)["x"]
     torch.cuda.set_device(0)
     ops.async_exchange(x, c, ALPHA)
     assert_close(x, want_x, 4 * EPS32 * (want_x.abs() + c.cpu().abs()).double(), "x")

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from easgd_ext import ElasticAverager, data, train
+from easgd_ext import data, train
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -70,9 +70,15 @@ def test_help_states_each_default_once(capsys):
 def test_allow_unstable_reaches_the_averager():
     args = train.parse_args(["--beta", "1.5", "--allow-unstable", "--algo", "easgd"])
     assert args.allow_unstable and args.beta == 1.5
-    # Without allow_unstable=True the averager itself refuses beta >= 1.
-    assert isinstance(train.make_averager("easgd", data.make_model("digits"), args),
-                      ElasticAverager)
+    avg = train.make_averager("easgd", data.make_model("digits"), args)
+    # One process: p = 1, so the averager runs with alpha = beta = 1.5 and pulls past the center.
+    assert avg.beta == 1.5 and avg.alpha == 1.5
+    # Without --allow-unstable the same beta is refused: by the CLI, and by the averager.
+    with pytest.raises(SystemExit):
+        train.parse_args(["--beta", "1.5", "--algo", "easgd"])
+    args.allow_unstable = False
+    with pytest.raises(ValueError, match="breaks the stability condition"):
+        train.make_averager("easgd", data.make_model("digits"), args)
 
 
 def fake_results(mode: str) -> list[dict]:

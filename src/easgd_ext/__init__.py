@@ -14,13 +14,13 @@ from typing import Any
 from . import ops
 from ._dist import init_process_group
 from ._native import native
-from .averager import DownpourAverager, ElasticAverager, PeriodicAverager
+from .averager import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager
 from .centers import ExchangeError
 from .shared_center import SharedCenter, StaleSegmentError
 from .stats import ExchangeStats, NonFiniteError
 
 __version__ = "0.1.0"
-__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "SharedCenter",
+__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "DiLoCoAverager", "SharedCenter",
            "StaleSegmentError", "ExchangeStats", "NonFiniteError", "ExchangeError",
            "build_info", "init_process_group", "ops", "__version__"]
 

@@ -14,10 +14,14 @@ import torch
 import torch.distributed as dist
 
 
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 @dataclass(frozen=True)
 class Comm:
     """A process group (``None``: a single process without torch.distributed) and this rank's
-    place in it."""
+    place in it, with the collectives the averagers use (so a group simulated in one process,
+    :mod:`easgd_ext.simulate`, can stand in for a real one)."""
     group: Any
     rank: int
     world_size: int
@@ -28,6 +32,27 @@ class Comm:
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.distributed else group_rank
+
+    def backend(self) -> str:
+        return dist.get_backend(self.group)
+
+    def all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
+        return dist.all_reduce(t, group=self.group, async_op=async_op)
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
+        return dist.all_to_all_single(out, inp, group=self.group, async_op=async_op)
+
+    def all_gather_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
+        return _all_gather(out, inp, group=self.group, async_op=async_op)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> None:
+        """``t`` becomes group rank ``src``'s."""
+        dist.broadcast(t, src=self.global_rank(src), group=self.group)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
 
 def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
@@ -54,7 +79,10 @@ def init_process_group(backend: str | None = None, timeout: timedelta | None = N
 
 def resolve(process_group: Any = None) -> Comm:
     """The given group, else the default one; a single process where torch.distributed is not
-    initialized and no launcher asked for more than one."""
+    initialized and no launcher asked for more than one. A :class:`Comm` (a simulated group's
+    rank, :mod:`easgd_ext.simulate`) is taken as it is."""
+    if isinstance(process_group, Comm):
+        return process_group
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,8 +111,7 @@ def agree(comm: Comm, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         local, error = None, (type(exc).__name__, str(exc))
     if not comm.distributed:
         return local
-    everyone: list[Any] = [None] * comm.world_size
-    dist.all_gather_object(everyone, {"value": local, "error": error}, group=comm.group)
+    everyone = comm.all_gather_object({"value": local, "error": error})
     for rank, item in enumerate(everyone):
         if item["error"] is not None:
             kind, message = item["error"]
@@ -124,9 +151,8 @@ def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
     """Every rank's ``tensors`` become group rank 0's."""
     if not comm.distributed:
         return
-    src = comm.global_rank(0)
     for t in tensors:
-        dist.broadcast(t, src=src, group=comm.group)
+        comm.broadcast(t, 0)
 
 
 

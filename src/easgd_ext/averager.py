@@ -16,19 +16,23 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from . import _dist
-from .algorithms import Algorithm, Averaging, Downpour, Elastic
-from .centers import (ExchangeError, ReplicatedCenter, ShardedCenter, SharedMemoryCenter,
-                      check_servers)
-from .centers.shared import attach_given
+from .algorithms import Algorithm, Averaging, DiLoCo, Downpour, Elastic, ElasticOuter
+from .centers import (Center, CenterConfig, ExchangeError, attach_given, check_servers, kind_for,
+                      make_center)
 from .flat_params import check_saved, collect_parameters, flatten, layout_of
+from .state import check_counter, check_finite_buffers, check_stats
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
                        DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
-                       check_exchange_timeout, check_lock_timeout, check_mode, check_on_nonfinite,
-                       check_only_for, check_tau, dtype_name, elastic_rates)
+                       check_delay, check_exchange_timeout, check_fragments, check_lock_timeout,
+                       check_mode, check_on_nonfinite,
+                       check_outer, check_tau, dtype_name, elastic_rates, kernel_path,
+                       reject_other_mode_arguments)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
 
-STATE_FORMAT = 2
+STATE_FORMAT = 3              # 3: fragments, delay, the 8-bit wire's residuals, exchanges in flight
+STATE_FORMATS_READ = (2, 3)
+LEGACY_SETTINGS = {"fragments": 1, "delay": 0}  # what format 2 states were saved with
 
 
 class Averager:
@@ -38,29 +42,39 @@ class Averager:
     def __init__(self, params: Iterable[torch.Tensor], make_algorithm: Callable[[int], Algorithm], *,
                  tau: int, mode: str, process_group: Any, comm_dtype: Any, bucket_cap_mb: Any,
                  center: Any, servers: Any, lock_timeout: Any, on_nonfinite: str,
-                 exchange_timeout: Any) -> None:
+                 exchange_timeout: Any, fragments: Any = 1, delay: Any = 0) -> None:
         comm = _dist.resolve(process_group)
         self._comm = comm
+        config = CenterConfig(on_nonfinite=on_nonfinite)
         chosen: dict[str, Any] = {}
 
         def build() -> dict[str, Any]:
             mode_ = check_mode(mode)
-            settings: dict[str, Any] = {"tau": check_tau(tau), "mode": mode_,
+            config.kernels = kernel_path()
+            config.tau = check_tau(tau)
+            settings: dict[str, Any] = {"tau": config.tau, "mode": mode_,
                                         "on_nonfinite": check_on_nonfinite(on_nonfinite)}
             params_ = collect_parameters(params)
             if mode_ == "sync":
-                check_only_for("sync", {"center": center, "servers": servers,
-                                        "lock_timeout": lock_timeout}, set())
-                settings["comm_dtype"] = dtype_name(check_comm_dtype(comm_dtype))
-                chosen["bucket_bytes"] = int(check_bucket_cap_mb(
+                reject_other_mode_arguments("sync", {"center": center, "servers": servers,
+                                                     "lock_timeout": lock_timeout})
+                config.comm_dtype = check_comm_dtype(comm_dtype)
+                settings["comm_dtype"] = dtype_name(config.comm_dtype)
+                config.fragments = check_fragments(fragments)
+                config.delay = check_delay(delay, config.tau)
+                settings["fragments"], settings["delay"] = config.fragments, config.delay
+                config.bucket_bytes = int(check_bucket_cap_mb(
                     DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * 2**20)
-                chosen["exchange_timeout"] = check_exchange_timeout(
+                config.exchange_timeout = check_exchange_timeout(
                     DEFAULT_EXCHANGE_TIMEOUT if exchange_timeout is None else exchange_timeout)
                 workers = comm.world_size
             else:
-                check_only_for("async", {"comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
-                                         "exchange_timeout": exchange_timeout}, set())
-                chosen["lock_timeout"] = check_lock_timeout(
+                reject_other_mode_arguments("async", {
+                    "comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
+                    "exchange_timeout": exchange_timeout,
+                    "fragments": None if fragments == 1 else fragments,
+                    "delay": None if delay == 0 else delay})
+                config.lock_timeout = check_lock_timeout(
                     DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
                 if center is not None and servers is not None:
                     raise ValueError("give center= (a shared-memory center on one machine) or "
@@ -69,18 +83,24 @@ class Averager:
                     if not comm.distributed:
                         raise ValueError("servers= needs torch.distributed: the center lives on "
                                          "server ranks of the process group")
-                    chosen["servers"] = check_servers(servers, comm.world_size)
-                    workers = comm.world_size - len(chosen["servers"])
-                    settings["servers"] = chosen["servers"]
+                    config.servers = check_servers(servers, comm.world_size)
+                    workers = comm.world_size - len(config.servers)
+                    settings["servers"] = config.servers
                 else:
                     given = attach_given(center, params_, comm)
-                    chosen["shared"] = given if given is not None else center
+                    config.shared = given if given is not None else center
                     workers = given.workers if given is not None else comm.world_size
                     settings["center"] = given.name if given is not None else center
             algorithm = make_algorithm(workers)
-            if mode_ == "async" and not algorithm.supports_async:
-                raise ValueError(f"{type(self).__name__} has no mode='async': averaging all "
-                                 "workers is synchronous by definition")
+            if mode_ == "async" and algorithm.asynchronous is None:
+                raise ValueError(f"{type(self).__name__} has no mode='async': {algorithm.sync_only}")
+            if config.delay and not algorithm.sync.supports_delay:
+                raise ValueError(f"delay={config.delay}: {type(self).__name__} cannot apply a sum "
+                                 "steps after its send (its pull would discard the steps taken "
+                                 "since); use delay=0, or ElasticAverager, whose pull keeps them")
+            if config.comm_dtype == torch.int8 and not algorithm.sync.quantizable:
+                raise ValueError(f"comm_dtype=torch.int8: {type(self).__name__} has no 8-bit "
+                                 f"wire ({algorithm.sync.no_int8}); use torch.bfloat16")
             settings.update(algorithm.settings())
             chosen["algorithm"], chosen["params"] = algorithm, params_
             return {"algorithm": algorithm.name, "settings": settings,
@@ -93,28 +113,20 @@ class Averager:
         self.tau: int = self._settings["tau"]
         self.mode: str = self._settings["mode"]
         self.on_nonfinite: str = self._settings["on_nonfinite"]
-        self.comm_dtype: torch.dtype | None = check_comm_dtype(self._settings.get("comm_dtype"))
+        self.comm_dtype: torch.dtype | None = config.comm_dtype
+        self.lock_timeout: float | None = config.lock_timeout if self.mode == "async" else None
         self.clock = 0
         self._params: list[torch.Tensor] = chosen["params"]
         # Workers and center start from rank 0's parameters (the shared center: from itself).
         self._groups = flatten(self._params)
         _dist.broadcast_from_first(comm, [g.flat for g in self._groups])
-        if self.mode == "sync":
-            self._center: Any = ReplicatedCenter(comm, self._groups, self.algorithm, self.comm_dtype,
-                                                 chosen["bucket_bytes"], self.on_nonfinite,
-                                                 chosen["exchange_timeout"])
-        elif "servers" in chosen:
-            self._center = ShardedCenter(comm, self._groups, chosen["servers"], self.algorithm,
-                                         self.on_nonfinite)
-        else:
-            self._center = SharedMemoryCenter(comm, self._groups, self._params, self.algorithm,
-                                              chosen["shared"], chosen["lock_timeout"],
-                                              self.on_nonfinite)
-        self.lock_timeout: float | None = chosen.get("lock_timeout")
+        self._center: Center = make_center(kind_for(self.mode, servers), comm, self._groups,
+                                           self._params, self.algorithm, config)
         self._log = ExchangeLog(self._on_outcome, skips_on_bad=self.on_nonfinite != "reset")
         self._warned = {"skip": Throttle(), "reset": Throttle(), "others": Throttle(),
                         "overflow": Throttle()}
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._attached: AttachHandle | None = None
         self._in_center = False
         self._closed = False
 
@@ -136,17 +148,17 @@ class Averager:
     @property
     def center(self) -> SharedCenter | None:
         """The shared-memory center of ``mode="async"`` on one machine (else ``None``)."""
-        return self._center.center if isinstance(self._center, SharedMemoryCenter) else None
+        return self._center.shared
 
     @property
     def worker_id(self) -> int | None:
         """This worker's slot in the shared-memory center (else ``None``)."""
-        return getattr(self._center, "worker_id", None)
+        return self._center.worker_id
 
     @property
     def is_server(self) -> bool:
         """Whether this rank serves a shard of the center (``servers=``): it calls :meth:`serve`."""
-        return isinstance(self._center, ShardedCenter) and self._center.is_server
+        return self._center.is_server
 
     def flat_parameters(self) -> list[torch.Tensor]:
         """This worker's parameters as the flat buffers they view, one per (device, dtype) group
@@ -165,32 +177,68 @@ class Averager:
 
     def step(self) -> bool:
         """Call once after every local optimizer step (or :meth:`attach` the averager to the
-        optimizer): advances the clock and exchanges when it reaches a multiple of ``tau``.
-        Returns whether an exchange was made. Every rank of a synchronous group must call it
-        equally often."""
+        optimizer): advances the clock and exchanges when it reaches a multiple of ``tau``
+        (with ``fragments``: each fragment at its own phase of the ``tau`` steps; with
+        ``delay``: its sum applied ``delay`` steps after it was sent). Returns whether this
+        step sent or applied anything. Every rank of a synchronous group must call it equally
+        often."""
+        if self._attached is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() on an averager attached to an "
+                               "optimizer: it already steps after every optimizer.step(), so "
+                               "this would count each step twice; drop avg.step() from the loop "
+                               "(or detach: handle.remove())")
+        return self._advance_clock()
+
+    def _advance_clock(self) -> bool:
         self._not_on_a_server()
         self.clock += 1
-        if self.clock % self.tau:
+        if not self._center.due(self.clock):
             return False
         try:
-            self.exchange()
+            self._run(self._center.advance)
         except ExchangeError as exc:
             self.clock -= 1  # the exchange did not happen: the next step() repeats it
             raise ExchangeError(
                 f"{exc}. The clock is back at {self.clock}: the next step() repeats this "
-                "exchange, and a checkpoint taken now (model, optimizer, averager) resumes "
-                "consistently", exc.clock, exc.silent_ranks) from exc.__cause__
+                "step's exchanges (any fragment in flight was dropped, nothing of it applied), "
+                "and a checkpoint taken now (model, optimizer, averager) resumes consistently",
+                exc.clock, exc.silent_ranks) from exc.__cause__
         return True
 
     def exchange(self) -> None:
-        """Exchange now, whatever the clock says (for loops that count ``tau`` themselves).
+        """Exchange now, whatever the clock says (for loops that count ``tau`` themselves):
+        every fragment, applied before it returns (fragments in flight first), whatever the
+        ``delay``.
 
         Synchronous mode: collective (every rank calls it); on CUDA it returns as soon as its
-        kernels and all-reduces are enqueued, with no host synchronization, and can be captured
+        kernels and collectives are enqueued, with no host synchronization, and can be captured
         in a CUDA graph. What it did (a skipped exchange, a reset worker) is counted in
         :attr:`stats` and warned about once the GPU has finished it. Asynchronous mode: this
         worker alone, with the center; returns when done."""
         self._not_on_a_server()
+        self._run(self._center.exchange)
+
+    def flush(self) -> None:
+        """Synchronous mode with ``delay``: completes and applies every fragment in flight now
+        (collective), e.g. before evaluating the center or at the end of training. :meth:`close`
+        does it too."""
+        self._not_on_a_server()
+        self._run(self._center.flush)
+
+    @property
+    def in_flight(self) -> int:
+        """Fragments sent and not applied yet (``delay > 0``)."""
+        return self._center.in_flight
+
+    def bytes_per_step(self) -> list[int]:
+        """Synchronous mode: the bytes this rank puts on the network at each of the ``tau``
+        steps of a window (ring all-reduce: ``2 (p - 1) / p`` of the payload; the 8-bit wire:
+        ``2 (p - 1)`` records). Its maximum is the peak a streamed exchange (``fragments``)
+        lowers; its sum is one whole exchange. Empty in asynchronous mode."""
+        return self._center.bytes_schedule()
+
+    def _run(self, work: Callable[[int], list[Any]]) -> None:
+        """Runs one of the center's exchange calls at this clock and records what it did."""
         if self._closed:
             raise RuntimeError("exchange() after close()")
         if self._in_center:
@@ -200,47 +248,68 @@ class Averager:
             g.ensure_views()
         device = self._groups[0].device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self._center.exchange(self.clock)  # captured: the kernels and collectives only
+            self._check_capturable(work)
+            work(self.clock)  # captured: the kernels and collectives only
         else:
             timer = self._log.start(device)
-            outcome = self._center.exchange(self.clock)
-            status = None if outcome is not None else self._center.status[device]
-            self._log.finish(self.clock, timer, status, self._center.bytes_per_exchange(), outcome,
-                             host_status=getattr(self._center, "host_status", {}).get(device))
+            self._log.finish(work(self.clock), timer)
             if self.on_nonfinite == "raise":
                 self._log.drain()  # the verdict now, on every rank alike (a wait on CUDA)
         # The kernels wrote the parameters behind autograd's back: a backward that saved them
         # must fail loudly, as after any in-place update.
         torch.autograd.graph.increment_version(self._params)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+    def _check_capturable(self, work: Callable[[int], list[Any]]) -> None:
+        """What a CUDA graph cannot hold is refused before anything is captured."""
+        name = type(self).__name__
+        if self.mode == "async":
+            raise RuntimeError(f"{name}(mode='async') cannot be captured in a CUDA graph: its "
+                               "exchange takes locks and copies on the host; capture the "
+                               "synchronous exchange only")
+        if self._comm.distributed and (self._groups[0].device.type == "cpu" or
+                                       self._comm.backend() != "nccl"):
+            raise RuntimeError(f"{name} over {self._comm.backend()} "
+                               "cannot be captured in a CUDA graph: the host waits for its "
+                               "collectives; capture it in an NCCL group")
+        if self._settings.get("delay") or self._center.in_flight or work != self._center.exchange:
+            raise RuntimeError(f"{name}: only exchange() with nothing in flight can be captured "
+                               "in a CUDA graph (a delayed exchange spans several steps: its "
+                               "collectives cannot be waited for inside one graph)")
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "AttachHandle":
         """Calls :meth:`step` after every ``optimizer.step()`` (a step post-hook), so the loop
-        needs no line of its own. Where this worker is reset to the center after diverging, the
-        optimizer's state for these parameters (momentum...) is cleared too. Returns the hook's
-        handle (``handle.remove()`` detaches)."""
+        needs no line of its own (and may not have one: :meth:`step` is then an error, as it
+        would count every step twice). Where this worker is reset to the center after diverging,
+        the optimizer's state for these parameters (momentum...) is cleared too. One optimizer
+        at a time; returns the handle whose ``remove()`` detaches."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._attached is not None:
+            raise RuntimeError(f"{type(self).__name__} is already attached to an optimizer: it "
+                               "steps after that optimizer's step(); a second hook would count "
+                               "every step twice (remove the first handle to attach another)")
         self._optimizers.add(optimizer)
         me = weakref.ref(self)  # the optimizer must not keep a dropped averager alive
 
         def after_step(*_: object) -> None:
             averager = me()
             if averager is not None:
-                averager.step()
+                averager._advance_clock()
 
-        return optimizer.register_step_post_hook(after_step)
+        self._attached = AttachHandle(self, optimizer.register_step_post_hook(after_step))
+        return self._attached
 
     def serve(self, on_request: Callable[[str, int], None] | None = None) -> dict[str, int]:
         """On a server rank (``servers=``): answers the workers' requests until every worker has
         called :meth:`close`; returns how many exchanges, reads and writes it served."""
-        if not self.is_server:
-            raise RuntimeError("serve() is for server ranks (servers=[...]); this rank is a worker")
         return self._center.serve(on_request)
 
     def close(self) -> None:
         """This worker is done: marks its slot finished (shared center) or tells the servers
         (sharded center). Idempotent; also called on leaving a ``with`` block."""
         if not self._closed:
+            if self._center.in_flight:
+                self.flush()  # what was sent is applied: nothing in flight is lost
             self._closed = True
             self._center.close()
 
@@ -318,19 +387,31 @@ class Averager:
                    "buffers"} - state.keys()
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}; is it from state_dict()?")
-        expected = {"algorithm": self.algorithm.name, "format": STATE_FORMAT,
-                    "world_size": self.world_size, "layout": self._layout}
+        if state["format"] not in STATE_FORMATS_READ:
+            raise ValueError(f"state format is {_short(state['format'])}, this averager reads "
+                             f"{sorted(STATE_FORMATS_READ)}")
+        expected = {"algorithm": self.algorithm.name, "world_size": self.world_size,
+                    "layout": self._layout}
         for key, want in expected.items():
             if state[key] != want:
                 raise ValueError(f"state {key} is {_short(state[key])}, this averager has {_short(want)}")
+        if not isinstance(state["settings"], dict):
+            raise ValueError("state settings must be a dict; is it from state_dict()?")
         for key, want in self._settings.items():
-            if key != "center" and state["settings"].get(key) != want:
-                raise ValueError(f"state was saved with {key}={state['settings'].get(key)!r}, this "
-                                 f"averager has {key}={want!r}")
-        if state.get("rank", self._comm.rank) != self._comm.rank and self.mode == "async":
+            saved = state["settings"].get(key, LEGACY_SETTINGS.get(key))
+            if key != "center" and saved != want:
+                raise ValueError(f"state was saved with {key}={saved!r}, this averager has "
+                                 f"{key}={want!r}")
+        if state.get("rank", self._comm.rank) != self._comm.rank:
             raise ValueError(f"state was saved by rank {state['rank']}, this is rank "
-                             f"{self._comm.rank}: in mode='async' every rank loads its own")
+                             f"{self._comm.rank}: every rank loads the state it saved (worker "
+                             "buffers, residuals and exchanges in flight are the rank's own)")
+        clock = check_counter("clock", state["clock"])
+        stats = check_stats(state["stats"])
         buffers = state["buffers"]
+        if not isinstance(buffers, dict):
+            raise ValueError(f"state buffers must be a dict, got {type(buffers).__name__}")
+        check_finite_buffers(buffers)
         names = [] if self.is_server else list(self.algorithm.worker_buffers)
         for name in names:
             check_saved(name, buffers.get(name), [g.flat for g in self._groups])
@@ -340,8 +421,8 @@ class Averager:
                     g.buffers[name].copy_(s)
             if self.algorithm.has_center:
                 self._center.load(buffers)
-        self.clock = int(state["clock"])
-        self._log.reset(ExchangeStats(**state["stats"]))
+        self.clock = clock
+        self._log.reset(stats)
 
     # ---- internals ------------------------------------------------------------------------------------
     def _not_on_a_server(self) -> None:
@@ -385,6 +466,21 @@ class Averager:
                       f"comm_dtype=torch.bfloat16) ({self._warned['overflow'].count} so far)")
 
 
+class AttachHandle:
+    """What :meth:`Averager.attach` returns: ``remove()`` detaches the averager from the
+    optimizer (after which :meth:`Averager.step` is the way to step it again)."""
+
+    def __init__(self, averager: Averager, hook: Any) -> None:
+        self._averager = weakref.ref(averager)
+        self._hook = hook
+
+    def remove(self) -> None:
+        self._hook.remove()
+        averager = self._averager()
+        if averager is not None and averager._attached is self:
+            averager._attached = None
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -426,7 +522,11 @@ class ElasticAverager(Averager):
         process_group: the group to average over (default: the default group; a single process
             needs no torch.distributed at all).
         comm_dtype: sync: dtype of ``d`` on the wire: ``None`` (the parameters' dtype),
-            ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+            ``torch.float32``, ``torch.bfloat16``, ``torch.float16``, or ``torch.int8``: blocks
+            of 256 values scaled by their absolute maximum, with error feedback (what a worker's
+            8 bits did not carry is added to its next send; the owner of each chunk of the sum
+            keeps its own), exchanged by an all-to-all and an all-gather: about 3.9x fewer
+            bytes than float32 at any world size. ``bucket_cap_mb`` applies to float wires.
         bucket_cap_mb: sync: all-reduce bucket size (default 25); on CPU tensors a bucket is
             applied as soon as it arrives while later ones are in flight.
         allow_unstable: accept ``beta >= 1``.
@@ -443,6 +543,22 @@ class ElasticAverager(Averager):
             raises :class:`~easgd_ext.NonFiniteError` on every rank. Decided on the device.
         exchange_timeout: sync, CPU tensors: seconds to wait for the other ranks in an exchange
             before raising (default 300).
+        fragments: sync: cut the model into this many contiguous fragments (runs of layers),
+            each exchanged every ``tau`` steps at its own phase of them: the bytes of one step
+            drop to about ``1 / fragments`` of a whole exchange (default 1: all at once).
+        delay: sync: apply a fragment's sum this many steps after its send, ``0 <= delay <
+            tau``: its collectives run behind the next steps' compute, and the worker loses then
+            exactly the ``d`` it sent (default 0). ``state_dict()`` waits for the sums in flight
+            and saves them (a resumed run applies them at the same step); ``center_parameters()``
+            shows the center as applied so far; :meth:`flush` and :meth:`close` apply what is in
+            flight now.
+        outer_lr, outer_momentum, nesterov: sync: an outer optimizer on the center. The sum of
+            the elastic differences ``g = sum_i d_i`` moves the center by an outer (Nesterov)
+            momentum step: ``m = outer_momentum m + g``; ``center += outer_lr (g +
+            outer_momentum m)`` with ``nesterov``, else ``outer_lr m``; the workers are pulled
+            by ``alpha`` as in EASGD. The defaults (1, 0, False) are EASGD itself; the family's
+            other corner, a full pull to the new center, is :class:`DiLoCoAverager`. The
+            momentum is float32 beside the center and saved in ``state_dict()``.
 
     Arguments that do not apply to the chosen mode are errors.
     """
@@ -453,14 +569,19 @@ class ElasticAverager(Averager):
                  bucket_cap_mb: float | None = None, allow_unstable: bool = False,
                  center: SharedCenter | str | None = None, servers: list[int] | None = None,
                  lock_timeout: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
-                 exchange_timeout: float | None = None) -> None:
+                 exchange_timeout: float | None = None, fragments: int = 1,
+                 delay: int = 0, outer_lr: float = 1.0, outer_momentum: float = 0.0,
+                 nesterov: bool = False) -> None:
+        outer = check_outer(outer_lr, outer_momentum, nesterov)
+
         def make(workers: int) -> Algorithm:
-            return Elastic(*elastic_rates(workers, beta, alpha, allow_unstable))
+            rates = elastic_rates(workers, beta, alpha, allow_unstable)
+            return Elastic(*rates) if outer is None else ElasticOuter(*rates, *outer)
 
         super().__init__(params, make, tau=tau, mode=mode, process_group=process_group,
                          comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb, center=center,
                          servers=servers, lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
 
     @property
     def alpha(self) -> float:
@@ -479,7 +600,8 @@ class DownpourAverager(Averager):
     same shared or sharded centers as asynchronous EASGD.
 
     Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
-    ``beta``/``alpha``/``allow_unstable``.
+    ``beta``/``alpha``/``allow_unstable``; ``delay`` must be 0 (a delayed pull would discard
+    the steps taken since the push).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, mode: str = "sync",
@@ -487,12 +609,13 @@ class DownpourAverager(Averager):
                  bucket_cap_mb: float | None = None, center: SharedCenter | str | None = None,
                  servers: list[int] | None = None, lock_timeout: float | None = None, *,
                  on_nonfinite: str = DEFAULT_ON_NONFINITE,
-                 exchange_timeout: float | None = None) -> None:
+                 exchange_timeout: float | None = None, fragments: int = 1,
+                 delay: int = 0) -> None:
         super().__init__(params, lambda workers: Downpour(), tau=tau, mode=mode,
                          process_group=process_group, comm_dtype=comm_dtype,
                          bucket_cap_mb=bucket_cap_mb, center=center, servers=servers,
                          lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
 
 
 class PeriodicAverager(Averager):
@@ -500,7 +623,8 @@ class PeriodicAverager(Averager):
     ``tau`` local steps, ``x_i = mean_j x_j``.
 
     Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
-    ``beta``/``alpha`` and the asynchronous ones. Unlike PyTorch's averager it does not average
+    ``beta``/``alpha`` and the asynchronous ones; ``delay`` must be 0 and ``comm_dtype`` a
+    float (8 bits cannot carry the parameters themselves). Unlike PyTorch's averager it does not average
     on the very first call (its clock counts completed steps, like the others here), it
     all-reduces one flat buffer per dtype instead of concatenating and copying back, and a
     non-finite worker does not spread to the others: by default it takes the mean of the
@@ -512,9 +636,41 @@ class PeriodicAverager(Averager):
     def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, mode: str = "sync",
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
                  bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
-                 exchange_timeout: float | None = None) -> None:
+                 exchange_timeout: float | None = None, fragments: int = 1,
+                 delay: int = 0) -> None:
         super().__init__(params, lambda workers: Averaging(), tau=tau, mode=mode,
                          process_group=process_group, comm_dtype=comm_dtype,
                          bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
                          lock_timeout=None, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
+
+
+class DiLoCoAverager(Averager):
+    """DiLoCo (Douillard et al., 2023, "DiLoCo: Distributed Low-Communication Training of
+    Language Models"): every ``tau`` local steps, the pseudo-gradient ``delta = center -
+    mean_i x_i`` (one all-reduce per bucket, of ``x_i - center``), an outer SGD step with
+    (Nesterov) momentum on the center, ``m = outer_momentum m + delta; center -= outer_lr
+    (delta + outer_momentum m)`` (``outer_lr m`` without ``nesterov``), and every worker reset
+    to the new center. The paper's settings are the defaults: ``outer_lr=0.7``,
+    ``outer_momentum=0.9``, Nesterov, an inner AdamW, ``tau = 500``.
+
+    It is the corner of :class:`ElasticAverager`'s outer-optimizer family where the workers are
+    pulled all the way to the new center (the same fused kernels). Synchronous only; no
+    ``delay`` (the reset would discard the steps taken since the send) and no 8-bit wire yet.
+    Other arguments are those of :class:`ElasticAverager`; a worker that diverged sends
+    nothing and the mean is over the others (``on_nonfinite="reset"``). The momentum is float32
+    beside the center and saved in ``state_dict()``.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, nesterov: bool = True, mode: str = "sync",
+                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
+                 bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
+                 exchange_timeout: float | None = None, fragments: int = 1,
+                 delay: int = 0) -> None:
+        lr, mu, nesterov_ = check_outer(outer_lr, outer_momentum, nesterov) or (outer_lr, outer_momentum, nesterov)
+        super().__init__(params, lambda workers: DiLoCo(workers, lr, mu, nesterov_), tau=tau,
+                         mode=mode, process_group=process_group, comm_dtype=comm_dtype,
+                         bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
+                         lock_timeout=None, on_nonfinite=on_nonfinite,
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from datetime import timedelta
 
 import torch
@@ -20,12 +21,18 @@ DEFAULT_LOCK_TIMEOUT = 300.0       # async mode: seconds to wait for a chunk loc
 DEFAULT_EXCHANGE_TIMEOUT = 300.0   # sync mode on CPU tensors: seconds to wait for the peers
 DEFAULT_ON_NONFINITE = "reset"     # a diverged worker restarts from the center
 
+# The exchange's steps: "fused" (the native kernels; the default) or "torch" (every rule's
+# torch-level path: slower; for trying a rule before its kernel exists, and for tests).
+KERNELS_ENV = "EASGD_EXT_KERNELS"
+KERNEL_PATHS = ("fused", "torch")
+
 MODES = ("sync", "async")
 ON_NONFINITE = ("reset", "skip", "raise")
 # The kernels' policy codes (native OnNonFinite): "raise" skips on the device like "skip".
 POLICY_CODES = {"skip": 0, "raise": 0, "reset": 1}
 COMM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+               "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+               "int8": torch.int8}
 
 
 def _is_number(value: object) -> bool:
@@ -52,7 +59,43 @@ def check_comm_dtype(comm_dtype: object) -> torch.dtype | None:
     if isinstance(comm_dtype, str) and comm_dtype in COMM_DTYPES:
         return COMM_DTYPES[comm_dtype]
     raise ValueError(f"comm_dtype must be None (the parameters' dtype), torch.float32, "
-                     f"torch.bfloat16 or torch.float16, got {comm_dtype!r}")
+                     f"torch.bfloat16, torch.float16 or torch.int8 (block-scaled, with error "
+                     f"feedback), got {comm_dtype!r}")
+
+
+def check_outer(outer_lr: object, outer_momentum: object, nesterov: object) -> tuple[float, float, bool] | None:
+    """An outer optimizer's settings, or ``None`` for the defaults (plain EASGD: no outer
+    optimizer at all, the same kernels as before)."""
+    for name, value in (("outer_lr", outer_lr), ("outer_momentum", outer_momentum)):
+        if not _is_number(value):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+    lr, mu = float(outer_lr), float(outer_momentum)  # type: ignore[arg-type]
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"outer_lr must be positive and finite, got {outer_lr}")
+    if not 0 <= mu < 1:
+        raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum}")
+    return None if (lr, mu, nesterov) == (1.0, 0.0, False) else (lr, mu, nesterov)
+
+
+def check_fragments(fragments: object) -> int:
+    if isinstance(fragments, bool) or not isinstance(fragments, int):
+        raise TypeError(f"fragments must be an int (parts of the model exchanged in turn), got "
+                        f"{type(fragments).__name__}")
+    if fragments < 1:
+        raise ValueError(f"fragments must be >= 1, got {fragments}")
+    return fragments
+
+
+def check_delay(delay: object, tau: int) -> int:
+    if isinstance(delay, bool) or not isinstance(delay, int):
+        raise TypeError(f"delay must be an int (steps between a fragment's send and its apply), "
+                        f"got {type(delay).__name__}")
+    if not 0 <= delay < tau:
+        raise ValueError(f"delay must be in [0, tau) = [0, {tau}): a fragment is exchanged again "
+                         f"tau steps later, so its sum must have landed by then; got {delay}")
+    return delay
 
 
 def _positive_seconds(name: str, value: object) -> float:
@@ -81,6 +124,14 @@ def check_exchange_timeout(value: object) -> float:
     return _positive_seconds("exchange_timeout", value)
 
 
+def kernel_path() -> str:
+    """The exchange's steps as ``EASGD_EXT_KERNELS`` asks (default: the fused kernels)."""
+    value = os.environ.get(KERNELS_ENV, "fused") or "fused"
+    if value not in KERNEL_PATHS:
+        raise ValueError(f"{KERNELS_ENV} must be 'fused' or 'torch', got {value!r}")
+    return value
+
+
 def check_on_nonfinite(value: object) -> str:
     if value not in ON_NONFINITE:
         raise ValueError(f"on_nonfinite must be one of {', '.join(map(repr, ON_NONFINITE))}, "
@@ -88,9 +139,10 @@ def check_on_nonfinite(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_only_for(mode: str, given: dict[str, object], allowed: set[str]) -> None:
-    """Arguments that do not apply to ``mode`` are errors, not silently ignored."""
-    wrong = [name for name, value in given.items() if value is not None and name not in allowed]
+def reject_other_mode_arguments(mode: str, given: dict[str, object]) -> None:
+    """``given`` holds the arguments that belong to the *other* mode: any of them set is an
+    error in ``mode``, not silently ignored."""
+    wrong = [name for name, value in given.items() if value is not None]
     if wrong:
         other = "async" if mode == "sync" else "sync"
         raise ValueError(f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to "

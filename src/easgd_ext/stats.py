@@ -24,23 +24,27 @@ import torch
 # The status vector every exchange leaves (float32, one per device):
 ME_BAD, BAD_RANKS, OVERFLOW = 0, 1, 2
 STATUS_LEN = 4
-RING = 8  # status records in flight on a GPU before an exchange waits for the oldest
+RING = 32  # status records in flight on a GPU before an exchange waits for the oldest
 
 
 @dataclass
 class ExchangeStats:
     """Counters of one worker's exchanges.
 
-    ``exchanges``: exchanges that were applied. ``skipped_exchanges``: exchanges that changed
-    nothing because some rank's contribution was not finite (``on_nonfinite="skip"`` or
-    ``"raise"``). ``resets``: exchanges in which this worker's parameters were not finite and
-    were reset to the center (``on_nonfinite="reset"``). ``overflowed_exchanges``: exchanges in
-    which a float16 sum overflowed (those elements were left as they were). ``bytes_sent`` is
-    the payload this rank hands to its all-reduces (a ring all-reduce puts about ``2 (p - 1) /
-    p`` times that on the wire); in asynchronous mode, what a worker sends to the sharded
-    center's servers (0 with the shared-memory center: no network). ``comm_seconds`` is the
-    total time spent in exchanges (kernels, all-reduce and waits: what communication costs the
-    loop); on CUDA it is measured with events, without synchronizing the device.
+    ``exchanges``: exchanges that were applied (with ``fragments=F``, each fragment's exchange
+    counts once: F per ``tau`` steps). ``skipped_exchanges``: exchanges that changed nothing
+    because some rank's contribution was not finite (``on_nonfinite="skip"`` or ``"raise"``).
+    ``resets``: exchanges in which this worker's parameters were not finite and were reset to
+    the center (``on_nonfinite="reset"``). ``overflowed_exchanges``: exchanges in which a
+    float16 sum overflowed (those elements were left as they were). ``bytes_sent`` is what this
+    rank put on the network, by the collectives' standard algorithms: a ring all-reduce sends
+    ``2 (p - 1) / p`` of its payload, the 8-bit wire ``p - 1`` records in its all-to-all and its
+    own record to ``p - 1`` ranks in its all-gather (0 for a single process); in asynchronous
+    mode, what a worker sends to the sharded center's servers (0 with the shared-memory center:
+    no network). ``comm_seconds`` is the total time the exchange steps took (kernels,
+    collectives and waits: what communication costs the loop; with ``delay``, the send and the
+    apply steps, not the collective running meanwhile); on CUDA it is measured with events,
+    without synchronizing the device.
     """
     exchanges: int = 0
     skipped_exchanges: int = 0
@@ -66,20 +70,24 @@ class NonFiniteError(RuntimeError):
 
 
 class _Timer:
-    """Wall time on the CPU; CUDA events on the GPU, read only when someone asks."""
+    """Wall time on the CPU; CUDA events on the GPU, read only when someone asks. The events go
+    on the current stream of the parameters' device (not of the current device: with parameters
+    on cuda:1 and device 0 current, that is where the exchange runs)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.start_event = torch.cuda.Event(enable_timing=True)
-            self.end_event = torch.cuda.Event(enable_timing=True)
-            self.start_event.record()
+            self.device = device
+            with torch.cuda.device(device):
+                self.start_event = torch.cuda.Event(enable_timing=True)
+                self.end_event = torch.cuda.Event(enable_timing=True)
+            self.start_event.record(torch.cuda.current_stream(device))
         else:
             self.start = time.perf_counter()
 
     def stop(self) -> None:
         if self.cuda:
-            self.end_event.record()
+            self.end_event.record(torch.cuda.current_stream(self.device))
         else:
             self.seconds = time.perf_counter() - self.start
 
@@ -94,13 +102,20 @@ class _Timer:
 
 
 @dataclass
-class _Pending:
+class _Item:
+    """One exchange record waiting to be read."""
     clock: int
-    timer: _Timer
     status: Any                   # numpy view of the pinned host copy, or None: outcome known
     done: torch.cuda.Event | None
-    outcome: Outcome | None       # known at once (CPU, async)
+    outcome: Outcome | None       # known at once (CPU tensors, asynchronous centers)
     bytes_sent: int
+
+
+@dataclass
+class _Pending:
+    """One step's (or exchange()'s) work: its time and the records it completed."""
+    timer: _Timer
+    items: list[_Item]
 
 
 class ExchangeLog:
@@ -117,26 +132,29 @@ class ExchangeLog:
         self._pending: deque[_Pending] = deque()
         self._host_status: torch.Tensor | None = None  # pinned ring, made on first CUDA use
         self._slot = 0
+        self._slots_in_use = 0
 
     def start(self, device: torch.device) -> _Timer:
         self.poll()  # read whatever has finished meanwhile, never waiting
         return _Timer(device)
 
-    def finish(self, clock: int, timer: _Timer, status: torch.Tensor | None, bytes_sent: int,
-               outcome: Outcome | None = None, host_status: Any = None) -> None:
-        """Records an exchange: a CUDA ``status`` vector is copied to pinned memory behind an
-        event; a CPU one is read at once through ``host_status`` (its numpy view: no tensor
-        method, nothing a device could wait for); ``outcome`` is given where it is known."""
+    def finish(self, records: list[Any], timer: _Timer) -> None:
+        """Records a step's exchanges from their
+        :class:`~easgd_ext.centers.base.ExchangeRecord`s: an outcome known at once is reported
+        now; a CUDA status vector is copied to pinned memory behind an event and read when that
+        event has completed. The step's time counts even where nothing completed (a delayed
+        exchange's send)."""
         timer.stop()
-        host, done = None, None
-        if outcome is None and status is not None:
-            if status.is_cuda:
-                host, done = self._copy_status(status)
-            else:
-                outcome = outcome_of(clock, host_status, self.skips_on_bad)
-        self._pending.append(_Pending(clock, timer, host, done, outcome, bytes_sent))
-        if len(self._pending) > RING:
-            self._resolve(self._pending.popleft())
+        cuda = sum(r.outcome is None and r.status is not None for r in records)
+        while self._pending and self._slots_in_use + cuda > RING:
+            self._resolve(self._pending.popleft())  # the oldest waits: its slots are reused
+        items = []
+        for r in records:
+            host, done = None, None
+            if r.outcome is None and r.status is not None:
+                host, done = self._copy_status(r.status)
+            items.append(_Item(r.clock, host, done, r.outcome, r.bytes_sent))
+        self._pending.append(_Pending(timer, items))
         self.poll()  # what is known already (CPU, asynchronous mode) is reported now
 
     def poll(self) -> None:
@@ -151,6 +169,7 @@ class ExchangeLog:
 
     def reset(self, stats: ExchangeStats) -> None:
         self._pending.clear()
+        self._slots_in_use = 0
         self.stats = stats
 
     # ---- internals --------------------------------------------------------------------------------
@@ -160,34 +179,42 @@ class ExchangeLog:
             self._host_view = self._host_status.numpy()
         slot = self._slot
         self._slot = (self._slot + 1) % (RING + 1)  # RING + 1 slots: the oldest is read first
-        self._host_status[slot].copy_(status, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        self._slots_in_use += 1
+        # On the status's own device's stream, after the steps that wrote it (whatever device
+        # is current), and the event with it: what is read then has arrived.
+        with torch.cuda.device(status.device):
+            stream = torch.cuda.current_stream(status.device)
+            self._host_status[slot].copy_(status, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
         return self._host_view[slot], done
 
     @staticmethod
     def _ready(p: _Pending) -> bool:
-        return (p.done is None or p.done.query()) and p.timer.ready()
+        return p.timer.ready() and all(i.done is None or i.done.query() for i in p.items)
 
     def _resolve(self, p: _Pending) -> None:
-        if p.done is not None:
-            p.done.synchronize()
-        outcome = p.outcome if p.outcome is not None else outcome_of(p.clock, p.status,
-                                                                     self.skips_on_bad)
         seconds = p.timer.elapsed()
         s = self.stats
         s.comm_seconds += seconds
-        s.last_exchange_seconds = seconds
-        s.bytes_sent += p.bytes_sent
-        if outcome.applied:
-            s.exchanges += 1
-        else:
-            s.skipped_exchanges += 1
-        s.resets += int(outcome.applied and outcome.me_bad)
-        s.overflowed_exchanges += int(outcome.overflow)
-        on_outcome = self._on_outcome_ref()
-        if on_outcome is not None:
-            on_outcome(outcome)
+        if p.items:
+            s.last_exchange_seconds = seconds
+        for item in p.items:
+            if item.done is not None:
+                item.done.synchronize()
+                self._slots_in_use -= 1
+            outcome = item.outcome if item.outcome is not None else outcome_of(
+                item.clock, item.status, self.skips_on_bad)
+            s.bytes_sent += item.bytes_sent
+            if outcome.applied:
+                s.exchanges += 1
+            else:
+                s.skipped_exchanges += 1
+            s.resets += int(outcome.applied and outcome.me_bad)
+            s.overflowed_exchanges += int(outcome.overflow)
+            on_outcome = self._on_outcome_ref()
+            if on_outcome is not None:
+                on_outcome(outcome)
 
 
 def outcome_of(clock: int, status: Any, skips_on_bad: bool) -> Outcome:

@@ -87,9 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EAMSGD's Nesterov momentum (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32,
                    help="minibatch per worker (default: %(default)s)")
-    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="wire dtype of the exchanges, --mode sync only (default: the "
-                        "parameters' dtype)")
+    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16", "int8"], default=None,
+                   help="wire dtype of the exchanges, --mode sync only; int8: block-scaled with "
+                        "error feedback, not for 'average' (default: the parameters' dtype)")
+    p.add_argument("--fragments", type=int, default=1,
+                   help="cut the model into this many fragments, each exchanged every --tau steps "
+                        "at its own phase, --mode sync only (default: %(default)s)")
+    p.add_argument("--delay", type=int, default=0,
+                   help="apply each fragment's sum this many steps after its send (0 <= delay < "
+                        "tau), easgd/eamsgd only (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"local steps per worker (default: {DEFAULT_STEPS}, unless --epochs)")
     p.add_argument("--epochs", type=float, default=None,
@@ -132,6 +138,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.mode == "async" and args.comm_dtype is not None:
         p.error("--comm-dtype applies to --mode sync (asynchronous exchanges move parameters "
                 "in their own dtype)")
+    if args.mode == "async" and (args.fragments != 1 or args.delay != 0):
+        p.error("--fragments and --delay apply to --mode sync")
+    if args.fragments < 1:
+        p.error(f"--fragments must be at least 1, got {args.fragments}")
+    if not 0 <= args.delay < args.tau:
+        p.error(f"--delay must be in [0, --tau) = [0, {args.tau}), got {args.delay}")
+    if args.delay and set(args.algos) - {"easgd", "eamsgd", "sync-sgd"}:
+        p.error(f"--delay {args.delay} applies to easgd and eamsgd (whose pull keeps the steps "
+                f"taken since the send); leave out {', '.join(sorted(set(args.algos) - {'easgd', 'eamsgd', 'sync-sgd'}))} "
+                "or use --delay 0")
+    if args.comm_dtype == "int8" and "average" in args.algos:
+        p.error("--comm-dtype int8 quantizes differences; 'average' sends the parameters "
+                "themselves: leave it out or use bfloat16")
     for name in ("workers", "tau", "batch", "eval_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -183,6 +202,9 @@ def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace
     common: dict = {"tau": args.tau, "mode": args.mode}
     if args.mode == "sync":
         common["comm_dtype"] = args.comm_dtype
+        common["fragments"] = args.fragments
+        if algo in ("easgd", "eamsgd"):
+            common["delay"] = args.delay
     if algo in ("easgd", "eamsgd"):
         return ElasticAverager(model.parameters(), beta=args.beta,
                                allow_unstable=args.allow_unstable, **common)
@@ -259,6 +281,8 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed += time.perf_counter() - start
+        if step == steps and averager is not None and args.mode == "sync":
+            averager.flush()  # fragments still in flight (--delay) count in the final center
         if step == steps and args.mode == "async":
             averager.close()
             dist.barrier()  # the final center: after every worker's last exchange
@@ -371,6 +395,8 @@ def header(args: argparse.Namespace, world: int, steps: int) -> str:
     """The run's one-line summary, above the table and on the plot."""
     where = ("shared-memory center" if args.mode == "async"
              else f"wire={args.comm_dtype or 'param dtype'}")
+    if args.mode == "sync" and (args.fragments > 1 or args.delay):
+        where += f", {args.fragments} fragments, delay {args.delay}"
     return (f"{args.dataset}, {world} workers ({args.mode}), tau={args.tau}, {steps} steps, "
             f"lr={args.lr:g}, {where}")
 

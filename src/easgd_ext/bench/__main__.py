@@ -1,11 +1,12 @@
-"""python -m easgd_ext.bench {kernels,comm,step} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,async,step} [options]: the benchmarks shipped with the package.
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
               ceiling (torch copy_, the native copy kernel, memcpy) timed with them
     comm      exchange latency vs size and world size, vs a raw all_reduce, the same exchange
               in plain torch (torch_flat) and PyTorch's PeriodicModelAverager (table, --json,
-              --plot PNG); with --mode async the shared-memory and sharded centers against
-              their floors
+              --plot PNG)
+    async     one asynchronous exchange: the shared-memory and sharded centers against their
+              floors, and concurrent workers (also reached as `comm --mode async`)
     step      the averager's cost in a real training step (torchvision model, world-1 group)
 
 Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm", "step")
+COMMANDS = ("kernels", "comm", "async", "step")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         from .kernels import main as run
     elif argv[0] == "step":
         from .train_step import main as run
+    elif argv[0] == "async":
+        from .async_comm import main as run
     else:
         from .comm import main as run
     return run(argv[1:])

@@ -27,10 +27,10 @@ chunked throughput should grow with the workers while one lock stays flat.
 Sharded center (``--sharded``): rank 0 serves, 1 or 2 workers exchange over Gloo; latency
 against a raw ping-pong of the same bytes between the same ranks.
 
-    python -m easgd_ext.bench comm --mode async
-    python -m easgd_ext.bench comm --mode async --sizes 1e6 2.56e7 --scaling --sharded --json a.json
-    python -m easgd_ext.bench comm --mode async --sharded --plot async.png
-    python -m easgd_ext.bench comm --mode async --device cuda --sizes 2.56e7 --scaling
+    python -m easgd_ext.bench async            # (the same as: bench comm --mode async)
+    python -m easgd_ext.bench async --sizes 1e6 2.56e7 --scaling --sharded --json a.json
+    python -m easgd_ext.bench async --sharded --plot async.png
+    python -m easgd_ext.bench async --device cuda --sizes 2.56e7 --scaling
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def print_table(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog("comm --mode async"),
+    parser = argparse.ArgumentParser(prog=prog("async"),
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=count, nargs="+", default=DEFAULT_SIZES,
                         help="elements per model (1e6, 25557032, ...; at least 64)")

@@ -4,12 +4,18 @@ For each size (elements of float32 parameters, cut into tensors like a model's) 
 size p, every rank times, round-robin:
   easgd_fp32        ElasticAverager.exchange(), float32 wire
   easgd_bf16        ElasticAverager.exchange(), bfloat16 wire
+  easgd_int8        ElasticAverager.exchange(), the 8-bit wire (block-scaled, error feedback:
+                    an all-to-all and an all-gather)
+  easgd_f4          one step of ElasticAverager(tau=4, fragments=4).step(): a quarter of the
+                    model, the peak of one step of a streamed exchange (``--fragments``)
   allreduce_fp32    a raw all_reduce of one float32 buffer of n (the bytes the fp32 wire moves)
   allreduce_bf16    the same in bfloat16
   torch_flat        the same EASGD exchange in plain torch on one preallocated flat float32
                     buffer: d = x - c; d *= alpha; x -= d; all_reduce(d); c += d
   pytorch_periodic  PyTorch's PeriodicModelAverager.average_parameters on the same tensors
   per_param         one all_reduce per parameter tensor, then a division (accelerate's way)
+"MB/rank" is what one call puts on the network per rank (a ring all-reduce sends 2 (p - 1) / p
+of its payload; the 8-bit wire (p - 1) records out and its own record to p - 1 ranks).
 A run's time is the slowest rank's, everyone starting together; "host" is how long the call
 blocked the Python thread (measured before any device synchronization: on CPU it is the whole
 time, on CUDA the cost of enqueuing). The table reports medians and the speedup of each
@@ -24,7 +30,7 @@ costs the host beyond the bytes).
     python -m easgd_ext.bench comm --worlds 1 --sizes resnet50:1 --reps 21
     python -m easgd_ext.bench comm --worlds 2 --sizes 1e6 resnet18 --json comm.json
     torchrun --nproc-per-node 4 -m easgd_ext.bench comm         # under a launcher: one world
-    python -m easgd_ext.bench comm --mode async                 # asynchronous transports
+    python -m easgd_ext.bench async                             # asynchronous centers
 """
 
 from __future__ import annotations
@@ -47,11 +53,13 @@ from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
 from .collectives import Works, leave_group
-from .report import latency_axes, report
+from .peers import torch_flat_easgd
+from .report import latency_axes, report, spread_of, warn_if_noisy
 
 DEFAULT_SIZES = ["1e5", "1e6", "1e7", "1e8"]
 MODELS = ("resnet18", "resnet50")
 PEERS = ["torch_flat", "pytorch_periodic", "per_param"]
+FRAGMENTS = 4  # easgd_f4: one fragment of four per step
 BETA = 0.9  # ElasticAverager's default: alpha = beta / p
 
 
@@ -109,34 +117,47 @@ def clone_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
+def ring_bytes(payload: int, world: int) -> int:
+    """What one rank sends in a ring all-reduce of ``payload`` bytes."""
+    return 2 * (world - 1) * payload // world if world > 1 else 0
+
+
+class Averaged:
+    """An averager's exchange as a benchmark variant, and the bytes one call sends per rank
+    (read from its statistics)."""
+
+    def __init__(self, call: Callable[[], object], averager: easgd_ext.ElasticAverager) -> None:
+        self.call, self.averager = call, averager
+
+    def __call__(self) -> object:
+        return self.call()
+
+    def bytes_per_call(self, calls: int) -> int:
+        return self.averager.stats.bytes_sent // max(1, calls)
+
+
 def variants(params: list[torch.nn.Parameter], world: int, peers: set[str],
-             works: Works) -> dict[str, Callable[[], object]]:
+             works: Works) -> tuple[dict[str, Callable[[], object]], dict[str, int]]:
+    """The variants and, for those whose bytes are known up front, the bytes per call."""
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
     n = sum(p.numel() for p in params)
     device = params[0].device
     fns: dict[str, Callable[[], object]] = {}
-    fns["easgd_fp32"] = easgd_ext.ElasticAverager(clone_params(params), tau=1, beta=BETA).exchange
-    fns["easgd_bf16"] = easgd_ext.ElasticAverager(clone_params(params), tau=1, beta=BETA,
-                                                  comm_dtype=torch.bfloat16).exchange
+    for name, comm in (("easgd_fp32", None), ("easgd_bf16", torch.bfloat16), ("easgd_int8", torch.int8)):
+        avg = easgd_ext.ElasticAverager(clone_params(params), tau=1, beta=BETA, comm_dtype=comm)
+        fns[name] = Averaged(avg.exchange, avg)
+    streamed = easgd_ext.ElasticAverager(clone_params(params), tau=FRAGMENTS, beta=BETA,
+                                         fragments=FRAGMENTS)
+    fns[f"easgd_f{FRAGMENTS}"] = Averaged(streamed.step, streamed)
     raw32 = torch.randn(n, device=device)
     raw16 = raw32.bfloat16()
     fns["allreduce_fp32"] = lambda: works.run("allreduce_fp32", [raw32])
     fns["allreduce_bf16"] = lambda: works.run("allreduce_bf16", [raw16])
+    known = {"allreduce_fp32": ring_bytes(4 * n, world), "allreduce_bf16": ring_bytes(2 * n, world)}
     if "torch_flat" in peers:
         x = torch.cat([p.detach().reshape(-1) for p in params]).float()
-        c = x.clone()
-        d = torch.empty_like(x)
-        alpha = BETA / world
-
-        def torch_flat() -> None:
-            torch.sub(x, c, out=d)
-            d.mul_(alpha)
-            x.sub_(d)
-            works.run("torch_flat", [d])
-            c.add_(d)
-
-        fns["torch_flat"] = torch_flat
+        fns["torch_flat"] = torch_flat_easgd(x, BETA / world, works)
     if "pytorch_periodic" in peers:
         theirs = clone_params(params)
         for p in theirs:
@@ -155,7 +176,12 @@ def variants(params: list[torch.nn.Parameter], world: int, peers: set[str],
                 torch._foreach_div_(tensors, world)
 
         fns["per_param"] = per_param
-    return fns
+        known["per_param"] = ring_bytes(4 * n, world)
+    if "torch_flat" in fns:
+        known["torch_flat"] = ring_bytes(4 * n, world)
+    if "pytorch_periodic" in fns:
+        known["pytorch_periodic"] = ring_bytes(4 * n, world)
+    return fns, known
 
 
 class Clock:
@@ -193,7 +219,7 @@ def measure(size: str, world: int, device: torch.device, reps: int, peers: set[s
             works: Works) -> list[dict]:
     params = parameters_for(size, device)
     n = sum(p.numel() for p in params)
-    fns = variants(params, world, peers, works)
+    fns, wire_bytes = variants(params, world, peers, works)
     clock = Clock(device, works)
     for fn in fns.values():  # warm-up: connections, allocations
         for _ in range(2):
@@ -208,22 +234,34 @@ def measure(size: str, world: int, device: torch.device, reps: int, peers: set[s
     # Our own collectives last: whatever a peer left in flight is long finished before exit.
     for _ in range(3):
         clock.barrier()
+    calls = 2 + reps
+    for name, fn in fns.items():
+        if isinstance(fn, Averaged):
+            wire_bytes[name] = fn.bytes_per_call(calls)
     seconds = {name: statistics.median(ts) for name, ts in total.items()}
     host_s = {name: statistics.median(ts) for name, ts in host.items()}
+    spread = {name: spread_of(ts) for name, ts in total.items()}
     records = []
     for name, s in seconds.items():
-        dtype = "bfloat16" if name.endswith("bf16") else "float32"
-        payload = n * (2 if dtype == "bfloat16" else 4)
+        dtype = {"bf16": "bfloat16", "int8": "int8"}.get(name.rsplit("_", 1)[-1], "float32")
         record = {"name": name, "device": str(device), "numel": n, "size": size,
                   "tensors": len(params), "world_size": world, "dtype": dtype, "seconds": s,
-                  "host_seconds": host_s[name], "GBps": payload / s / 1e9, "ratios": {}}
+                  "host_seconds": host_s[name], "spread": spread[name],
+                  "bytes_per_rank": wire_bytes.get(name),
+                  "GBps": (wire_bytes[name] / s / 1e9) if wire_bytes.get(name) else None,
+                  "ratios": {}}
         if name.startswith("easgd"):
-            same = "allreduce_" + name.split("_")[1]
+            same = {"bfloat16": "allreduce_bf16"}.get(dtype, "allreduce_fp32")
             record["ratios"] = speedups(seconds, name, [same] + [p for p in seconds
                                                                  if not p.startswith("easgd") and p != same])
-            record["ratios"]["vs_allreduce"] = record["ratios"][f"vs_{same}"]  # same wire dtype
+            record["ratios"]["vs_allreduce"] = record["ratios"][f"vs_{same}"]
+            if name != "easgd_fp32":
+                record["ratios"]["vs_easgd_fp32"] = seconds["easgd_fp32"] / s
+                record["bytes_vs_easgd_fp32"] = (wire_bytes[name] / wire_bytes["easgd_fp32"]
+                                                 if wire_bytes.get("easgd_fp32") else None)
             record["host_over_allreduce_s"] = host_s[name] - host_s[same]
         records.append(record)
+    warn_if_noisy(records)
     return records
 
 
@@ -247,18 +285,23 @@ def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"\n{RATIO_LINE}; host: time the call blocks the Python thread (no device sync)")
-    cols = [("vs_allreduce", "over all_reduce"), ("vs_torch_flat", "over torch_flat"),
-            ("vs_pytorch_periodic", "over PyTorch periodic"), ("vs_per_param", "over per_param")]
-    head = (f"{'world':>5} {'size':<11}{'numel':>11} {'variant':<17}{'ms':>9}{'host ms':>9}"
-            f"{'GB/s':>7}{'host-AR us':>11}")
+    print(f"\n{RATIO_LINE}; host: time the call blocks the Python thread (no device sync); "
+          "MB/rank: what one call puts on the network per rank")
+    cols = [("vs_easgd_fp32", "over easgd_fp32"), ("vs_allreduce", "over all_reduce"),
+            ("vs_torch_flat", "over torch_flat"), ("vs_pytorch_periodic", "over PyTorch periodic"),
+            ("vs_per_param", "over per_param")]
+    head = (f"{'world':>5} {'size':<11}{'numel':>11} {'variant':<17}{'ms':>9}{'+-%':>5}{'host ms':>9}"
+            f"{'MB/rank':>9}{'bytes/fp32':>11}{'host-AR us':>11}")
     print(head + "".join(f"{label:>{len(label) + 2}}" for _, label in cols)
-          + "   (speedups; all_reduce: the raw one of the same wire dtype)")
+          + "   (speedups; all_reduce: the raw one of the same wire dtype, fp32 for int8)")
     for r in records:
         excess = r.get("host_over_allreduce_s")
+        mb = "-" if r["bytes_per_rank"] is None else f"{r['bytes_per_rank'] / 1e6:.2f}"
+        share = r.get("bytes_vs_easgd_fp32")
         cells = "".join(ratio_cell(r["ratios"], key, len(label) + 2) for key, label in cols)
         print(f"{r['world_size']:>5} {r['size']:<11}{r['numel']:>11} {r['name']:<17}"
-              f"{r['seconds'] * 1e3:>9.3f}{r['host_seconds'] * 1e3:>9.3f}{r['GBps']:>7.2f}"
+              f"{r['seconds'] * 1e3:>9.3f}{r['spread'] * 100:>5.0f}{r['host_seconds'] * 1e3:>9.3f}{mb:>9}"
+              f"{'' if share is None else f'{share:.3f}x':>11}"
               f"{'' if excess is None else f'{excess * 1e6:+.0f}':>11}{cells}")
 
 
@@ -290,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         return async_main(rest)
     argv = rest
     parser = argparse.ArgumentParser(prog=prog("comm"), description=__doc__.split("\n\n")[0],
-                                     epilog="--mode async: the asynchronous transports (shared "
-                                            "and sharded centers); see --mode async --help")
+                                     epilog="The asynchronous centers have a benchmark of their own: "
+                                            f"{prog('async')} (also reached as --mode async)")
     parser.add_argument("--mode", choices=["sync", "async"], default="sync",
-                        help="sync (this) or async: the asynchronous transports")
+                        help=f"sync (this) or async: the same as {prog('async')}")
     parser.add_argument("--worlds", type=count, nargs="+", default=[2, 4],
                         help="world sizes to spawn, 1 included (ignored under torchrun)")
     parser.add_argument("--sizes", type=size_spec, nargs="+", default=DEFAULT_SIZES,

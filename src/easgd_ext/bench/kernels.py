@@ -5,6 +5,8 @@ For each update and each parameter dtype it times the fused kernels:
   sync_apply           x -= d; c += reduced                   (sync, after the all-reduce)
   sync                 both together: one synchronous exchange less its all-reduce
   async                e = alpha (x - c); x -= e; c += e
+  int8_send            the 8-bit wire's send: v = alpha (x - c) + residual, block-quantized
+  int8_apply           its apply: x -= d; c += deq(sum); residual = v - deq(what was sent)
 and, for the whole sync and async updates, the same update done by:
   eager    torch eager ops on the flat buffers (in place, preallocated temporaries)
   foreach  torch._foreach_* over ResNet-50's 161 parameter tensors (what an optimizer-style
@@ -246,14 +248,40 @@ def copy_ceiling(n: int, device: torch.device, reps: int) -> tuple[float, str]:
 
 
 def bytes_moved(update: str, n: int, dtype: torch.dtype) -> int:
-    """Bytes the fused kernels read and write (the wire buffer has the parameters' dtype)."""
+    """Bytes the fused kernels read and write (the wire buffer has the parameters' dtype; the
+    8-bit wire's records carry one float32 scale per 256 values)."""
     sx = torch.finfo(dtype).bits // 8
     diff, apply = 2 * sx + 4, 3 * sx + 8
+    if update == "int8_send":  # read x, c, residual; write q and the scales
+        return n * (sx + 8 + 1) + n // 64
+    if update == "int8_apply":  # read x, c, residual, q sent, q summed; write x, c, residual
+        return n * (2 * sx + 16 + 2) + n // 32
     return n * {"elastic_difference": diff, "sync_apply": apply, "sync": diff + apply,
                 "async": 2 * (sx + 4)}[update]
 
 
-UPDATES = ("elastic_difference", "sync_apply", "sync", "async")
+UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "int8_send", "int8_apply")
+
+
+def int8_launches(x: torch.Tensor, c: torch.Tensor) -> tuple[Any, Any, list[torch.Tensor]]:
+    """The 8-bit wire's send and apply over x and c (one rank: the records it sends are the sum
+    it applies), prepared once; and the buffers they point into (kept alive by the caller)."""
+    n = x.numel()
+    _, record = native.prepare.quant_layout(n, 1)
+    residual = torch.zeros(n, device=x.device)
+    sent = torch.zeros(record, dtype=torch.uint8, device=x.device)
+    gathered = torch.zeros(record, dtype=torch.uint8, device=x.device)
+    status = torch.zeros(4, device=x.device)
+    send = native.prepare.quantized_send(tensor_ref("x", x), tensor_ref("center", c), None,
+                                         tensor_ref("residual", residual), tensor_ref("records", sent),
+                                         1, ALPHA, nonfinite=tensor_ref("me_bad", status[0:1]))
+    native.run([send], stream_of(x.device), num_threads())
+    gathered.copy_(sent)
+    guard = native.prepare.Guard(tensor_ref("bad_ranks", status[1:2]), tensor_ref("me_bad", status[0:1]), 0, 1)
+    apply = native.prepare.quantized_apply(tensor_ref("x", x), tensor_ref("center", c), None,
+                                           tensor_ref("residual", residual), tensor_ref("sent", sent),
+                                           tensor_ref("gathered", gathered), 1, ALPHA, guard=guard)
+    return send, apply, [residual, sent, gathered, status]
 
 
 def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
@@ -273,6 +301,10 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
         "async": lambda: ops.async_exchange(x, c, ALPHA),
         "async/eager": lambda: eager_async(x, c, t),
     }
+    send8, apply8, keep_alive = int8_launches(x, c)
+    stream = stream_of(device)
+    fns["int8_send"] = lambda: native.run([send8], stream, num_threads())
+    fns["int8_apply"] = lambda: native.run([apply8], stream, num_threads())
     if b.lists:
         xs, cs, ws, ts = (b.lists[k] for k in ("x", "c", "wire", "tmp"))
         fns["sync/foreach"] = lambda: (foreach_pre(xs, cs, ws, ts), foreach_post(cs, ws))
@@ -289,6 +321,7 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
         if compiled is not None:
             compiled.check()
 
+    del keep_alive
     copies = {k: s for k, s in seconds.items() if k.startswith("copy/")}
     best = min(copies, key=copies.get)
     copy_bw = 2 * n * 4 / copies[best]

@@ -1,27 +1,33 @@
 """What the averager costs in a real training step, in one run.
 
 A torchvision model's training step (forward, backward, SGD step) is timed alone and with an
-exchange after the optimizer step:
+exchange after the optimizer step, on ``--world`` ranks (Gloo on CPU, NCCL on CUDA with one GPU
+per rank; the averaged variants' collectives are real):
   step          the training step alone (no averaging)
-  easgd_tau1    + ElasticAverager.step() after every opt.step(), tau=1: an exchange every step
-  easgd_tau10   + the same with tau=10: an exchange every tenth step
+  easgd         + ElasticAverager.step() after every opt.step(), an exchange every --tau steps:
+                the whole exchange blocks the step it falls on
+  easgd_stream  + the same with fragments=tau, delay=1: a tau-th of the model leaves every step
+                and its sum is applied one step later, so the collective runs behind the next
+                step's compute
+  easgd_tau1    + an exchange every step
   torch_flat    + the same EASGD exchange in plain torch every step, on one flat float32
                 buffer the parameters view: d = x - c; d *= alpha; x -= d; all_reduce(d); c += d
 Each variant has its own copy of the model (same initial weights) and optimizer, and the same
-batch. The variants run in rounds, in a random order each round (seeded); in a round each
-runs a block of steps (a multiple of 10, so easgd_tau10 exchanges equally often in every
-block), and its step time in that round is the block's mean. Reported per variant: the median
-over rounds, the inter-quartile range, the overhead against the step alone (median / the step's
-median - 1) and the speedups over the step alone and over torch_flat (peer time / ours, > 1:
-faster). The process joins a world-1 process group (Gloo on CPU, NCCL on CUDA), so the exchange
-goes through a real all-reduce; under torchrun, the launcher's world.
+batch. The variants run in rounds, in a random order each round (seeded, the same on every
+rank); in a round each runs a block of steps (a multiple of tau, so every variant exchanges
+equally often in every block), and its step time in that round is the block's mean.
+
+Reported per variant: the median step time over rounds, its inter-quartile range, the overhead
+against the step alone, "blocked": the time the call after opt.step() blocks the loop, summed
+over a tau window (what the user's loop waits for the exchange), and "peak MB": the most bytes
+one step puts on the network per rank (``avg.bytes_per_step()``). easgd_stream is compared with
+easgd on both: blocked and peak, as a share of the blocking exchange's.
 
 On CUDA every step is followed by a device synchronization: the step time is what the user
 sees. With channels_last, the step alone keeps its weights channels_last, while the averaged
-variants (easgd_*, torch_flat) view contiguous flat buffers, as the averager requires
-contiguous parameters; the input is channels_last for all.
+variants view contiguous flat buffers (the input is channels_last for all).
 
-    python -m easgd_ext.bench step                    # CPU: resnet18, batch 8, float32
+    python -m easgd_ext.bench step --world 2          # CPU: resnet18, batch 8, tau 4, Gloo
     python -m easgd_ext.bench step --device cuda      # resnet50, batch 128, bf16, channels_last
     python -m easgd_ext.bench step --batch 2 --image-size 64 --rounds 2 --json step.json
 """
@@ -48,10 +54,10 @@ from easgd_ext._launch import join_group, launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
 from .collectives import Works, leave_group
-from .report import write_records
+from .peers import flat_views, torch_flat_easgd
+from .report import warn_if_noisy, write_records
 
-VARIANTS = ("step", "easgd_tau1", "easgd_tau10", "torch_flat")
-TAUS = {"easgd_tau1": 1, "easgd_tau10": 10, "torch_flat": 1}
+VARIANTS = ("step", "easgd", "easgd_stream", "easgd_tau1", "torch_flat")
 BETA = 0.9  # ElasticAverager's default: alpha = beta / p
 AMP = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULTS = {
@@ -61,41 +67,22 @@ DEFAULTS = {
 
 
 class Variant:
-    """One model, its optimizer and what runs after each optimizer step."""
+    """One model, its optimizer and what runs after each optimizer step (timed: the seconds it
+    blocked the loop), with the bytes per step of its tau window where known."""
 
     def __init__(self, name: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 after: Callable[[], object] | None) -> None:
+                 after: Callable[[], object] | None, tau: int | None = None,
+                 bytes_per_step: list[int] | None = None) -> None:
         self.name, self.model, self.opt, self.after = name, model, opt, after
+        self.tau, self.bytes_per_step = tau, bytes_per_step or []
+        self.blocked, self.calls = 0.0, 0
 
-
-def flat_views(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Moves ``params`` into one contiguous float32 buffer and makes each a view of its slot
-    (what a plain torch implementation of a flat exchange does); returns the buffer."""
-    x = torch.empty(sum(p.numel() for p in params), device=params[0].device)
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            x[offset:offset + n].copy_(p.detach().reshape(-1))
-            p.data = x[offset:offset + n].view(p.shape)
-            offset += n
-    return x
-
-
-def torch_flat_exchange(params: list[torch.nn.Parameter], world: int, works: Works) -> Callable[[], None]:
-    x = flat_views(params)
-    c, d = x.clone(), torch.empty_like(x)
-    alpha = BETA / world
-
-    def exchange() -> None:
-        with torch.no_grad():
-            torch.sub(x, c, out=d)
-            d.mul_(alpha)
-            x.sub_(d)
-            works.run("torch_flat", [d])
-            c.add_(d)
-
-    return exchange
+    def run_after(self) -> None:
+        if self.after is not None:
+            start = time.perf_counter()
+            self.after()
+            self.blocked += time.perf_counter() - start
+            self.calls += 1
 
 
 def make_variants(args: argparse.Namespace, device: torch.device, world: int,
@@ -108,15 +95,21 @@ def make_variants(args: argparse.Namespace, device: torch.device, world: int,
     for name in VARIANTS:
         model = copy.deepcopy(base)
         after: Callable[[], object] | None = None
+        tau, per_step = None, None
         if name == "step":
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
         elif name == "torch_flat":
-            after = torch_flat_exchange(list(model.parameters()), world, works)
+            x = flat_views(list(model.parameters()))
+            after, tau = torch_flat_easgd(x, BETA / world, works), 1
+            per_step = [2 * (world - 1) * x.nbytes // world]
         else:
-            after = easgd_ext.ElasticAverager(model.parameters(), tau=TAUS[name], beta=BETA).step
+            tau = 1 if name == "easgd_tau1" else args.tau
+            stream = {"fragments": tau, "delay": 1} if name == "easgd_stream" and tau > 1 else {}
+            avg = easgd_ext.ElasticAverager(model.parameters(), tau=tau, beta=BETA, **stream)
+            after, per_step = avg.step, avg.bytes_per_step()
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
-        variants.append(Variant(name, model, opt, after))
+        variants.append(Variant(name, model, opt, after, tau, per_step))
     return variants
 
 
@@ -126,8 +119,7 @@ def train_step(v: Variant, images: torch.Tensor, labels: torch.Tensor, amp: torc
     v.opt.zero_grad(set_to_none=True)
     loss.backward()
     v.opt.step()
-    if v.after is not None:
-        v.after()
+    v.run_after()
 
 
 def block_seconds(v: Variant, steps: int, images: torch.Tensor, labels: torch.Tensor,
@@ -164,6 +156,7 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
     labels = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
     for v in variants:  # warm-up: allocations, cuDNN's algorithm search, the first exchanges
         block_seconds(v, args.block, images, labels, amp)
+        v.blocked, v.calls = 0.0, 0
     order = random.Random(args.seed)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     rounds = range(args.rounds)
@@ -175,6 +168,9 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
         # Every rank draws the same order: the averaged variants' all-reduces pair up.
         for v in order.sample(variants, len(variants)):
             times[v.name].append(block_seconds(v, args.block, images, labels, amp))
+    for v in variants:  # flush what a delayed exchange left in flight: every rank alike
+        if isinstance(getattr(v.after, "__self__", None), easgd_ext.ElasticAverager):
+            v.after.__self__.flush()
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     numel = sum(p.numel() for p in variants[0].model.parameters())
     records = []
@@ -182,17 +178,37 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
         q1, q3 = quartiles(times[v.name])
         s = seconds[v.name]
         finite = all(bool(torch.isfinite(p).all()) for p in v.model.parameters())
+        window = args.tau  # every variant over the same number of steps
+        blocked = v.blocked / v.calls * window if v.calls else 0.0
+        peak = max(v.bytes_per_step) if v.bytes_per_step else 0
         records.append({
             "name": v.name, "device": str(device), "numel": numel,
             "dtype": args.amp if amp is not None else "float32", "seconds": s, "GBps": None,
             "ratios": speedups(seconds, v.name, ["step", "torch_flat"]) if v.name != "step" else {},
             "q1_seconds": q1, "q3_seconds": q3, "iqr_seconds": q3 - q1,
-            "overhead_pct": (s / seconds["step"] - 1) * 100, "tau": TAUS.get(v.name),
+            "spread": (q3 - q1) / s if s else 0.0,
+            "overhead_pct": (s / seconds["step"] - 1) * 100, "tau": v.tau,
+            "blocked_seconds_per_window": blocked, "window_steps": window,
+            "peak_bytes_per_step": peak,
             "model": args.model, "batch": args.batch, "image_size": args.image_size,
             "channels_last": args.channels_last and v.name == "step",
             "world_size": world, "rounds": args.rounds, "block": args.block,
             "parameters_finite": finite,
         })
+    by_name = {r["name"]: r for r in records}
+    stream, blocking = by_name["easgd_stream"], by_name["easgd"]
+    if blocking["blocked_seconds_per_window"] > 0:
+        stream["blocked_vs_easgd"] = (stream["blocked_seconds_per_window"]
+                                      / blocking["blocked_seconds_per_window"])
+    if blocking["peak_bytes_per_step"]:
+        stream["peak_bytes_vs_easgd"] = stream["peak_bytes_per_step"] / blocking["peak_bytes_per_step"]
+    blocking["exchange_share_of_step"] = (blocking["blocked_seconds_per_window"]
+                                          / (blocking["seconds"] * args.tau))
+    for r in records:
+        if r["name"] != "step" and r["overhead_pct"] < 0:
+            r.setdefault("warnings", []).append(
+                f"negative overhead ({r['overhead_pct']:+.1f}%): noise larger than the effect")
+    warn_if_noisy(records)
     return records
 
 
@@ -211,18 +227,30 @@ def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse
 
 def print_table(records: list[dict]) -> None:
     r0 = records[0]
+    window = r0["window_steps"]
     print(f"\n{r0['model']}, batch {r0['batch']}, {r0['image_size']}px, {r0['dtype']}, "
           f"world {r0['world_size']}, {r0['numel']:,} parameters; median of {r0['rounds']} rounds "
           f"of {r0['block']} steps per variant")
-    print(f"{RATIO_LINE}; overhead: median step time / the step alone's - 1")
-    print(f"{'variant':<13}{'tau':>4}{'step ms':>10}{'IQR ms':>9}{'overhead':>10}"
-          f"{'speedup over step':>19}{'over torch_flat':>17}")
+    print(f"{RATIO_LINE}; overhead: median step time / the step alone's - 1; blocked: seconds "
+          f"the call after opt.step() blocks the loop over {window} steps; peak MB: most bytes "
+          "one step sends per rank")
+    print(f"{'variant':<14}{'tau':>4}{'step ms':>10}{'IQR ms':>9}{'overhead':>10}"
+          f"{'blocked ms':>12}{'peak MB':>9}{'speedup over step':>19}{'over torch_flat':>17}")
     for r in records:
         tau = "-" if r["tau"] is None else str(r["tau"])
         note = "" if r["parameters_finite"] else "  (parameters became non-finite)"
-        print(f"{r['name']:<13}{tau:>4}{r['seconds'] * 1e3:>10.2f}{r['iqr_seconds'] * 1e3:>9.2f}"
-              f"{r['overhead_pct']:>+9.1f}%{ratio_cell(r['ratios'], 'vs_step', 19)}"
+        print(f"{r['name']:<14}{tau:>4}{r['seconds'] * 1e3:>10.2f}{r['iqr_seconds'] * 1e3:>9.2f}"
+              f"{r['overhead_pct']:>+9.1f}%{r['blocked_seconds_per_window'] * 1e3:>12.2f}"
+              f"{r['peak_bytes_per_step'] / 1e6:>9.2f}{ratio_cell(r['ratios'], 'vs_step', 19)}"
               f"{ratio_cell(r['ratios'], 'vs_torch_flat', 17)}{note}")
+    by_name = {r["name"]: r for r in records}
+    stream, blocking = by_name["easgd_stream"], by_name["easgd"]
+    if "blocked_vs_easgd" in stream:
+        print(f"\neasgd_stream (fragments={stream['tau']}, delay=1) against the blocking exchange "
+              f"(easgd, {blocking['exchange_share_of_step']:.0%} of its {window} steps): blocks the "
+              f"loop {stream['blocked_vs_easgd']:.1%} as long, peak bytes per step "
+              f"{stream.get('peak_bytes_vs_easgd', 0):.1%}, step time "
+              f"{stream['seconds'] / blocking['seconds']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels_last input and weights (default on CUDA)")
     parser.add_argument("--rounds", type=count, default=None, help="default 20 on CUDA, 3 on CPU")
-    parser.add_argument("--block", type=count, default=10,
-                        help="steps per variant per round (a multiple of 10)")
+    parser.add_argument("--world", type=count, default=1,
+                        help="ranks to spawn (ignored under torchrun); 2 or more puts real "
+                             "collectives behind the exchanges (default %(default)s)")
+    parser.add_argument("--tau", type=count, default=4,
+                        help="easgd's period and easgd_stream's fragments (default %(default)s)")
+    parser.add_argument("--block", type=count, default=8,
+                        help="steps per variant per round (a multiple of --tau; default 8)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD, momentum 0.9, Nesterov")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the records (a JSON list) here")
@@ -250,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if cuda_ok else "cpu"
     if args.device == "cuda" and not cuda_ok:
         parser.error("--device cuda needs a GPU and easgd_ext built with CUDA")
-    if args.block % 10:
-        parser.error(f"--block {args.block}: give a multiple of 10 (easgd_tau10 must exchange "
-                     "equally often in every block)")
+    if args.block % args.tau:
+        parser.error(f"--block {args.block}: give a multiple of --tau {args.tau} (every variant "
+                     "must exchange equally often in every block)")
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -262,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model {args.model!r} is not a torchvision model")
 
     launched = launcher_rank_world()
-    records = run_workers(rank_main, launched[1] if launched else 1, args)
+    records = run_workers(rank_main, launched[1] if launched else args.world, args)
     if records is None:  # a launched rank other than 0
         return 0
     print(f"easgd_ext {easgd_ext.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs, "

@@ -1,39 +1,44 @@
 """The synchronous center: a float32 replica on every rank, kept identical because every rank
-adds the same all-reduced sum.
+applies the same reduced bytes.
 
-One exchange, all of it enqueued on the current stream with no host synchronization:
+One exchange of a fragment (the whole model by default; see :mod:`.fragments`), all of it
+enqueued on the current stream with no host synchronization:
 
-1. zero the status vector; the algorithm's send kernel writes each group's contribution into
-   its wire buffer and sets ``status[ME_BAD]`` where a stored value is Inf/NaN;
-2. ``publish_flag`` copies that flag into the wire's header element and, if it is set, zeroes
-   the rank's contribution;
-3. one all-reduce per bucket; the header travels in the first bucket, so after the sum it holds
-   how many ranks flagged: one collective per bucket, never a separate one for the flag;
-4. once every bucket has arrived, the apply kernels read that count on the device and decide
-   there: skip the whole exchange (``on_nonfinite="skip"``/``"raise"``), or apply the healthy
-   ranks' sum and reset the flagged rank to the center (``"reset"``). A float16 sum that overflowed leaves those elements alone
-   on every rank alike (they all see the same sum) and sets ``status[OVERFLOW]``.
+1. zero the fragment's status vector; the rule's send step writes each piece's contribution
+   onto its wire and sets ``status[ME_BAD]`` where a stored value is Inf/NaN;
+2. a publish step copies that flag into the wire's header and, if it is set, withdraws the
+   rank's contribution (zeros);
+3. the collectives (:mod:`.wires`): one all-reduce per bucket, the header in the first bucket,
+   so after the sum it holds how many ranks flagged; or, for the 8-bit wire, an all-to-all,
+   the owners' float32 sums re-quantized, and an all-gather, the count in every header;
+4. once everything has arrived, the apply steps read that count on the device and decide
+   there: skip the fragment's exchange (``on_nonfinite="skip"``/``"raise"``), or apply the
+   healthy ranks' sum and reset the flagged rank to the center (``"reset"``). A float16 sum
+   that overflowed leaves those elements alone on every rank alike and sets
+   ``status[OVERFLOW]``.
 
-Everything the kernels need is built once here (views, wire slices, launches), so an exchange
-costs a few native calls and one collective per bucket.
+With ``delay=k`` a fragment sent at clock ``t`` is completed and applied at ``t + k``: its
+collectives run while the loop computes (with NCCL the compute stream waits for them only at
+``t + k``; with Gloo the host waits then, if they are not done). Everything is built once here
+(views, wire slices, launches), so an exchange costs a few native calls and its collectives.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .. import _dist
-from .._native import native, num_threads, stream_of, tensor_ref
-from ..algorithms import Algorithm
-from ..flat_params import ALIGN_ELEMENTS, FlatGroup, bucket_ranges, check_saved
+from ..algorithms import Algorithm, SyncRule
+from ..flat_params import FlatGroup, check_saved
 from ..settings import POLICY_CODES
-from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
-
-HEADER = ALIGN_ELEMENTS  # wire elements before the data: the flag, padded to keep alignment
+from ..stats import outcome_of
+from .base import Center, CenterConfig, ExchangeRecord
+from .fragments import FragmentPlan, due, plan_fragments
+from .wires import FloatWire, Int8Wire, Wire
 
 
 class ExchangeError(RuntimeError):
@@ -47,117 +52,182 @@ class ExchangeError(RuntimeError):
         self.silent_ranks = silent_ranks
 
 
-class ReplicatedCenter:
-    """The center of ``mode="sync"``: replicated on every rank, exchanged by all-reduce."""
+@dataclass
+class InFlight:
+    """A fragment's exchange between its send and its apply."""
+    fragment: int
+    sent_at: int
+    due_at: int
+    works: list[Any] = field(default_factory=list)
+    advanced: bool = False
 
-    transport = "all-reduce"
 
-    def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], algorithm: Algorithm,
-                 comm_dtype: torch.dtype | None, bucket_bytes: int, on_nonfinite: str,
-                 exchange_timeout: float) -> None:
+class ReplicatedCenter(Center):
+    """The center of ``mode="sync"``: replicated on every rank, exchanged by collectives."""
+
+    kind = "replicated"
+
+    def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
+                 algorithm: Algorithm, config: CenterConfig) -> None:
         self._comm = comm
         self._groups = groups
-        self._timeout = timedelta(seconds=exchange_timeout)
+        self._timeout = timedelta(seconds=config.exchange_timeout)
+        self._skips_on_bad = config.on_nonfinite != "reset"
         self.workers = comm.world_size
-        policy = POLICY_CODES[on_nonfinite]
-        # One status vector per device (zeroed by each exchange's first launch there); a numpy
-        # view of the CPU ones lets the log read them without a tensor method.
-        self._status: dict[torch.device, torch.Tensor] = {}
+        self.tau, self.delay = config.tau, config.delay
+        rule: SyncRule = algorithm.sync
+        int8 = config.comm_dtype == torch.int8
+        policy = POLICY_CODES[config.on_nonfinite]
+        # Saved beside the center: the rule's own (an outer momentum) and the 8-bit residuals.
+        self._residuals: dict[str, list[torch.Tensor]] = {
+            **{name: [] for name in algorithm.center_buffers}, "residual": [], "server_residual": []}
         for g in groups:
             if algorithm.has_center:
                 g.buffers["center"] = g.flat.to(torch.float32, copy=True)
+            for name in algorithm.center_buffers:
+                g.buffers[name] = torch.zeros(g.flat.numel(), device=g.device)
+                self._residuals[name].append(g.buffers[name])
             algorithm.init_buffers(g)
-            self._status.setdefault(g.device, torch.zeros(STATUS_LEN, device=g.device))
-        self.host_status = {d: s.numpy() for d, s in self._status.items() if d.type == "cpu"}
-
-        zero, send, publish, apply = [], [], [], []
-        self._buckets: list[torch.Tensor] = []  # wire slices, one all-reduce each
-        self._bytes = 0
-        for device, status in self._status.items():
-            zero.append((device, native.prepare.zero(tensor_ref("status", status))))
-        for g in groups:
-            status = self._status[g.device]
-            wire = torch.zeros(HEADER + g.flat.numel(), dtype=comm_dtype or g.dtype, device=g.device)
-            g.buffers["wire"] = wire
-            data, header = wire[HEADER:], wire[:1]
-            me_bad = status[ME_BAD:ME_BAD + 1]
-            send.append((g.device, algorithm.send(g, data, me_bad)))
-            publish.append((g.device, native.prepare.publish_flag(
-                tensor_ref("wire", data), tensor_ref("header", header), tensor_ref("me_bad", me_bad))))
-            guard = {"bad_ranks": tensor_ref("bad_ranks", header),
-                     "me_bad": tensor_ref("me_bad", me_bad), "policy": policy,
-                     "world": comm.world_size,
-                     "verdict": tensor_ref("verdict", status[BAD_RANKS:BAD_RANKS + 1]),
-                     "nonfinite": tensor_ref("overflow", status[OVERFLOW:OVERFLOW + 1])}
-            # Buckets cover the header and the data; each applies the data it carries.
-            for s, e in bucket_ranges(wire.numel(), bucket_bytes // wire.element_size()):
-                self._buckets.append(wire[s:e])
-                lo, hi = max(s, HEADER) - HEADER, e - HEADER
-                if hi > lo:
-                    apply.append((g.device, algorithm.apply(g, lo, hi, data[lo:hi], guard)))
-            self._bytes += wire.nbytes
-        self._prepare = _by_device(zero + send + publish)
-        self._apply_all = _by_device(apply)
+            if int8:  # what the 8-bit wire has not delivered yet, fed back into the next send
+                g.buffers["residual"] = torch.zeros(g.flat.numel(), device=g.device)
+                self._residuals["residual"].append(g.buffers["residual"])
+        self.plans: list[FragmentPlan] = plan_fragments(groups, config.fragments, self.tau)
+        self.wires: list[Wire] = [
+            Int8Wire(p, rule, comm, policy, self.delay > 0, self._residuals) if int8 else
+            FloatWire(p, rule, comm, config.comm_dtype, config.bucket_bytes, policy,
+                      self.delay > 0, config.kernels == "torch")
+            for p in self.plans]
+        self._in_flight: list[InFlight] = []
+        self._send_phases = {p.offset % self.tau for p in self.plans}
+        self._host_status = [{d: s.numpy() for d, s in w.status.items() if d.type == "cpu"}
+                             for w in self.wires]
         # Gloo (CPU tensors, or CUDA tensors staged through the host): the host waits for the
         # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
+        self._cuda = groups[0].device.type == "cuda"
         self._host_waits = comm.distributed and (
-            groups[0].device.type == "cpu" or dist.get_backend(comm.group) == "gloo")
-        # The last exchange's collectives, kept until the next one. Gloo's worker thread drops
+            groups[0].device.type == "cpu" or comm.backend() != "nccl")
+        # The last exchanges' collectives, kept until the next ones. Gloo's worker thread drops
         # its reference to a finished collective a moment after wait() returns; if that were the
         # last reference, the thread would release the tensors' Python objects itself, and at
         # interpreter shutdown that kills the process (SIGABRT, "terminate called without an
         # active exception") after a job that finished. Held here, the last reference is ours.
         self._works: list[Any] = []
 
-    # ---- the exchange -------------------------------------------------------------------------------
+    # ---- the schedule --------------------------------------------------------------------------------
+    def due(self, clock: int) -> bool:
+        """Whether step ``clock`` has anything to do (send, move on or complete a fragment)."""
+        return clock % self.tau in self._send_phases or any(
+            f.due_at <= clock or (not f.advanced and f.sent_at + 1 == clock) for f in self._in_flight)
+
+    def advance(self, clock: int) -> list[ExchangeRecord]:
+        """Step ``clock``: completes the fragments due now (sent ``delay`` steps ago), moves on
+        8-bit exchanges sent one step ago, then sends the fragments due now (completing them at
+        once without a delay). Raises :class:`ExchangeError` where a collective failed: those
+        fragments are dropped with nothing of them applied."""
+        records = self._complete([f for f in self._in_flight if f.due_at <= clock], clock)
+        if self._host_waits:
+            # The host runs the 8-bit exchange's middle step one step after the send (its
+            # collective has had a step to arrive): at the same clock on every rank, so the
+            # collectives stay in the same order everywhere.
+            for f in self._in_flight:
+                if not f.advanced and f.sent_at + 1 == clock:
+                    self._advance(f, clock)
+        for plan in self.plans:
+            if due(plan.offset, clock, self.tau):
+                self._start(plan.index, clock, clock + self.delay)
+        return records + self._complete([f for f in self._in_flight if f.due_at <= clock], clock)
+
+    def exchange(self, clock: int) -> list[ExchangeRecord]:
+        """Every fragment now, applied before returning (what is in flight first)."""
+        records = self.flush(clock)
+        for plan in self.plans:
+            self._start(plan.index, clock, clock)
+        return records + self._complete(list(self._in_flight), clock)
+
+    def flush(self, clock: int) -> list[ExchangeRecord]:
+        """Completes and applies every fragment in flight now."""
+        return self._complete(list(self._in_flight), clock)
+
     @property
-    def status(self) -> dict[torch.device, torch.Tensor]:
-        """Per device, the status vector the last exchange left (ME_BAD, BAD_RANKS, OVERFLOW)."""
-        return self._status
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
-    def exchange(self, clock: int) -> None:
-        """One exchange (collective: every rank calls it). Returns once the work is enqueued
-        (CUDA with NCCL) or done (CPU); what it did is in ``status``. Every bucket arrives
-        before anything is applied, so an exchange that fails (a rank died, froze or stopped
-        exchanging) raises :class:`ExchangeError` with the parameters and the center as they
-        were."""
-        threads = num_threads()
-        for device, launches in self._prepare:
-            native.run(launches, stream_of(device), threads)
-        comm = self._comm
-        if comm.distributed:
-            if not self._host_waits and torch.cuda.is_current_stream_capturing():
-                for w in self._buckets:  # captured into the graph with the kernels
-                    dist.all_reduce(w, group=comm.group)
+    def bytes_schedule(self) -> list[int]:
+        """Bytes this rank sends at each step of a ``tau`` window (steps 1..tau): the peak is
+        what the network must carry in one step."""
+        out = [0] * self.tau
+        for plan, wire in zip(self.plans, self.wires):
+            out[(plan.offset - 1) % self.tau] += wire.bytes_sent
+        return out
+
+    # ---- one fragment's exchange -------------------------------------------------------------------
+    def _capturing(self) -> bool:
+        return self._cuda and not self._host_waits and torch.cuda.is_current_stream_capturing()
+
+    def _start(self, fragment: int, clock: int, due_at: int) -> None:
+        f = InFlight(fragment, clock, due_at)
+        f.works = self.wires[fragment].start(self._comm, self._capturing())
+        self._in_flight.append(f)
+        if not self._host_waits:  # NCCL: the middle step is stream-ordered, enqueued at once
+            self._advance(f, clock)
+
+    def _advance(self, f: InFlight, clock: int) -> None:
+        wire = self.wires[f.fragment]
+        if type(wire).advance is Wire.advance:
+            f.advanced = True
+            return
+        self._wait(f, clock)
+        f.works = wire.advance(self._comm, self._capturing(), lambda work: None)
+        f.advanced = True
+
+    def _complete(self, due_now: list[InFlight], clock: int) -> list[ExchangeRecord]:
+        records = []
+        for f in due_now:
+            try:
+                if not f.advanced:
+                    self._advance(f, clock)
+                self._wait(f, clock)
+            except ExchangeError:
+                self._in_flight = []  # the group is broken: nothing in flight will arrive
+                raise
+            self._in_flight.remove(f)
+            wire = self.wires[f.fragment]
+            wire.finish()
+            records.append(self._record(f.fragment, f.sent_at, wire))
+        return records
+
+    def _wait(self, f: InFlight, clock: int) -> None:
+        works, f.works = f.works, []
+        self._works = works or self._works
+        for work in works:
+            if self._host_waits:
+                try:
+                    work.wait(self._timeout)  # at most exchange_timeout
+                except RuntimeError as exc:
+                    raise self._failure(f.sent_at, exc) from exc
             else:
-                self._works = [dist.all_reduce(w, group=comm.group, async_op=True)
-                               for w in self._buckets]
-                for work in self._works:
-                    if self._host_waits:
-                        self._wait(work, clock)  # at most exchange_timeout
-                    else:
-                        work.wait()  # NCCL: makes the current stream wait, not the host
-        for device, launches in self._apply_all:
-            native.run(launches, stream_of(device), threads)
+                work.wait()  # NCCL: makes the current stream wait, not the host
 
-    def _wait(self, work: Any, clock: int) -> None:
-        try:
-            work.wait(self._timeout)
-        except RuntimeError as exc:
-            silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
-                                              grace=min(5.0, self._timeout.total_seconds()))
-            who = (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
-                   "(dead, frozen, or no longer calling step()/exchange())" if silent
-                   else "every rank reported the failure")
-            raise ExchangeError(
-                f"the exchange at clock {clock} failed on rank {self._comm.rank} of "
-                f"{self._comm.world_size}: {who}; nothing was applied, so this worker's "
-                f"parameters and its center are as before the exchange ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''})", clock, silent) from exc
+    def _record(self, fragment: int, clock: int, wire: Wire) -> ExchangeRecord:
+        # One device decides for the record (a skip covers each device's groups alike).
+        device, status = next(iter(wire.status.items()))
+        if device.type == "cpu":
+            host = self._host_status[fragment][device]
+            return ExchangeRecord(clock, wire.bytes_sent,
+                                  outcome=outcome_of(clock, host, self._skips_on_bad))
+        return ExchangeRecord(clock, wire.bytes_sent, status=status)
 
-    def bytes_per_exchange(self) -> int:
-        """Payload this rank hands to the network per exchange (0 without one)."""
-        return self._bytes if self._comm.distributed else 0
+    def _failure(self, clock: int, exc: Exception) -> ExchangeError:
+        silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
+                                          grace=min(5.0, self._timeout.total_seconds()))
+        who = (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
+               "(dead, frozen, or no longer calling step()/exchange())" if silent
+               else "every rank reported the failure")
+        return ExchangeError(
+            f"the exchange at clock {clock} failed on rank {self._comm.rank} of "
+            f"{self._comm.world_size}: {who}; nothing was applied, so this worker's "
+            f"parameters and its center are as before the exchange ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})", clock, silent)
 
     # ---- the center, for evaluation and checkpoints -----------------------------------------------
     def read(self) -> list[torch.Tensor]:
@@ -169,25 +239,61 @@ class ReplicatedCenter:
             for g, v in zip(self._groups, values):
                 g.buffers["center"].copy_(v)
 
-    def save(self) -> dict[str, list[torch.Tensor]]:
-        """Checkpoint: every rank keeps (and saves) its own replica."""
-        return {"center": [c.detach().cpu().clone() for c in self.read()]}
+    def save(self) -> dict[str, Any]:
+        """Checkpoint: every rank keeps (and saves) its own replica, the 8-bit wire's residuals
+        and, for each fragment in flight, its arrived sum and what the send kept (the sums are
+        waited for, not applied: a resumed run applies them at the same clock)."""
+        # The sums first: moving an 8-bit exchange on updates its owner's residual.
+        for f in self._in_flight:
+            if not f.advanced:
+                self._advance(f, f.sent_at)
+            self._wait(f, f.sent_at)
+        out: dict[str, Any] = {"center": [c.detach().cpu().clone() for c in self.read()]}
+        for name, tensors in self._residuals.items():
+            if tensors:
+                out[name] = [t.detach().cpu().clone() for t in tensors]
+        if self._in_flight:
+            out["in_flight"] = [
+                {"fragment": f.fragment, "sent_at": f.sent_at, "due_at": f.due_at,
+                 "buffers": [t.detach().cpu().clone() for t in self._flight_buffers(f.fragment)]}
+                for f in self._in_flight]
+        return out
 
     def load(self, buffers: dict[str, Any]) -> None:
         check_saved("center", buffers.get("center"), self.read())
+        for name, tensors in self._residuals.items():
+            if tensors:
+                check_saved(name, buffers.get(name), tensors)
+        flights = buffers.get("in_flight", [])
+        if not isinstance(flights, list):
+            raise ValueError("state buffer 'in_flight' must be a list")
+        restored = []
+        for item in flights:
+            fragment = item.get("fragment") if isinstance(item, dict) else None
+            if not isinstance(fragment, int) or not 0 <= fragment < len(self.wires):
+                raise ValueError(f"state has an exchange in flight of fragment {fragment!r}, this "
+                                 f"averager has {len(self.wires)} fragments")
+            check_saved(f"in_flight[{fragment}]", item.get("buffers"), self._flight_buffers(fragment))
+            restored.append(item)
         self.write(buffers["center"])
+        with torch.no_grad():
+            for name, tensors in self._residuals.items():
+                for t, saved in zip(tensors, buffers.get(name, [])):
+                    t.copy_(saved)
+            self._in_flight = []
+            for item in restored:
+                for t, saved in zip(self._flight_buffers(item["fragment"]), item["buffers"]):
+                    t.copy_(saved)
+                self._in_flight.append(InFlight(item["fragment"], int(item["sent_at"]),
+                                                int(item["due_at"]), [], True))
+
+    def _flight_buffers(self, fragment: int) -> list[torch.Tensor]:
+        """What a fragment in flight holds between its send and its apply."""
+        wire = self.wires[fragment]
+        if isinstance(wire, FloatWire):
+            return [t for pair in wire.buffers for t in pair if t is not None] + list(wire.status.values())
+        return [t for b in wire.pieces for t in (b["send"], b["gathered"], b.get("keep")) if t is not None] + list(
+            wire.status.values())
 
     def close(self) -> None:
         pass
-
-
-def _by_device(launches: list[tuple[torch.device, Any]]) -> list[tuple[torch.device, list[Any]]]:
-    """Consecutive launches on one device merged into one native call."""
-    runs: list[tuple[torch.device, list[Any]]] = []
-    for device, launch in launches:
-        if runs and runs[-1][0] == device:
-            runs[-1][1].append(launch)
-        else:
-            runs.append((device, [launch]))
-    return runs
-

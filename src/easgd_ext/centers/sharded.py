@@ -30,9 +30,11 @@ import torch
 import torch.distributed as dist
 
 from .._dist import Comm
+from .._native import native, num_threads, stream_of
 from ..algorithms import Algorithm
 from ..flat_params import ALIGN_ELEMENTS, FlatGroup, check_saved
 from ..stats import Outcome
+from .base import Center, CenterConfig, ExchangeRecord
 
 OP_EXCHANGE, OP_READ, OP_WRITE, OP_DONE = 1, 2, 3, 4
 TAG_REQUEST, TAG_DATA, TAG_REPLY = 0x4EA1, 0x4EA2, 0x4EA3
@@ -69,19 +71,22 @@ def check_servers(servers: object, world_size: int) -> list[int]:
     return sorted(ranks)
 
 
-class ShardedCenter:
+class ShardedCenter(Center):
     """The center of ``mode="async", servers=[...]``: one rank's end of it, a server's shards or
     a worker's client."""
 
-    transport = "sharded over server ranks"
+    kind = "sharded"
 
-    def __init__(self, comm: Comm, groups: list[FlatGroup], servers: list[int],
-                 algorithm: Algorithm, on_nonfinite: str) -> None:
-        self.algorithm = algorithm
-        self._reset = on_nonfinite == "reset"
+    def __init__(self, comm: Comm, groups: list[FlatGroup], params: list[torch.Tensor],
+                 algorithm: Algorithm, config: CenterConfig) -> None:
+        if algorithm.asynchronous is None:
+            raise ValueError(f"{algorithm.name} has no asynchronous form")
+        self.rule = algorithm.asynchronous
+        servers = config.servers
+        self._reset = config.on_nonfinite == "reset"
+        self.tau = config.tau
         self.servers = servers
-        self.workers_ranks = [r for r in range(comm.world_size) if r not in servers]
-        self.workers = len(self.workers_ranks)
+        self.workers = comm.world_size - len(servers)
         self.is_server = comm.rank in servers
         # Control and data go over Gloo, the backend with any-source receives.
         self._group = comm.group
@@ -96,18 +101,29 @@ class ShardedCenter:
         if self.is_server:
             me = servers.index(comm.rank)
             mine = [shards[me] for shards in self._shards]
-            self.center = [g.flat[s:e].detach().to("cpu", torch.float32, copy=True)
+            self.shards = [g.flat[s:e].detach().to("cpu", torch.float32, copy=True)
                            for g, (s, e) in zip(groups, mine)]
             self._inbox = [torch.empty(e - s, dtype=g.dtype) for g, (s, e) in zip(groups, mine)]
+            # The rule's server kernel over each (inbox, shard), prepared once.
+            self._serve = [self.rule.serve(box, shard) if shard.numel() else None
+                           for box, shard in zip(self._inbox, self.shards)]
             self.requests: dict[str, int] = {"exchange": 0, "read": 0, "write": 0}
             self._header = torch.zeros(2, dtype=torch.int64)
         else:
+            self._payload_steps = []
             for g in groups:
                 algorithm.init_buffers(g)
-            # Host-side staging for CUDA parameters (Gloo moves CPU tensors), and the replies
-            # (a buffer of their own: they are received while the request is still being sent).
-            self._host = [g.flat if g.device.type == "cpu" else torch.empty(g.flat.numel(), dtype=g.dtype)
-                          for g in groups]
+            # What goes out (the rule's payload, or x itself), staged in host memory for Gloo,
+            # and the replies (a buffer of their own: they arrive while the request is sent).
+            self._host, self._payload = [], []
+            for g in groups:
+                out = torch.empty_like(g.flat)
+                step = self.rule.payload(g, out)
+                source = out if step is not None else g.flat
+                self._payload_steps.append((g.device, step))
+                self._payload.append(source)
+                self._host.append(source if g.device.type == "cpu" else torch.empty(
+                    g.flat.numel(), dtype=g.dtype))
             self._reply = [torch.empty(g.flat.numel(), dtype=g.dtype) for g in groups]
 
     # ---- server side ------------------------------------------------------------------------------
@@ -115,7 +131,7 @@ class ShardedCenter:
         """Answers requests until every worker has sent DONE; returns request counts.
         ``on_request(op, worker_rank)`` is called after each (e.g. to update a progress bar)."""
         if not self.is_server:
-            raise RuntimeError("serve() runs on server ranks only")
+            return super().serve(on_request)  # the contract's error for a worker
         header = self._header
         done: set[int] = set()
         names = {OP_EXCHANGE: "exchange", OP_READ: "read", OP_WRITE: "write", OP_DONE: "done"}
@@ -125,11 +141,11 @@ class ShardedCenter:
             if op == OP_EXCHANGE:
                 self._serve_exchange(src)
             elif op == OP_READ:
-                for c in self.center:
+                for c in self.shards:
                     if c.numel():
                         self._wait(dist.isend(c, dst=src, group=self._group, tag=TAG_REPLY))
             elif op == OP_WRITE:
-                for c in self.center:
+                for c in self.shards:
                     if c.numel():
                         self._wait(dist.irecv(c, src=src, group=self._group, tag=TAG_DATA))
             elif op == OP_DONE:
@@ -143,11 +159,12 @@ class ShardedCenter:
         return dict(self.requests)
 
     def _serve_exchange(self, src: int) -> None:
-        for c, box in zip(self.center, self._inbox):
-            if not c.numel():
+        threads = num_threads()
+        for box, launch in zip(self._inbox, self._serve):
+            if launch is None:
                 continue
             self._wait(dist.irecv(box, src=src, group=self._group, tag=TAG_DATA))
-            self.algorithm.serve_shard(box, c)
+            native.run([launch], 0, threads)
             self._wait(dist.isend(box, dst=src, group=self._group, tag=TAG_REPLY))
 
     def _wait(self, work: Any) -> None:
@@ -191,22 +208,23 @@ class ShardedCenter:
         parameters come back. Non-finite parameters skip it (the center is left alone)."""
         if self._closed:
             raise RuntimeError("exchange() after close()")
-        for g, host in zip(self._groups, self._host):
-            if host is not g.flat:
-                host.copy_(g.flat)
-        if any(not torch.isfinite(h).all() for h in self._host):  # host memory: no device sync
+        threads = num_threads()
+        for (device, step), payload, host in zip(self._payload_steps, self._payload, self._host):
+            if step is not None:
+                native.run([step], stream_of(device), threads)
+            if host is not payload:
+                host.copy_(payload)
+        # A non-finite payload is not sent (host memory here: no device sync).
+        if any(not torch.isfinite(h).all() for h in self._host):
             if self._reset:  # restart from the center, which this worker leaves alone
                 for g, c in zip(self._groups, self.read()):
-                    self.algorithm.take_reply(g, c.to(g.dtype))
-            return Outcome(clock, 1, True, False, applied=self._reset)
-        payload = [self.algorithm.shard_payload(g, h) for g, h in zip(self._groups, self._host)]
-        self._transact(OP_EXCHANGE, clock, send=payload, receive=self._reply)
+                    self.rule.take_reply(g, c.to(g.dtype))
+            return [ExchangeRecord(clock, 0, outcome=Outcome(clock, 1, True, False,
+                                                             applied=self._reset))]
+        self._transact(OP_EXCHANGE, clock, send=self._host, receive=self._reply)
         for g, reply in zip(self._groups, self._reply):
-            self.algorithm.take_reply(g, reply)
-        return Outcome(clock)
-
-    def bytes_per_exchange(self) -> int:
-        return sum(g.flat.nbytes for g in self._groups)
+            self.rule.take_reply(g, reply)
+        return [ExchangeRecord(clock, sum(h.nbytes for h in self._host), outcome=Outcome(clock))]
 
     def read(self) -> list[torch.Tensor]:
         """The whole center (float32, on the CPU), assembled from every server."""
@@ -227,13 +245,10 @@ class ShardedCenter:
 
     def save(self) -> dict[str, list[torch.Tensor]]:
         """Checkpoint: each server keeps (and saves) its own shards; workers keep none."""
-        return {"center_shards": [c.clone() for c in self.center]} if self.is_server else {}
+        return {"center_shards": [c.clone() for c in self.shards]} if self.is_server else {}
 
     def load(self, buffers: dict[str, Any]) -> None:
         if self.is_server:
-            check_saved("center_shards", buffers.get("center_shards"), self.center)
-            for c, saved in zip(self.center, buffers["center_shards"]):
+            check_saved("center_shards", buffers.get("center_shards"), self.shards)
+            for c, saved in zip(self.shards, buffers["center_shards"]):
                 c.copy_(saved)
-
-    def describe(self) -> dict[str, Any]:
-        return {"servers": self.servers, "workers": self.workers_ranks}

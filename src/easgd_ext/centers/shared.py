@@ -20,6 +20,7 @@ from ..flat_params import FlatGroup, check_saved
 from ..settings import POLICY_CODES
 from ..shared_center import SharedCenter, unique_name
 from ..stats import Outcome, warn_user
+from .base import Center, CenterConfig, ExchangeRecord
 
 STAGING_SLOTS = 4  # chunks in flight per CUDA exchange: copy in, kernel, copy out overlapped
 
@@ -83,83 +84,81 @@ def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor],
     return created if created is not None else attached[0]
 
 
-class SharedMemoryCenter:
+class SharedMemoryCenter(Center):
     """The center of ``mode="async"`` on one machine."""
 
-    transport = "shared memory"
+    kind = "shared"
 
     def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
-                 algorithm: Algorithm, center: SharedCenter | str | None, lock_timeout: float,
-                 on_nonfinite: str) -> None:
-        if isinstance(center, SharedCenter):
-            self.center = center
-        else:
-            self.center = create_or_attach(comm, params, name=center)
-        self.workers = self.center.workers
+                 algorithm: Algorithm, config: CenterConfig) -> None:
+        if algorithm.asynchronous is None:
+            raise ValueError(f"{algorithm.name} has no asynchronous form")
+        given = config.shared
+        self.shared = given if isinstance(given, SharedCenter) else create_or_attach(comm, params, name=given)
+        self.workers = self.shared.workers
         self._comm = comm
         self._groups = groups
-        self._lock_timeout = lock_timeout
-        self._policy = POLICY_CODES[on_nonfinite]
-        self._offsets = self.center.check_layout(params)
-        segment = self.center.segment
-        self.worker_id: int = segment.register_worker()
+        self._lock_timeout = config.lock_timeout
+        self.tau = config.tau
+        self._policy = POLICY_CODES[config.on_nonfinite]
+        self._offsets = self.shared.check_layout(params)
+        segment = self.shared.segment
+        self.worker_id = segment.register_worker()
         # Every worker starts from the center (the paper's x_i = x~ at t = 0).
-        start = self.center.snapshot()
+        start = self.shared.snapshot()
         with torch.no_grad():
             for g, offset in zip(groups, self._offsets):
                 g.flat.copy_(start[offset:offset + g.flat.numel()])
-        self._cuda: dict[torch.device, dict[str, Any]] = {}
+        self._keep: list[torch.Tensor] = []  # device buffers the prepared exchanges point into
+        staging: dict[torch.device, tuple[Any, Any]] = {}
         if any(g.device.type == "cuda" for g in groups):
-            if not self.center.pin_for_cuda():
+            if not self.shared.pin_for_cuda():
                 warn_user("the shared center could not be pinned (easgd_ext built without "
                           "CUDA?): GPU exchanges copy through pageable memory and are slower")
             for g in groups:
-                if g.device.type == "cuda" and g.device not in self._cuda:
-                    staging = torch.empty(STAGING_SLOTS * self.center.chunk_numel,
-                                          dtype=torch.float32, device=g.device)
+                if g.device.type == "cuda" and g.device not in staging:
+                    ring = torch.empty(STAGING_SLOTS * self.shared.chunk_numel, dtype=torch.float32,
+                                       device=g.device)
                     me_bad = torch.zeros(1, device=g.device)
-                    self._cuda[g.device] = {"staging": tensor_ref("staging", staging),
-                                            "me_bad": tensor_ref("me_bad", me_bad),
-                                            "keep": (staging, me_bad)}
-        for g in groups:
+                    self._keep += [ring, me_bad]
+                    staging[g.device] = (tensor_ref("staging", ring), tensor_ref("me_bad", me_bad))
+        rule = algorithm.asynchronous
+        self._exchanges = []
+        for g, offset in zip(groups, self._offsets):
             algorithm.init_buffers(g)
-        self._rules = [algorithm.chunk_rule(g) for g in groups]
+            ring, me_bad = staging.get(g.device, (None, None))
+            self._exchanges.append((g.device, segment.prepare_exchange(
+                self.worker_id, rule.chunk_rule(g), offset, self._policy, ring, me_bad)))
         self._closed = False
 
-    def exchange(self, clock: int) -> Outcome:
+    def exchange(self, clock: int) -> list[ExchangeRecord]:
         """This worker's exchange with the center (not collective). Returns what it did."""
         if self._closed:
             raise RuntimeError("exchange() after close()")
-        segment = self.center.segment
         recovered, bad = 0, False
         threads = num_threads()
-        for g, rule, offset in zip(self._groups, self._rules, self._offsets):
-            cuda = self._cuda.get(g.device, {})
-            got, nonfinite = segment.exchange(
-                self.worker_id, rule, offset, num_threads=threads, timeout=self._lock_timeout,
-                policy=self._policy, stream=stream_of(g.device), staging=cuda.get("staging"),
-                me_bad=cuda.get("me_bad"))
+        for device, prepared in self._exchanges:
+            got, nonfinite = prepared.run(threads, self._lock_timeout, stream_of(device))
             recovered += got
             bad |= nonfinite
-        segment.record_exchange(self.worker_id, clock)
+        self.shared.segment.record_exchange(self.worker_id, clock)
         if recovered:
-            warn_user(f"recovered {recovered} chunk lock(s) of shared center '{self.center.name}' "
+            warn_user(f"recovered {recovered} chunk lock(s) of shared center '{self.shared.name}' "
                       "held by a worker that died")
-        return Outcome(clock, int(bad), bad, False, applied=not bad or self._policy == 1)
-
-    def bytes_per_exchange(self) -> int:
-        return 0  # shared memory: nothing crosses a network
+        # Shared memory: nothing crosses a network.
+        return [ExchangeRecord(clock, 0, outcome=Outcome(clock, int(bad), bad, False,
+                                                         applied=not bad or self._policy == 1))]
 
     def read(self) -> list[torch.Tensor]:
-        snapshot = self.center.snapshot()
+        snapshot = self.shared.snapshot()
         return [snapshot[o:o + g.flat.numel()].to(g.device)
                 for g, o in zip(self._groups, self._offsets)]
 
     def write(self, values: list[torch.Tensor]) -> None:
-        whole = self.center.snapshot()
+        whole = self.shared.snapshot()
         for v, g, o in zip(values, self._groups, self._offsets):
             whole[o:o + g.flat.numel()].copy_(v)
-        self.center.load_(whole)
+        self.shared.load_(whole)
 
     def save(self) -> dict[str, list[torch.Tensor]]:
         """Checkpoint: the center is the job's, not a worker's: rank 0 keeps it."""
@@ -181,5 +180,5 @@ class SharedMemoryCenter:
         """This worker is done: its slot is marked finished. Idempotent."""
         if not self._closed:
             self._closed = True
-            if not self.center.closed:
-                self.center.segment.finish_worker(self.worker_id)
+            if not self.shared.closed:
+                self.shared.segment.finish_worker(self.worker_id)

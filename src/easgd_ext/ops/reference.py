@@ -1,8 +1,10 @@
 """Float64 reference versions of every kernel in :mod:`easgd_ext.ops`, for tests.
 
-Each function leaves its inputs alone and returns float64 tensors holding what the kernel
-stores: values computed in float64, then rounded to the storage dtype of each output at the
-same points where the kernel rounds (the wire value before it is subtracted from ``x``, say).
+Each function takes the same arguments as the kernel of the same name, leaves them alone and
+returns ``{name: float64 tensor}`` for every tensor the kernel writes: values computed in
+float64, then rounded to the storage dtype of each output at the same points where the kernel
+rounds (the wire value before it is subtracted from ``x``, say). Tensors the kernel only writes
+are used for their dtype alone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor
 __all__ = [
     "elastic_difference",
     "sync_apply",
+    "outer_apply",
     "async_exchange",
     "downpour_push",
     "downpour_pull",
@@ -21,48 +24,178 @@ __all__ = [
 ]
 
 
-def _stored(values: Tensor, dtype: torch.dtype) -> Tensor:
+def stored(values: Tensor, dtype: torch.dtype) -> Tensor:
     """``values`` as a tensor of ``dtype`` would hold them, back in float64."""
     return values.to(dtype).double()
 
 
-def elastic_difference(x: Tensor, center: Tensor, wire_dtype: torch.dtype,
-                       alpha: float) -> Tensor:
-    """Returns ``wire``."""
-    return _stored(alpha * (x.double() - center.double()), wire_dtype)
+def _difference(x: Tensor, center: Tensor, wire_dtype: torch.dtype, alpha: float) -> Tensor:
+    return stored(alpha * (x.double() - center.double()), wire_dtype)
 
 
-def sync_apply(x: Tensor, center: Tensor, reduced: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Returns ``(x_new, center_new)``."""
-    d = elastic_difference(x, center, reduced.dtype, alpha)
-    x_new = _stored(x.double() - d, x.dtype)
-    return x_new, _stored(center.double() + reduced.double(), torch.float32)
+def elastic_difference(x: Tensor, center: Tensor, wire: Tensor, alpha: float) -> dict[str, Tensor]:
+    return {"wire": _difference(x, center, wire.dtype, alpha)}
 
 
-def async_exchange(x: Tensor, center: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """Returns ``(x_new, center_new)``."""
+def sync_apply(x: Tensor, center: Tensor, reduced: Tensor, alpha: float) -> dict[str, Tensor]:
+    d = _difference(x, center, reduced.dtype, alpha)
+    return {"x": stored(x.double() - d, x.dtype),
+            "center": stored(center.double() + reduced.double(), torch.float32)}
+
+
+def outer_apply(x: Tensor, center: Tensor, momentum: Tensor, reduced: Tensor, alpha: float,
+                lr: float, mu: float, nesterov: float, pull_to_new: float) -> dict[str, Tensor]:
+    g = reduced.double()
+    m_new = stored(mu * momentum.double() + g, torch.float32)
+    step = g + mu * m_new if nesterov else m_new
+    c_new = stored(center.double() + lr * step, torch.float32)
+    xd = x.double()
+    if pull_to_new:
+        x_new = c_new if alpha == 1 else xd - alpha * (xd - c_new)
+    else:
+        x_new = xd - _difference(x, center, reduced.dtype, alpha)
+    return {"x": stored(x_new, x.dtype), "center": c_new, "momentum": m_new}
+
+
+def async_exchange(x: Tensor, center: Tensor, alpha: float) -> dict[str, Tensor]:
     xd, cd = x.double(), center.double()
-    x_new = _stored(xd - alpha * (xd - cd), x.dtype)
-    return x_new, _stored(cd + (xd - x_new), torch.float32)
+    x_new = stored(xd - alpha * (xd - cd), x.dtype)
+    return {"x": x_new, "center": stored(cd + (xd - x_new), torch.float32)}
 
 
-def downpour_push(x: Tensor, x_last: Tensor, wire_dtype: torch.dtype) -> Tensor:
-    """Returns ``wire``."""
-    return _stored(x.double() - x_last.double(), wire_dtype)
+def downpour_push(x: Tensor, x_last: Tensor, wire: Tensor) -> dict[str, Tensor]:
+    return {"wire": stored(x.double() - x_last.double(), wire.dtype)}
 
 
-def downpour_pull(center: Tensor, reduced: Tensor, x_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Returns ``(center_new, x_new)``; ``x_last`` equals ``x_new``."""
-    c_new = _stored(center.double() + reduced.double(), torch.float32)
-    return c_new, _stored(c_new, x_dtype)
+def downpour_pull(center: Tensor, reduced: Tensor, x: Tensor, x_last: Tensor) -> dict[str, Tensor]:
+    c_new = stored(center.double() + reduced.double(), torch.float32)
+    x_new = stored(c_new, x.dtype)
+    return {"center": c_new, "x": x_new, "x_last": x_new}
 
 
-def downpour_async_exchange(x: Tensor, x_last: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns ``(x_new, center_new)``; ``x_last`` equals ``x_new``."""
-    c_new = _stored(center.double() + (x.double() - x_last.double()), torch.float32)
-    return _stored(c_new, x.dtype), c_new
+def downpour_async_exchange(x: Tensor, x_last: Tensor, center: Tensor) -> dict[str, Tensor]:
+    c_new = stored(center.double() + (x.double() - x_last.double()), torch.float32)
+    x_new = stored(c_new, x.dtype)
+    return {"x": x_new, "x_last": x_new, "center": c_new}
 
 
-def average_apply(reduced: Tensor, scale: float, x_dtype: torch.dtype) -> Tensor:
-    """Returns ``x_new``."""
-    return _stored(reduced.double() * scale, x_dtype)
+def average_apply(x: Tensor, reduced: Tensor, scale: float) -> dict[str, Tensor]:
+    return {"x": stored(reduced.double() * scale, x.dtype)}
+
+
+# ---- the 8-bit wire (csrc/quantize.h) --------------------------------------------------------------
+# The quantizer is exact: its float32 steps (one rounding each, no FMA) are reproduced here with
+# float32 tensor ops, so kernels and reference agree bit for bit; the sums over ranks are checked
+# against float64 with a tolerance by the tests.
+QUANT_BLOCK = 256
+HEADER_BYTES = 64
+QUANT_TINY = 2.0 ** -100
+
+
+def quant_layout(n: int, world: int) -> tuple[int, int]:
+    """(chunk elements per owner, bytes per record) of an n-element piece among world ranks."""
+    per_owner = -(-n // world)
+    chunk = QUANT_BLOCK if per_owner < 1 else -(-per_owner // QUANT_BLOCK) * QUANT_BLOCK
+    scales = -(-(chunk // QUANT_BLOCK * 4) // HEADER_BYTES) * HEADER_BYTES
+    return chunk, HEADER_BYTES + scales + chunk
+
+
+def quantize_blocks(v: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 ``v`` (a multiple of the block length) -> (int8 q, float32 scale per block):
+    ``scale = m / 127``, ``q = clamp(rint(v * (127 / m)), -127, 127)`` with ``m`` the block's
+    absolute maximum; a block whose maximum is below 2^-100 (or not finite) sends zeros; a NaN
+    element is 0."""
+    blocks = v.float().reshape(-1, QUANT_BLOCK)
+    m = torch.nan_to_num(blocks.abs(), nan=0.0).amax(dim=1)  # NaN does not win a max
+    usable = (m >= QUANT_TINY) & torch.isfinite(m)
+    one = torch.ones_like(m)
+    inv = torch.where(usable, torch.tensor(127.0) / torch.where(usable, m, one), torch.zeros_like(m))
+    scale = torch.where(usable, torch.where(usable, m, one) / torch.tensor(127.0), torch.zeros_like(m))
+    t = torch.round(blocks * inv[:, None]).clamp(-127, 127)  # torch.round: half to even
+    t = torch.nan_to_num(t, nan=0.0)
+    return t.to(torch.int8).reshape(-1), scale
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor) -> Tensor:
+    """float32 ``q * scale`` per block."""
+    return (q.float().reshape(-1, QUANT_BLOCK) * scale[:, None]).reshape(-1)
+
+
+def _records(q: Tensor, scale: Tensor, flag: float, n: int, world: int) -> Tensor:
+    chunk, record = quant_layout(n, world)
+    out = torch.zeros(world * record, dtype=torch.uint8)
+    per_chunk = chunk // QUANT_BLOCK
+    for w in range(world):
+        rec = out[w * record:(w + 1) * record]
+        rec[:4] = torch.tensor([flag], dtype=torch.float32).view(torch.uint8)
+        rec[HEADER_BYTES:HEADER_BYTES + 4 * per_chunk] = scale[w * per_chunk:(w + 1) * per_chunk].contiguous().view(torch.uint8)
+        q_at = record - chunk
+        rec[q_at:] = q[w * chunk:(w + 1) * chunk].view(torch.uint8)
+    return out
+
+
+def _unrecord(records: Tensor, n: int, world: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q over the padded piece, scales, header flags) of ``world`` records."""
+    chunk, record = quant_layout(n, world)
+    per_chunk = chunk // QUANT_BLOCK
+    qs, scales, flags = [], [], []
+    for w in range(world):
+        rec = records[w * record:(w + 1) * record]
+        flags.append(float(rec[:4].view(torch.float32)[0]))
+        scales.append(rec[HEADER_BYTES:HEADER_BYTES + 4 * per_chunk].clone().view(torch.float32))
+        qs.append(rec[record - chunk:].clone().view(torch.int8))
+    return torch.cat(qs), torch.cat(scales), torch.tensor(flags)
+
+
+def quantized_send(x: Tensor, center: Tensor | None, x_last: Tensor | None, residual: Tensor,
+                   world: int, alpha: float) -> dict[str, Tensor]:
+    """The sender's records (flag 0) and ``d`` as computed (EASGD ``alpha (x - c)`` in float32,
+    or DOWNPOUR's ``x - x_last``)."""
+    n = x.numel()
+    chunk, _ = quant_layout(n, world)
+    xf = x.float()
+    d = (xf - center) * torch.tensor(alpha, dtype=torch.float32) if center is not None else xf - x_last.float()
+    v = torch.zeros(world * chunk)
+    v[:n] = d + residual
+    q, scale = quantize_blocks(v)
+    return {"records": _records(q, scale, 0.0, n, world), "d": d}
+
+
+def quantized_reduce(received: Tensor, server_residual: Tensor, n: int, world: int,
+                     skip: bool = False) -> dict[str, Tensor]:
+    """The owner's record and its new residual: ``s = sum_w deq(record w) + residual`` (float32,
+    ranks in order), re-quantized; the residual is kept where the exchange is skipped."""
+    chunk, record = quant_layout(n, world)
+    s = torch.zeros(chunk)
+    flags = 0.0
+    for w in range(world):
+        q, scale, flag = _unrecord(received[w * record:(w + 1) * record], chunk, 1)
+        s = s + dequantize_blocks(q, scale)
+        flags += float(flag[0])
+    s = s + server_residual
+    q, scale = quantize_blocks(s)
+    own = _records(q, scale, flags, chunk, 1)
+    new_residual = server_residual.clone() if (skip and flags) else s - dequantize_blocks(q, scale)
+    return {"own": own, "server_residual": new_residual}
+
+
+def quantized_apply(x: Tensor, center: Tensor, x_last: Tensor | None, residual: Tensor, sent: Tensor,
+                    gathered: Tensor, world: int, alpha: float, d: Tensor | None = None) -> dict[str, Tensor]:
+    """What a rank applies without a verdict (no rank flagged): ``S = deq(gathered)``;
+    EASGD ``x -= d``, DOWNPOUR ``x = x_last = c + S``; ``c += S``; the residual becomes
+    ``d + residual - deq(sent)``."""
+    n = x.numel()
+    got_q, got_scale, _ = _unrecord(gathered, n, world)
+    sent_q, sent_scale, _ = _unrecord(sent, n, world)
+    S = dequantize_blocks(got_q, got_scale)[:n]
+    own = dequantize_blocks(sent_q, sent_scale)[:n]
+    xf = x.float()
+    if d is None:
+        d = (xf - center) * torch.tensor(alpha, dtype=torch.float32) if x_last is None else xf - x_last.float()
+    c_new = center + S
+    out = {"center": c_new, "residual": (d + residual) - own}
+    if x_last is None:
+        out["x"] = (xf - d).to(x.dtype)
+    else:
+        out["x"] = out["x_last"] = c_new.to(x.dtype)
+    return out

@@ -1,0 +1,175 @@
+// The 8-bit wire of the synchronous exchange: block-scaled int8 with error feedback, written
+// once for the CPU and CUDA launchers.
+//
+// The quantizer (exact, the same on every device and in ops.reference):
+//   a block is kQuantBlock consecutive elements; m = max |v| over the block (float32);
+//   m < kQuantTiny (or no element): scale = 0 and every q = 0 (the residual keeps the values);
+//   otherwise inv = 127 / m and scale = m / 127 (float32 divisions, correctly rounded);
+//   q = clamp(rint(v * inv), -127, 127) (round half to even), dequantized as q * scale.
+// No FMA anywhere (both builds disable contraction), so every device stores the same bytes.
+//
+// A piece of n elements is cut among `world` owners into chunks of `chunk` elements (a multiple
+// of kQuantBlock; the last chunk padded). Its wire is `world` records, record w carrying chunk w:
+//   [header: kHeaderBytes, float32 flag at 0][scales: chunk / kQuantBlock float32, padded to
+//    kHeaderBytes][q: chunk int8]
+// The sender's buffer holds record w for owner w (an all-to-all sends it there); each owner sums
+// the records it received, re-quantizes its chunk with its own residual and publishes one
+// record (an all-gather brings every rank every owner's record), so all ranks apply the same
+// bytes and their center replicas stay bit-identical.
+#pragma once
+
+#include <cstdint>
+
+#include "elastic_ops.h"
+
+namespace easgd {
+
+constexpr int kQuantBlock = 256;
+constexpr int kHeaderBytes = 64;
+constexpr float kQuantTiny = 7.888609052210118e-31f;  // 2^-100: below it a block sends zeros
+
+struct QuantLayout {
+  int64_t n = 0;       // elements of the piece
+  int64_t chunk = 0;   // elements per owner (multiple of kQuantBlock)
+  int64_t record = 0;  // bytes per record
+  int world = 1;
+
+  EASGD_HD static int64_t scales_bytes(int64_t chunk) {
+    const int64_t raw = chunk / kQuantBlock * 4;
+    return (raw + kHeaderBytes - 1) / kHeaderBytes * kHeaderBytes;
+  }
+  EASGD_HD static QuantLayout make(int64_t n, int world) {
+    QuantLayout l;
+    l.n = n;
+    l.world = world;
+    const int64_t per_owner = (n + world - 1) / world;
+    l.chunk = per_owner < 1 ? kQuantBlock : (per_owner + kQuantBlock - 1) / kQuantBlock * kQuantBlock;
+    l.record = kHeaderBytes + scales_bytes(l.chunk) + l.chunk;
+    return l;
+  }
+  EASGD_HD int64_t blocks() const { return (n + kQuantBlock - 1) / kQuantBlock; }
+  EASGD_HD int64_t chunk_blocks() const { return chunk / kQuantBlock; }
+  EASGD_HD int64_t q_offset() const { return kHeaderBytes + scales_bytes(chunk); }
+  // Record w of a buffer of `world` records, and its parts.
+  EASGD_HD static float* flag(uint8_t* rec) { return reinterpret_cast<float*>(rec); }
+  EASGD_HD static const float* flag(const uint8_t* rec) { return reinterpret_cast<const float*>(rec); }
+  EASGD_HD float* scales(uint8_t* rec) const { return reinterpret_cast<float*>(rec + kHeaderBytes); }
+  EASGD_HD const float* scales(const uint8_t* rec) const {
+    return reinterpret_cast<const float*>(rec + kHeaderBytes);
+  }
+  EASGD_HD int8_t* q(uint8_t* rec) const { return reinterpret_cast<int8_t*>(rec + q_offset()); }
+  EASGD_HD const int8_t* q(const uint8_t* rec) const {
+    return reinterpret_cast<const int8_t*>(rec + q_offset());
+  }
+};
+
+// The block's scale and reciprocal from its absolute maximum.
+struct BlockScale {
+  float scale = 0.f, inv = 0.f;
+};
+
+EASGD_HD BlockScale block_scale(float absmax) {
+  BlockScale s;
+  if (absmax >= kQuantTiny && absmax <= 3.4028234663852886e38f) {  // finite and not tiny
+    s.inv = 127.f / absmax;
+    s.scale = absmax / 127.f;
+  }
+  return s;
+}
+
+EASGD_HD float round_half_even(float v) {
+#if defined(__CUDA_ARCH__)
+  return rintf(v);
+#else
+  return __builtin_rintf(v);  // the default rounding mode: to nearest, ties to even
+#endif
+}
+
+// q for v; a NaN (a block with a non-finite value: the sender is withdrawn anyway) becomes 0.
+EASGD_HD int8_t quantize(float v, float inv) {
+  float t = round_half_even(v * inv);
+  t = t > 127.f ? 127.f : t;
+  t = t < -127.f ? -127.f : t;
+  t = t == t ? t : 0.f;
+  return int8_t(t);
+}
+
+EASGD_HD float dequantize(int8_t q, float scale) { return float(q) * scale; }
+
+// What an 8-bit exchange sends and takes, by rule: EASGD's d = alpha (x - c) (x then loses d),
+// or DOWNPOUR's v = x - x_last (x and x_last then take the new center).
+enum class QuantRule : int { elastic = 0, downpour = 1 };
+
+// Sends (per block): v = d + residual; quantize into record (owner, block); d kept for a
+// delayed apply where `keep` is given. Reports a non-finite v.
+struct QuantizedSendArgs {
+  const void* x = nullptr; DType x_dtype = DType::f32;
+  const float* center = nullptr;       // elastic
+  const void* x_last = nullptr;        // downpour (x's dtype)
+  const float* residual = nullptr;
+  float* keep = nullptr;               // optional: d as computed now, for a delayed apply
+  uint8_t* records = nullptr;          // world records
+  QuantLayout layout;
+  QuantRule rule = QuantRule::elastic;
+  float alpha = 0.f;
+  float* nonfinite = nullptr;
+};
+
+// header of every record = *me_bad; if set, every scale and q = 0 (the rank sends nothing).
+struct PublishRecordsArgs {
+  uint8_t* records = nullptr;
+  QuantLayout layout;
+  const float* me_bad = nullptr;
+};
+
+// The owner's sum: s = sum_w deq(received record w) + server residual; the record it publishes
+// holds quantize(s) and, in its header, how many ranks flagged. The server residual keeps
+// s - deq(q) unless the exchange is skipped (policy skip and a rank flagged).
+struct QuantizedReduceArgs {
+  const uint8_t* received = nullptr;   // world records of this owner's chunk
+  uint8_t* own = nullptr;              // one record
+  float* server_residual = nullptr;    // chunk elements
+  QuantLayout layout;
+  OnNonFinite policy = OnNonFinite::skip;
+};
+
+// Applies (per element): S = deq(gathered); d = keep or recomputed; the worker's residual
+// becomes d + residual - deq(what it sent); EASGD: x -= d, c += S; DOWNPOUR: c += S,
+// x = x_last = c. Guarded by the verdict in the gathered header like the float apply.
+struct QuantizedApplyArgs {
+  void* x = nullptr; DType x_dtype = DType::f32;
+  float* center = nullptr;
+  void* x_last = nullptr;
+  float* residual = nullptr;
+  const float* keep = nullptr;
+  const uint8_t* sent = nullptr;       // this rank's records (as sent)
+  const uint8_t* gathered = nullptr;   // every owner's record
+  QuantLayout layout;
+  QuantRule rule = QuantRule::elastic;
+  float alpha = 0.f;
+  const float* me_bad = nullptr;
+  OnNonFinite policy = OnNonFinite::skip;
+  float* verdict = nullptr;
+};
+
+// ---- per-block bodies (one CPU thread, or one GPU warp lane's share, calls them) ---------------
+
+// d for element i of a send or an apply, in float32 exactly as the float wire's kernels.
+template <typename X>
+EASGD_HD float rule_difference(QuantRule rule, const X* x, const float* c, const X* last, float alpha,
+                               int64_t i) {
+  const float xf = to_float(x[i]);
+  return rule == QuantRule::elastic ? alpha * (xf - c[i]) : xf - to_float(last[i]);
+}
+
+// The element's owner record, block of its chunk and index in it.
+struct Place {
+  int64_t owner, block, index;
+};
+
+EASGD_HD Place place(const QuantLayout& l, int64_t i) {
+  const int64_t owner = i / l.chunk, j = i - owner * l.chunk;
+  return {owner, j / kQuantBlock, j};
+}
+
+}  // namespace easgd

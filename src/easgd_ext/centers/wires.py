@@ -1,0 +1,214 @@
+"""How one fragment of the synchronous exchange goes over the network: in the parameters' dtype
+(or bfloat16/float16) as an all-reduce, or 8-bit with error feedback as an all-to-all and an
+all-gather. Each wire prepares its buffers and steps once, then runs in three phases that the
+replicated center schedules:
+
+``start``    the rule's send steps and the first collective, launched, not waited for;
+``advance``  (8-bit only) the first collective completed, the owner's sum re-quantized and the
+             second collective launched;
+``finish``   every collective completed (waiting at most ``exchange_timeout`` where the host
+             waits), then the apply steps, which read the exchange's verdict on the device.
+
+Nothing is applied before ``finish``: a collective that fails leaves parameters, center and
+residuals as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .. import _dist
+from .._native import native, tensor_ref
+from ..algorithms import Piece, SyncRule, Verdict
+from ..flat_params import ALIGN_ELEMENTS, bucket_ranges
+from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
+from .fragments import FragmentPlan
+from .program import Program
+
+HEADER = ALIGN_ELEMENTS  # float wire elements before the data: the flag, padded for alignment
+
+
+def ring_allreduce_bytes(payload: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``payload`` bytes: ``2 (p - 1) / p`` of it
+    (reduce-scatter, then all-gather); 0 alone."""
+    return 2 * (world - 1) * payload // world if world > 1 else 0
+
+
+def torch_step(function: Callable[..., None], *args: Any) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            function(*args)
+    return step
+
+
+class Wire:
+    """One fragment's exchange. ``status`` holds, per device, the vector its steps fill
+    (ME_BAD, BAD_RANKS, OVERFLOW); ``bytes_sent`` is what this rank puts on the network."""
+
+    bytes_sent: int = 0
+    status: dict[torch.device, torch.Tensor]
+
+    def start(self, comm: _dist.Comm, capturing: bool) -> list[Any]:
+        raise NotImplementedError
+
+    def advance(self, comm: _dist.Comm, capturing: bool, wait: Callable[[Any], None]) -> list[Any]:
+        return []
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+
+def _status_vectors(plan: FragmentPlan) -> dict[torch.device, torch.Tensor]:
+    status: dict[torch.device, torch.Tensor] = {}
+    for p in plan.pieces:
+        status.setdefault(p.group.device, torch.zeros(STATUS_LEN, device=p.group.device))
+    return status
+
+
+def _verdict(header: torch.Tensor, status: torch.Tensor, policy: int, world: int) -> Verdict:
+    return Verdict(header, status[ME_BAD:ME_BAD + 1], policy, world,
+                   status[BAD_RANKS:BAD_RANKS + 1], status[OVERFLOW:OVERFLOW + 1])
+
+
+class FloatWire(Wire):
+    """``d`` in ``comm_dtype`` (default: the parameters'), a header element carrying the
+    non-finite flag in the first bucket, one all-reduce per bucket."""
+
+    def __init__(self, plan: FragmentPlan, rule: SyncRule, comm: _dist.Comm, comm_dtype: torch.dtype | None,
+                 bucket_bytes: int, policy: int, delay: bool, torch_path: bool) -> None:
+        self.status = _status_vectors(plan)
+        self._prepare, self._apply = Program(), Program()
+        self.buckets: list[torch.Tensor] = []
+        for device, status in self.status.items():
+            self._prepare.add(device, native.prepare.zero(tensor_ref("status", status)))
+        sends, publishes = [], []
+        payload = 0
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (wire, keep) per piece
+        for piece in plan.pieces:
+            device = piece.group.device
+            status = self.status[device]
+            wire = torch.zeros(HEADER + piece.end - piece.start, dtype=comm_dtype or piece.group.dtype,
+                               device=device)
+            data, header = wire[HEADER:], wire[:1]
+            keep = torch.zeros_like(data) if delay else None
+            self.buffers.append((wire, keep))
+            me_bad = status[ME_BAD:ME_BAD + 1]
+            sends.append((device, _send(rule, piece, data, me_bad, keep, torch_path)))
+            publishes.append((device, native.prepare.publish_flag(
+                tensor_ref("wire", data), tensor_ref("header", header), tensor_ref("me_bad", me_bad))))
+            verdict = _verdict(header, status, policy, comm.world_size)
+            # Buckets cover the header and the data; each applies the data it carries.
+            for s, e in bucket_ranges(wire.numel(), bucket_bytes // wire.element_size()):
+                self.buckets.append(wire[s:e])
+                lo, hi = max(s, HEADER) - HEADER, e - HEADER
+                if hi > lo:
+                    self._apply.add(device, _apply(rule, piece.sub(lo, hi), data[lo:hi], verdict,
+                                                   None if keep is None else keep[lo:hi], torch_path))
+            payload += wire.nbytes
+        for device, step in sends + publishes:
+            self._prepare.add(device, step)
+        self.bytes_sent = ring_allreduce_bytes(payload, comm.world_size) if comm.distributed else 0
+
+    def start(self, comm, capturing):
+        self._prepare()
+        if not comm.distributed:
+            return []
+        if capturing:  # captured into the graph with the kernels: no work handles
+            for w in self.buckets:
+                comm.all_reduce(w)
+            return []
+        return [comm.all_reduce(w, async_op=True) for w in self.buckets]
+
+    def finish(self):
+        self._apply()
+
+
+class Int8Wire(Wire):
+    """Block-scaled int8 with error feedback (see csrc/quantize.h): each piece's ``d +
+    residual`` quantized into one record per owner rank; an all-to-all brings each owner its
+    chunk from every rank; the owner sums them in float32 with its own residual, re-quantizes,
+    and an all-gather brings every rank every owner's record, so all apply the same bytes."""
+
+    def __init__(self, plan: FragmentPlan, rule: SyncRule, comm: _dist.Comm, policy: int,
+                 delay: bool, residuals: dict[str, list[torch.Tensor]]) -> None:
+        self.status = _status_vectors(plan)
+        world = comm.world_size
+        self._prepare, self._reduce, self._apply = Program(), Program(), Program()
+        for device, status in self.status.items():
+            self._prepare.add(device, native.prepare.zero(tensor_ref("status", status)))
+        self.pieces: list[dict[str, torch.Tensor]] = []
+        record_bytes = 0
+        sends, publishes = [], []
+        for piece in plan.pieces:
+            device = piece.group.device
+            status = self.status[device]
+            n = piece.end - piece.start
+            chunk, record = native.prepare.quant_layout(n, world)
+            b = {"send": torch.zeros(world * record, dtype=torch.uint8, device=device),
+                 "received": torch.zeros(world * record, dtype=torch.uint8, device=device),
+                 "own": torch.zeros(record, dtype=torch.uint8, device=device),
+                 "gathered": torch.zeros(world * record, dtype=torch.uint8, device=device),
+                 "server_residual": torch.zeros(chunk, device=device)}
+            residuals["server_residual"].append(b["server_residual"])
+            keep = torch.zeros(n, device=device) if delay else None
+            if keep is not None:
+                b["keep"] = keep
+            self.pieces.append(b)
+            me_bad = status[ME_BAD:ME_BAD + 1]
+            residual = piece.buffer("residual")
+            sends.append((device, rule.quantized_send(piece, residual, b["send"], world, me_bad, keep)))
+            publishes.append((device, native.prepare.publish_records(
+                tensor_ref("records", b["send"]), n, world, tensor_ref("me_bad", me_bad))))
+            self._reduce.add(device, native.prepare.quantized_reduce(
+                tensor_ref("received", b["received"]), tensor_ref("own", b["own"]),
+                tensor_ref("server_residual", b["server_residual"]), n, world, policy))
+            verdict = _verdict(b["gathered"][:1], status, policy, world)
+            self._apply.add(device, rule.quantized_apply(piece, residual, b["send"], b["gathered"],
+                                                         world, verdict, keep))
+            record_bytes += record
+        for device, step in sends + publishes:
+            self._prepare.add(device, step)
+        # all-to-all: (p - 1) records out; all-gather: this rank's record to p - 1 ranks.
+        self.bytes_sent = 2 * (world - 1) * record_bytes if comm.distributed else 0
+        self._local = not comm.distributed
+
+    def start(self, comm, capturing):
+        self._prepare()
+        if self._local:  # one rank: what it sent is what it receives
+            for b in self.pieces:
+                b["received"].copy_(b["send"])
+            return []
+        if capturing:
+            for b in self.pieces:
+                comm.all_to_all_single(b["received"], b["send"])
+            return []
+        return [comm.all_to_all_single(b["received"], b["send"], async_op=True) for b in self.pieces]
+
+    def advance(self, comm, capturing, wait):
+        self._reduce()
+        if self._local:
+            for b in self.pieces:
+                b["gathered"].copy_(b["own"])
+            return []
+        if capturing:
+            for b in self.pieces:
+                comm.all_gather_single(b["gathered"], b["own"])
+            return []
+        return [comm.all_gather_single(b["gathered"], b["own"], async_op=True) for b in self.pieces]
+
+    def finish(self):
+        self._apply()
+
+
+def _send(rule: SyncRule, piece: Piece, wire: torch.Tensor, me_bad: torch.Tensor,
+          keep: torch.Tensor | None, torch_path: bool) -> Any:
+    launch = None if torch_path else rule.send(piece, wire, me_bad, keep)
+    return launch if launch is not None else torch_step(rule.send_torch, piece, wire, me_bad, keep)
+
+
+def _apply(rule: SyncRule, piece: Piece, reduced: torch.Tensor, verdict: Verdict,
+           keep: torch.Tensor | None, torch_path: bool) -> Any:
+    launch = None if torch_path else rule.apply(piece, reduced, verdict, keep)
+    return launch if launch is not None else torch_step(rule.apply_torch, piece, reduced, verdict, keep)
