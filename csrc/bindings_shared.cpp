@@ -131,6 +131,10 @@ void bind_shared_segment(py::module_& m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const shm::LockTimeout& e) {
       PyErr_SetString(PyExc_TimeoutError, e.what());
+    } catch (const shm::Denied& e) {
+      PyErr_SetString(PyExc_PermissionError, e.what());
+    } catch (const shm::IsDirectory& e) {
+      PyErr_SetString(PyExc_IsADirectoryError, e.what());
     }
   });
 

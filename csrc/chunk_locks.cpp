@@ -34,20 +34,21 @@ int64_t now_unix_ns() {
   return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
+// Slots are found from the layout validated at attach (segment.h), not from the shared header.
 ChunkSlot& Segment::chunk(int64_t k) const {
-  if (k < 0 || k >= header_->num_chunks) {
+  if (k < 0 || k >= num_chunks_) {
     throw std::out_of_range("chunk " + std::to_string(k) + " is out of range [0, " +
-                            std::to_string(header_->num_chunks) + ")");
+                            std::to_string(num_chunks_) + ")");
   }
-  return reinterpret_cast<ChunkSlot*>(static_cast<char*>(base_) + header_->chunks_offset)[k];
+  return chunks_[k];
 }
 
 WorkerSlot& Segment::worker(int id) const {
-  if (id < 0 || uint32_t(id) >= header_->max_workers) {
+  if (id < 0 || uint32_t(id) >= max_workers_) {
     throw std::out_of_range("worker " + std::to_string(id) + " is out of range [0, " +
-                            std::to_string(header_->max_workers) + ")");
+                            std::to_string(max_workers_) + ")");
   }
-  return reinterpret_cast<WorkerSlot*>(static_cast<char*>(base_) + header_->workers_offset)[id];
+  return workers_[id];
 }
 
 LockResult Segment::lock(int64_t k, double timeout_s) {
@@ -108,7 +109,7 @@ int Segment::register_worker() {
   // First a free slot; else one whose worker is done (finished, or died without finishing: a
   // restarted job's workers take over the slots of the attempt before).
   for (int pass = 0; pass < 2; ++pass) {
-    for (uint32_t id = 0; id < header_->max_workers; ++id) {
+    for (uint32_t id = 0; id < max_workers_; ++id) {
       WorkerSlot& w = worker(int(id));
       uint32_t state = kFree;
       bool claimed = w.state.compare_exchange_strong(state, kActive);
@@ -129,7 +130,7 @@ int Segment::register_worker() {
       return int(id);
     }
   }
-  throw Incompatible("all " + std::to_string(header_->max_workers) + " worker slots of shared center '" +
+  throw Incompatible("all " + std::to_string(max_workers_) + " worker slots of shared center '" +
                      name_ + "' are taken by running workers; create it with more workers");
 }
 
@@ -144,7 +145,7 @@ void Segment::record_exchange(int id, uint64_t clock) {
 
 std::vector<WorkerInfo> Segment::workers() const {
   std::vector<WorkerInfo> out;
-  for (uint32_t id = 0; id < header_->max_workers; ++id) {
+  for (uint32_t id = 0; id < max_workers_; ++id) {
     const WorkerSlot& w = worker(int(id));
     const uint32_t state = w.state.load();
     if (state == kFree) continue;
@@ -157,8 +158,8 @@ std::vector<WorkerInfo> Segment::workers() const {
 }
 
 std::vector<uint64_t> Segment::chunk_updates() const {
-  std::vector<uint64_t> out(size_t(header_->num_chunks));
-  for (int64_t k = 0; k < header_->num_chunks; ++k) out[size_t(k)] = chunk(k).updates.load();
+  std::vector<uint64_t> out(static_cast<size_t>(num_chunks_));
+  for (int64_t k = 0; k < num_chunks_; ++k) out[size_t(k)] = chunk(k).updates.load();
   return out;
 }
 

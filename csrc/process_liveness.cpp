@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -38,7 +39,9 @@ uint64_t process_start_ticks(int64_t pid) {
 }
 
 bool process_alive(int64_t pid, uint64_t start_ticks) {
-  if (pid <= 0) return false;
+  // A pid read from shared memory may be anything: one past pid_t would wrap in kill() (to -1:
+  // every process) and name someone else.
+  if (pid <= 0 || pid > std::numeric_limits<pid_t>::max()) return false;
   if (kill(pid_t(pid), 0) != 0 && errno == ESRCH) return false;
   char state = '?';
   uint64_t ticks = 0;

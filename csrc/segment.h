@@ -28,6 +28,7 @@ constexpr char kMagic[8] = {'E', 'A', 'S', 'G', 'D', 'C', 'T', 'R'};
 constexpr uint32_t kVersion = 1;
 constexpr uint32_t kDtypeFloat32 = 0;
 constexpr uint32_t kPersistent = 1;  // SegmentHeader::flags
+constexpr uint32_t kMaxWorkers = 65536;
 
 // Errors the bindings turn into specific Python exceptions.
 struct NotFound : std::runtime_error { using std::runtime_error::runtime_error; };      // FileNotFoundError
@@ -35,6 +36,8 @@ struct Exists : std::runtime_error { using std::runtime_error::runtime_error; };
 struct Stale : std::runtime_error { using std::runtime_error::runtime_error; };         // StaleSegmentError
 struct Incompatible : std::runtime_error { using std::runtime_error::runtime_error; };  // ValueError
 struct LockTimeout : std::runtime_error { using std::runtime_error::runtime_error; };   // TimeoutError
+struct Denied : std::runtime_error { using std::runtime_error::runtime_error; };        // PermissionError
+struct IsDirectory : std::runtime_error { using std::runtime_error::runtime_error; };   // IsADirectoryError
 
 struct SegmentHeader {
   char magic[8];
@@ -102,10 +105,12 @@ class Segment {
   // restarted by its launcher re-attaches to it); it is removed explicitly.
   static Segment* create(const std::string& name, int64_t numel, int64_t chunk_numel,
                          int max_workers, const std::string& layout_digest, bool persistent);
-  // Opens and validates (magic, version, header size, sizes, owner, readiness, creator alive
-  // unless persistent).
+  // Opens (never blocking, never following a link) and validates: a regular file of this user
+  // (Denied otherwise), every header field in range and consistent with the file's size (one
+  // validator, also behind create's description of a taken name), ready, creator alive unless
+  // persistent.
   static Segment* attach(const std::string& name, bool allow_stale);
-  // shm_unlink; false if the name did not exist.
+  // shm_unlink; false if the name did not exist, Denied if it is another user's.
   static bool unlink(const std::string& name);
 
   ~Segment();
@@ -115,7 +120,7 @@ class Segment {
   const std::string& name() const { return name_; }
   const SegmentHeader& header() const { return *header_; }
   float* data() const { return data_; }
-  int64_t numel() const { return header_->numel; }
+  int64_t numel() const { return numel_; }
   bool creator_alive() const;
   bool persistent() const { return (header_->flags & kPersistent) != 0; }
 
@@ -153,6 +158,14 @@ class Segment {
   SegmentHeader* header_ = nullptr;
   float* data_ = nullptr;
   bool pinned_ = false;
+  // The layout as validated when the segment was opened. Range checks and slot addresses use
+  // these private copies, never the shared header again: a header overwritten later (by any
+  // process of this user) cannot widen them past the mapping.
+  int64_t numel_ = 0;
+  int64_t num_chunks_ = 0;
+  uint32_t max_workers_ = 0;
+  ChunkSlot* chunks_ = nullptr;
+  WorkerSlot* workers_ = nullptr;
 };
 
 }  // namespace shm

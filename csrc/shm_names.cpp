@@ -54,5 +54,7 @@ std::string posix_name(const std::string& name) {
   return "/" + bare;
 }
 
+std::string shm_path(const std::string& posix) { return "/dev/shm" + posix; }
+
 }  // namespace shm
 }  // namespace easgd

@@ -9,10 +9,14 @@ exists fails, saying whether its creator still runs or crashed; attaching checks
 version, the size and the parameter layout, and refuses a center whose creator is gone.
 
 Lifetime: the creator removes the name when it exits normally, leaves its ``with`` block or is
-sent SIGTERM (what launchers, ``kill`` and schedulers send); a *persistent* center (made for
-jobs that a launcher restarts) stays until it is removed explicitly. Centers left behind by
-crashed runs are listed and removed with :meth:`SharedCenter.list` / :meth:`SharedCenter.sweep`
-or ``python -m easgd_ext.centers list|sweep``.
+sent SIGTERM (what launchers, ``kill`` and schedulers send) or SIGHUP (a closed terminal); a
+*persistent* center (made for jobs that a launcher restarts) stays until it is removed
+explicitly. Centers left behind by crashed runs are listed and removed with
+:meth:`SharedCenter.list` / :meth:`SharedCenter.sweep` or ``python -m easgd_ext.centers
+list|sweep``; a corrupt one is listed as such and removed only when asked.
+
+Whatever else is at ``/dev/shm/<name>`` (a FIFO, a directory, a symlink, another user's file,
+a corrupt header) is named in the error, never waited on, followed or read past its end.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import threading
 import uuid
 from typing import Any, Iterable, Iterator
@@ -84,17 +89,61 @@ def unique_name(prefix: str = "easgd") -> str:
 
 
 SHM_DIR = "/dev/shm"
+_MAGIC = b"EASGDCTR"  # SegmentHeader::magic (csrc/segment.h)
+
+
+def _shm_path(name: str) -> str:
+    return os.path.join(SHM_DIR, name[1:] if name.startswith("/") else name)
+
+
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _looks_like_center(path: str) -> bool:
+    """Whether ``path`` is a regular file of this user that starts with a center's magic: only
+    those are attached by :meth:`SharedCenter.list` (and reported when they fail to attach).
+    Opened without blocking or following a link, as the native side does."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        return os.pread(fd, len(_MAGIC), 0) == _MAGIC
+    finally:
+        os.close(fd)
+
+
+def _unusable(name: str, error: str) -> dict[str, Any]:
+    """A :meth:`SharedCenter.list` entry for a center that cannot be attached: ``corrupt`` is
+    attach's reason without the name and the advice around it (the listing gives its own)."""
+    try:
+        size = os.stat(_shm_path(name)).st_size
+    except OSError:
+        size = 0
+    why = error.split(" cannot be attached: ", 1)[-1].split(". If nothing uses it, ", 1)[0]
+    return {"name": name, "total_bytes": size, "corrupt": why}
 
 
 class _OwnerCleanup:
-    """Removes the names this process created when it exits normally or gets SIGTERM. A user's
-    own SIGTERM handler still runs afterwards; otherwise the process then dies of the signal, as
-    it would have."""
+    """Removes the names this process created when it exits normally or is killed by SIGTERM
+    (launchers, ``kill``, schedulers) or SIGHUP (a closed terminal, a run without nohup). A
+    user's own handler of that signal still runs afterwards; otherwise the process then dies of
+    the signal, as it would have. An ignored signal (``nohup`` ignores SIGHUP) stays ignored:
+    the process lives on, so nothing is removed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self._names: set[str] = set()
         self._pid = os.getpid()
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
         self._installed = False
         atexit.register(self.remove_all)
 
@@ -103,8 +152,12 @@ class _OwnerCleanup:
             self._names, self._pid = set(), os.getpid()
         self._names.add(name)
         if not self._installed and threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous == signal.SIG_IGN:
+                    continue  # the process survives it: its centers must stay
+                self._previous[signum] = previous
+                signal.signal(signum, self._on_signal)
             self._installed = True
 
     def disown(self, name: str) -> None:
@@ -118,14 +171,14 @@ class _OwnerCleanup:
                 native.SharedSegment.unlink(name)
         self._names.clear()
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         self.remove_all()
-        previous = self._previous
+        previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        else:  # die of the signal, as without this handler
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
 
 _cleanup = _OwnerCleanup()
@@ -173,7 +226,10 @@ class SharedCenter:
             persistent: outlive this process (attaching never calls it stale) until removed
                 with :meth:`remove`: for jobs a launcher restarts (``torchrun --max-restarts``).
 
-        Raises ``FileExistsError`` if ``name`` exists (saying whether it is in use or stale).
+        Raises ``FileExistsError`` if ``name`` exists, saying what is there: a center in use, a
+        stale or corrupt one (and how to remove it), another user's file, or something that is
+        not a center at all (a FIFO, a directory, a symlink: never opened in a way that could
+        block or follow it). ``PermissionError`` if /dev/shm refuses the new name.
         """
         name = _check_name(name)
         params = _parameters(like)
@@ -199,9 +255,18 @@ class SharedCenter:
     def attach(cls, name: str, like: Iterable[torch.Tensor] | torch.nn.Module | None = None, *,
                allow_stale: bool = False) -> "SharedCenter":
         """Opens an existing center. With ``like``, checks that it was made for parameters of
-        this layout. Raises ``FileNotFoundError`` (no such name), ``ValueError`` (not a center,
-        another layout version, truncated, another owner, another parameter layout) or
-        :class:`StaleSegmentError` (its creator is gone: left by a crashed run)."""
+        this layout.
+
+        Raises:
+            FileNotFoundError: no such name.
+            PermissionError: it belongs to another user (centers are private to their
+                creator's user, mode 0600); the message names the owner's uid.
+            IsADirectoryError: ``/dev/shm/<name>`` is a directory.
+            ValueError: not a center (a foreign file, a FIFO, a symlink), another layout
+                version, truncated, a corrupt header (naming the field), another parameter
+                layout.
+            StaleSegmentError: its creator is gone (left by a crashed run).
+        """
         name = _check_name(name)
         if not isinstance(allow_stale, bool):
             raise TypeError(f"allow_stale must be a bool, got {type(allow_stale).__name__}")
@@ -214,10 +279,14 @@ class SharedCenter:
     def open_or_create(cls, name: str, like: Iterable[torch.Tensor] | torch.nn.Module, *,
                        workers: int = 1, chunk_mb: float = DEFAULT_CHUNK_MB) -> "SharedCenter":
         """The persistent center ``name``: attached if it exists (a restarted job continues
-        from it, whoever created it), else created from ``like``'s values."""
+        from it, whoever created it), else created from ``like``'s values. Raises what
+        :meth:`attach` raises, and ``FileExistsError`` when something that is not a file (a
+        FIFO, a directory, a symlink) holds the name."""
         try:
             return cls.create(name, like, workers=workers, chunk_mb=chunk_mb, persistent=True)
         except FileExistsError:
+            if not _is_regular_file(_shm_path(name)):
+                raise  # create's error says what is there; attach has nothing to add
             center = cls.attach(name, like=like)
             if not center.persistent:
                 raise FileExistsError(f"shared center '{name}' exists but is not persistent (another "
@@ -226,29 +295,43 @@ class SharedCenter:
 
     @staticmethod
     def list() -> list[dict[str, Any]]:
-        """This user's centers in /dev/shm, each with its header (:meth:`info`), its workers and
-        ``in_use``: whether its creator or any registered worker still runs."""
+        """This user's centers in /dev/shm, each with its header (:meth:`info`), its workers,
+        ``in_use``: whether its creator or any registered worker still runs, and ``corrupt``:
+        None. A center this build cannot use (a corrupt header, another layout version,
+        truncated, never finished) is listed as ``{"name", "total_bytes", "corrupt": why}``,
+        and the listing goes on."""
         found = []
         for name in sorted(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else []:
+            if not _looks_like_center(_shm_path(name)):
+                continue  # not a center, or not ours
             try:
                 segment = native.SharedSegment.attach(name, True)
-            except (ValueError, OSError, RuntimeError):
-                continue  # not a center, not ours, or gone meanwhile
+            except ValueError as exc:  # a center's magic, but the validator refused the rest
+                found.append(_unusable(name, str(exc)))
+                continue
+            except (OSError, RuntimeError):
+                continue  # gone or replaced meanwhile
             info = dict(segment.info())
             workers = [dict(w) for w in segment.workers()]
             info["workers"] = workers
             info["in_use"] = info["creator_alive"] or any(
                 w["alive"] and w["state"] == "active" for w in workers)
+            info["corrupt"] = None
             found.append(info)
         return found
 
     @classmethod
-    def sweep(cls, include_persistent: bool = False) -> list[str]:
+    def sweep(cls, include_persistent: bool = False, include_corrupt: bool = False) -> list[str]:
         """Removes this user's centers that nobody uses any more (left by crashed or killed
-        runs); persistent ones only with ``include_persistent``. Returns the names removed."""
+        runs); persistent ones only with ``include_persistent``, corrupt ones (see :meth:`list`:
+        nobody can use them, but what they held may still matter) only with
+        ``include_corrupt``. Returns the names removed."""
         removed = []
         for info in cls.list():
-            if info["in_use"] or (info["persistent"] and not include_persistent):
+            if info["corrupt"] is not None:
+                if not include_corrupt:
+                    continue
+            elif info["in_use"] or (info["persistent"] and not include_persistent):
                 continue
             if cls.remove(info["name"]):
                 removed.append(info["name"])
@@ -257,7 +340,7 @@ class SharedCenter:
     @staticmethod
     def remove(name: str) -> bool:
         """Removes the name ``name`` (e.g. a stale center); processes that have it mapped keep
-        using it. Returns whether it existed."""
+        using it. Returns whether it existed; ``PermissionError`` if it is another user's."""
         return bool(native.SharedSegment.unlink(_check_name(name)))
 
     def check_layout(self, params: list[torch.Tensor]) -> list[int]:
