@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import easgd_ext
+from easgd_ext import SharedCenter
+from easgd_ext.shared_center import unique_name
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 7, 4099, (1 << 20) + 3]
@@ -71,3 +73,11 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {actual.numel()} elements off; first at {i}: "
             f"got {actual[i].item()!r}, want {expected[i].item()!r}, tol {tol[i].item():.3g}")
+
+
+@pytest.fixture
+def center_name():
+    """A fresh shared-center name, removed after the test (whatever the test left there)."""
+    name = unique_name("test")
+    yield name
+    SharedCenter.remove(name)

@@ -22,13 +22,6 @@ def rel_error(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> float:
     return float(((a - b).abs() / (1 + scale.abs())).max())
 
 
-@pytest.fixture
-def center_name():
-    name = unique_name("test")
-    yield name
-    SharedCenter.remove(name)
-
-
 def make_center(name: str, workers: int, seed: int = 99, dtype=torch.float32) -> SharedCenter:
     return SharedCenter.create(name, like=aw.model_params(NUMEL, dtype, seed), workers=workers,
                                chunk_mb=aw.CHUNK_MB)

@@ -21,13 +21,6 @@ from easgd_ext.ops import reference
 from easgd_ext.shared_center import chunk_plan, unique_name
 
 
-@pytest.fixture
-def name():
-    n = unique_name("unit")
-    yield n
-    SharedCenter.remove(n)
-
-
 def mixed_params(seed: int) -> list[torch.nn.Parameter]:
     """float32 and bfloat16 parameters: two flat groups, so two ranges of the center."""
     g = torch.Generator().manual_seed(seed)
@@ -38,9 +31,9 @@ def mixed_params(seed: int) -> list[torch.nn.Parameter]:
 
 # ---- the exchange ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["easgd", "downpour"])
-def test_exchange_matches_the_kernel_and_the_float64_reference(name, algo):
+def test_exchange_matches_the_kernel_and_the_float64_reference(center_name, algo):
     params = mixed_params(0)
-    center = SharedCenter.create(name, like=params, workers=2, chunk_mb=1024 * 4 / 2**20)
+    center = SharedCenter.create(center_name, like=params, workers=2, chunk_mb=1024 * 4 / 2**20)
     assert center.num_chunks > 5  # 1K-element chunks: groups straddle chunk boundaries
     cls = ElasticAverager if algo == "easgd" else DownpourAverager
     kwargs = {"alpha": 0.37} if algo == "easgd" else {}
@@ -104,11 +97,11 @@ def test_chunk_plan_tiles_the_range_once_and_staggers_the_start():
     assert chunk_plan(0, 0, 64, 0, 1) == []
 
 
-def test_workers_start_from_the_center_and_conserve_mass(name):
+def test_workers_start_from_the_center_and_conserve_mass(center_name):
     params = mixed_params(2)
-    center = SharedCenter.create(name, like=params, workers=1)
+    center = SharedCenter.create(center_name, like=params, workers=1)
     other = mixed_params(3)  # another worker's different values: replaced by the center's
-    avg = ElasticAverager(other, tau=2, mode="async", center=name, alpha=0.5)
+    avg = ElasticAverager(other, tau=2, mode="async", center=center_name, alpha=0.5)
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(params, other))
     with torch.no_grad():
         for p in other:
@@ -121,9 +114,9 @@ def test_workers_start_from_the_center_and_conserve_mass(name):
     assert info[0]["exchanges"] == 1 and info[0]["clock"] == 2 and info[0]["pid"] == os.getpid()
 
 
-def test_non_finite_parameters_skip_the_exchange(name):
+def test_non_finite_parameters_skip_the_exchange(center_name):
     params = [torch.nn.Parameter(torch.randn(300))]
-    avg = ElasticAverager(params, tau=1, mode="async", center=SharedCenter.create(name, like=params),
+    avg = ElasticAverager(params, tau=1, mode="async", center=SharedCenter.create(center_name, like=params),
                           on_nonfinite="skip")
     before = avg.center.snapshot()
     with torch.no_grad():
@@ -140,9 +133,9 @@ def test_non_finite_parameters_skip_the_exchange(name):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not cuda_usable(), reason="needs a CUDA GPU and easgd_ext built with CUDA"))])
 @pytest.mark.parametrize("algo", ["easgd", "downpour"])
-def test_non_finite_worker_restarts_from_the_center(name, device, algo):
+def test_non_finite_worker_restarts_from_the_center(center_name, device, algo):
     params = [torch.nn.Parameter(torch.randn(3000, device=device))]
-    center = SharedCenter.create(name, like=params, chunk_mb=1024 * 4 / 2**20)
+    center = SharedCenter.create(center_name, like=params, chunk_mb=1024 * 4 / 2**20)
     cls = ElasticAverager if algo == "easgd" else DownpourAverager
     avg = cls(params, tau=1, mode="async", center=center)
     center.load_(torch.randn(center.numel))
@@ -158,10 +151,10 @@ def test_non_finite_worker_restarts_from_the_center(name, device, algo):
     assert (avg.stats.resets, avg.stats.exchanges) == (1, 1)
 
 
-def test_center_parameters_state_dict_and_close(name):
+def test_center_parameters_state_dict_and_close(center_name):
     params = mixed_params(4)
     avg = ElasticAverager(params, tau=1, mode="async",
-                          center=SharedCenter.create(name, like=params), alpha=0.5)
+                          center=SharedCenter.create(center_name, like=params), alpha=0.5)
     with torch.no_grad():
         for p in params:
             p.add_(1)
@@ -209,81 +202,81 @@ def test_cuda_parameters_match_cpu_parameters(algo):
 
 
 # ---- the segment -------------------------------------------------------------------------------
-def test_owner_only_permissions_and_removal_at_close(name):
-    with SharedCenter.create(name, like=[torch.randn(10)]) as center:
-        mode = stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode)
+def test_owner_only_permissions_and_removal_at_close(center_name):
+    with SharedCenter.create(center_name, like=[torch.randn(10)]) as center:
+        mode = stat.S_IMODE(os.stat(f"/dev/shm/{center_name}").st_mode)
         assert mode == 0o600
         assert center.info()["creator_pid"] == os.getpid()
-    assert not os.path.exists(f"/dev/shm/{name}")
+    assert not os.path.exists(f"/dev/shm/{center_name}")
     with pytest.raises(FileNotFoundError, match="no shared center named"):
-        SharedCenter.attach(name)
+        SharedCenter.attach(center_name)
 
 
-def test_a_name_in_use_is_not_taken_twice(name):
-    center = SharedCenter.create(name, like=[torch.randn(10)])
+def test_a_name_in_use_is_not_taken_twice(center_name):
+    center = SharedCenter.create(center_name, like=[torch.randn(10)])
     with pytest.raises(FileExistsError, match="in use"):
-        SharedCenter.create(name, like=[torch.randn(10)])
-    attached = SharedCenter.attach(name, like=[torch.randn(10)])
+        SharedCenter.create(center_name, like=[torch.randn(10)])
+    attached = SharedCenter.attach(center_name, like=[torch.randn(10)])
     assert attached.numel == center.numel and not attached.owner
 
 
-def test_a_stale_center_is_reported_not_reused(name):
+def test_a_stale_center_is_reported_not_reused(center_name):
     with Processes() as procs:
         ready = procs.ctx.Event()
-        creator = procs.start(aw.create_and_die, name, 100, ready)
+        creator = procs.start(aw.create_and_die, center_name, 100, ready)
         assert ready.wait(60)
         creator.kill()
         creator.join(10)
-    assert os.path.exists(f"/dev/shm/{name}")  # killed: no clean exit, the name stayed
+    assert os.path.exists(f"/dev/shm/{center_name}")  # killed: no clean exit, the name stayed
     with pytest.raises(StaleSegmentError, match="stale.*SharedCenter.remove"):
-        SharedCenter.attach(name)
+        SharedCenter.attach(center_name)
     with pytest.raises(FileExistsError, match="stale: it was left by a run that crashed"):
-        SharedCenter.create(name, like=[torch.zeros(100)])
-    assert SharedCenter.attach(name, allow_stale=True).numel == 128  # on purpose: allowed
-    assert SharedCenter.remove(name) is True
-    SharedCenter.create(name, like=[torch.zeros(100)]).close()
+        SharedCenter.create(center_name, like=[torch.zeros(100)])
+    assert SharedCenter.attach(center_name, allow_stale=True).numel == 128  # on purpose: allowed
+    assert SharedCenter.remove(center_name) is True
+    SharedCenter.create(center_name, like=[torch.zeros(100)]).close()
 
 
-def test_foreign_truncated_and_other_version_segments_are_refused(name):
-    foreign = shared_memory.SharedMemory(name=name, create=True, size=8192)
+def test_foreign_truncated_and_other_version_segments_are_refused(center_name):
+    foreign = shared_memory.SharedMemory(name=center_name, create=True, size=8192)
     try:
         with pytest.raises(ValueError, match="not an easgd_ext shared center"):
-            SharedCenter.attach(name)
+            SharedCenter.attach(center_name)
         with pytest.raises(FileExistsError, match="not an easgd_ext center"):
-            SharedCenter.create(name, like=[torch.zeros(3)])
+            SharedCenter.create(center_name, like=[torch.zeros(3)])
     finally:
         foreign.close()
         foreign.unlink()
-    tiny = shared_memory.SharedMemory(name=name, create=True, size=16)
+    tiny = shared_memory.SharedMemory(name=center_name, create=True, size=16)
     try:
         with pytest.raises(ValueError, match="too small"):
-            SharedCenter.attach(name)
+            SharedCenter.attach(center_name)
     finally:
         tiny.close()
         tiny.unlink()
 
-    SharedCenter.create(name, like=[torch.zeros(5000)])
-    path = f"/dev/shm/{name}"
+    SharedCenter.create(center_name, like=[torch.zeros(5000)])
+    path = f"/dev/shm/{center_name}"
     size = os.path.getsize(path)
     os.truncate(path, size - 4096)
     with pytest.raises(ValueError, match="truncated"):
-        SharedCenter.attach(name)
+        SharedCenter.attach(center_name)
     os.truncate(path, size)
     with open(path, "r+b") as f:  # the version field follows the 8-byte magic
         f.seek(8)
         f.write(struct.pack("<I", 99))
     with pytest.raises(ValueError, match="layout version 99"):
-        SharedCenter.attach(name)
+        SharedCenter.attach(center_name)
 
 
-def test_attaching_with_another_layout_is_an_error(name):
-    SharedCenter.create(name, like=[torch.zeros(10, 10)])
+def test_attaching_with_another_layout_is_an_error(center_name):
+    SharedCenter.create(center_name, like=[torch.zeros(10, 10)])
     for other in ([torch.zeros(100)], [torch.zeros(10, 10, dtype=torch.bfloat16)],
                   [torch.zeros(10, 10), torch.zeros(1)]):
         with pytest.raises(ValueError, match="made for another model"):
-            SharedCenter.attach(name, like=other)
+            SharedCenter.attach(center_name, like=other)
     with pytest.raises(ValueError, match="made for another model"):
-        ElasticAverager([torch.nn.Parameter(torch.zeros(99))], mode="async", center=name)
+        ElasticAverager([torch.nn.Parameter(torch.zeros(99))], mode="async", center=center_name)
 
 
 @pytest.mark.parametrize("bad,error,match", [
@@ -309,31 +302,31 @@ def test_names_are_quoted_back_safely():
     assert "'abc\\x00def'" in str(binary.value) and "character 3 is not" in str(binary.value)
 
 
-def test_another_model_says_what_differs(name):
-    SharedCenter.create(name, like=[torch.zeros(128)])
+def test_another_model_says_what_differs(center_name):
+    SharedCenter.create(center_name, like=[torch.zeros(128)])
     with pytest.raises(ValueError, match="it holds 128 elements, these 1 parameters need 192"):
-        SharedCenter.attach(name, like=[torch.zeros(129)])
+        SharedCenter.attach(center_name, like=[torch.zeros(129)])
     with pytest.raises(ValueError, match=r"another model of the same size \(128 elements\): the "
                                          "parameters' count, shapes"):
-        SharedCenter.attach(name, like=[torch.zeros(2, 64)])
+        SharedCenter.attach(center_name, like=[torch.zeros(2, 64)])
 
 
-def test_bad_create_arguments(name):
+def test_bad_create_arguments(center_name):
     with pytest.raises(ValueError, match="workers must be >= 1"):
-        SharedCenter.create(name, like=[torch.zeros(3)], workers=0)
+        SharedCenter.create(center_name, like=[torch.zeros(3)], workers=0)
     with pytest.raises(TypeError, match="workers must be an int"):
-        SharedCenter.create(name, like=[torch.zeros(3)], workers=2.0)
+        SharedCenter.create(center_name, like=[torch.zeros(3)], workers=2.0)
     with pytest.raises(ValueError, match="chunk_mb must be positive"):
-        SharedCenter.create(name, like=[torch.zeros(3)], chunk_mb=-1)
+        SharedCenter.create(center_name, like=[torch.zeros(3)], chunk_mb=-1)
     with pytest.raises(TypeError, match="params"):
-        SharedCenter.create(name, like=[torch.zeros(3, dtype=torch.int32)])
+        SharedCenter.create(center_name, like=[torch.zeros(3, dtype=torch.int32)])
     with pytest.raises(ValueError, match="params is empty"):
-        SharedCenter.create(name, like=[])
-    assert not os.path.exists(f"/dev/shm/{name}")
+        SharedCenter.create(center_name, like=[])
+    assert not os.path.exists(f"/dev/shm/{center_name}")
 
 
-def test_worker_slots_and_locks(name):
-    center = SharedCenter.create(name, like=[torch.zeros(3)], workers=1)
+def test_worker_slots_and_locks(center_name):
+    center = SharedCenter.create(center_name, like=[torch.zeros(3)], workers=1)
     params = [torch.nn.Parameter(torch.zeros(3))]
     ElasticAverager(params, mode="async", center=center)
     with pytest.raises(ValueError, match="all 1 worker slots"):
