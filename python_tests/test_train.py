@@ -170,3 +170,20 @@ def test_two_async_workers_learn(tmp_path, capsys):
         assert r["test_error"][-1] < 0.5, f"{algo} did not learn: {r['test_error']}"
         assert r["exchanges"] == 50 and r["skipped_exchanges"] == 0
         assert r["total_exchanges"] == [50, 100]
+
+
+def test_simulated_workers_train_in_one_process(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert train.main(["--simulate", "--workers", "3", "--algo", "eamsgd,sync-sgd", "--steps", "40",
+                       "--eval-every", "20", "--fragments", "2", "--json", str(out),
+                       "--plot", str(tmp_path / "sim.png")]) == 0
+    results = {r["algo"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["eamsgd"]["test_error"][-1] < 0.5  # it learned (chance is 0.9)
+    # two fragments every tau = 4 steps; sync-sgd all-reduces its gradients every step
+    assert results["eamsgd"]["exchanges"] == 2 * 40 // 4 and results["sync-sgd"]["exchanges"] == 40
+    assert "3 workers (sync)" in capsys.readouterr().out
+
+
+def test_simulate_is_sync_only():
+    with pytest.raises(SystemExit):
+        train.parse_args(["--simulate", "--mode", "async"])

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the train/test split, the model's initialization and the "
                         "workers' minibatch order (default: %(default)s)")
+    p.add_argument("--simulate", action="store_true",
+                   help="run the --workers in this one process on one device (easgd_ext.simulate: "
+                        "the same averagers, collectives in memory), --mode sync only")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where each worker trains: cpu (Gloo), or cuda (NCCL when every worker "
                         "has a GPU of its own, else Gloo) (default: %(default)s)")
@@ -138,6 +141,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.mode == "async" and args.comm_dtype is not None:
         p.error("--comm-dtype applies to --mode sync (asynchronous exchanges move parameters "
                 "in their own dtype)")
+    for name in ("workers", "tau", "batch", "eval_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.simulate and args.mode == "async":
+        p.error("--simulate runs --mode sync (asynchronous workers need processes of their own)")
     if args.mode == "async" and (args.fragments != 1 or args.delay != 0):
         p.error("--fragments and --delay apply to --mode sync")
     if args.fragments < 1:
@@ -151,9 +159,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.comm_dtype == "int8" and "average" in args.algos:
         p.error("--comm-dtype int8 quantizes differences; 'average' sends the parameters "
                 "themselves: leave it out or use bfloat16")
-    for name in ("workers", "tau", "batch", "eval_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.steps is not None and args.epochs is not None:
         p.error("give --steps or --epochs, not both")
     if args.steps is not None and args.steps < 1:
@@ -315,6 +320,89 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
     return result
 
 
+def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, world: int,
+                    device: torch.device, steps: int) -> Result:
+    """``world`` workers of ``algo`` in this process (easgd_ext.simulate): each on its own
+    minibatch stream, the averagers' collectives in memory; sync-sgd averages the gradients in
+    memory every step."""
+    import copy
+
+    from . import simulate
+
+    torch.manual_seed(args.seed)
+    momentum = args.momentum if algo == "eamsgd" else 0.0
+
+    def optimizer(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=args.lr, momentum=momentum, nesterov=algo == "eamsgd")
+
+    sim = None
+    if algo == "sync-sgd":
+        models = [data.make_model(args.dataset).to(device)]
+        models += [copy.deepcopy(models[0]) for _ in range(world - 1)]
+        opts = [optimizer(m.parameters()) for m in models]
+        grads_bytes = 2 * (world - 1) * 4 * sum(p.numel() for p in models[0].parameters()) // world
+    else:
+        name = {"easgd": "easgd", "eamsgd": "easgd", "downpour": "downpour", "average": "average"}[algo]
+        kwargs: dict[str, Any] = {"tau": args.tau, "comm_dtype": args.comm_dtype, "fragments": args.fragments}
+        if name == "easgd":
+            kwargs.update(beta=args.beta, allow_unstable=args.allow_unstable, delay=args.delay)
+        sim = simulate.Workers(lambda: data.make_model(args.dataset), world, averager=name,
+                               make_optimizer=optimizer, device=device, **kwargs)
+        models, opts = sim.models, sim.optimizers
+    streams = [data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + k + 1)
+               for k in range(world)]
+    result = Result(algo)
+    elapsed, comm = 0.0, 0.0
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+    try:
+        for step in range(1, steps + 1):
+            start = time.perf_counter()
+            for model, stream in zip(models, streams):
+                xb, yb = stream.next()
+                F.cross_entropy(model(xb.to(device)), yb.to(device)).backward()
+            exchange_start = time.perf_counter()
+            if sim is None:
+                with torch.no_grad():
+                    for params in zip(*(m.parameters() for m in models)):
+                        mean = torch.stack([q.grad for q in params]).mean(0)
+                        for q in params:
+                            q.grad.copy_(mean)
+                for opt in opts:
+                    opt.step()
+                    opt.zero_grad()
+            else:
+                sim.optimizer_step()
+            comm += time.perf_counter() - exchange_start
+            elapsed += time.perf_counter() - start
+            if step == steps and sim is not None:
+                sim.flush()
+            if step % args.eval_every == 0 or step == steps:
+                if sim is not None:
+                    with sim.center_parameters() as center:
+                        error = data.test_error(center, split.test_x, split.test_y)
+                    stats = sim.averagers[0].stats
+                    sent, exchanges = stats.bytes_sent, stats.exchanges
+                else:
+                    error = data.test_error(models[0], split.test_x, split.test_y)
+                    sent, exchanges = step * grads_bytes, step
+                result.steps.append(step)
+                result.seconds.append(elapsed)
+                result.bytes_sent.append(sent * world)
+                result.total_exchanges.append(exchanges * world)
+                result.test_error.append(error)
+                bar.set_postfix(test_error=f"{error:.3f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if sim is not None:
+            sim.close()
+    result.comm_seconds = comm
+    result.exchanges = result.total_exchanges[-1] // world
+    return result
+
+
 def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
     device = join_group(rank, world, store, args.device)
     try:
@@ -408,13 +496,25 @@ def main(argv: list[str] | None = None) -> int:
     # Starting the processes and importing torch in each takes seconds: say what is going on.
     backend = {"nccl": "NCCL", "gloo": "Gloo"}[backend_for(args.device, world)]
     how = f"{backend}, {args.device.upper()}"
-    if not launched:
+    if args.simulate:
+        pass
+    elif not launched:
         if args.device == "cuda" and torch.cuda.device_count() < world:
             say(f"note: {world} workers share {torch.cuda.device_count()} GPU(s); using Gloo")
         say(f"starting {world} worker processes ({how})...")
     elif launched[0] == 0:
         say(f"joining the process group of the launcher's {world} processes ({how})...")
-    summary = run_workers(worker, world, args)
+    if args.simulate:
+        if launched:
+            say("note: --simulate under a launcher: every rank simulates the whole job")
+        say(f"simulating {world} workers in this process ({args.device.upper()})...")
+        split = load_split(args)
+        steps = steps_for(args, len(split.train_y), world)
+        device = torch.device("cuda" if args.device == "cuda" else "cpu")
+        summary = {"results": [asdict(train_simulated(a, args, split, world, device, steps))
+                               for a in args.algos], "steps": steps}
+    else:
+        summary = run_workers(worker, world, args)
     if summary is None:  # a launched rank other than 0
         return 0
     results = summary["results"]

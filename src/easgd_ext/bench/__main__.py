@@ -1,4 +1,4 @@
-"""python -m easgd_ext.bench {kernels,comm,async,step} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,async,step,simulate} [options]: the benchmarks shipped with the package.
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
               ceiling (torch copy_, the native copy kernel, memcpy) timed with them
@@ -7,7 +7,9 @@
               --plot PNG)
     async     one asynchronous exchange: the shared-memory and sharded centers against their
               floors, and concurrent workers (also reached as `comm --mode async`)
-    step      the averager's cost in a real training step (torchvision model, world-1 group)
+    step      the averager's cost in a real training step (torchvision model; --world ranks),
+              the blocking exchange against the streamed one (fragments, delay)
+    simulate  p workers simulated in one process against p spawned processes (the LM task)
 
 Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
 prints a short table and writes its records with --json PATH. Every ratio is a speedup over a
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm", "async", "step")
+COMMANDS = ("kernels", "comm", "async", "step", "simulate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         from .train_step import main as run
     elif argv[0] == "async":
         from .async_comm import main as run
+    elif argv[0] == "simulate":
+        from .simulate_speed import main as run
     else:
         from .comm import main as run
     return run(argv[1:])
