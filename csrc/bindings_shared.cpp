@@ -72,6 +72,7 @@ struct PreparedExchange {
   PreparedRule rule;
   int64_t offset = 0;
   shm::ExchangeOptions options;
+  std::shared_ptr<void> copy_queues;  // CUDA: this exchange's own copy streams and events
 };
 
 PreparedExchange prepare_exchange(const std::shared_ptr<Segment>& s, int worker, const PreparedRule& rule,
@@ -84,7 +85,7 @@ PreparedExchange prepare_exchange(const std::shared_ptr<Segment>& s, int worker,
                           std::to_string(s->numel()) + " elements");
   }
   if (policy != 0 && policy != 1) throw py::value_error("policy must be 0 (skip) or 1 (reset)");
-  PreparedExchange p{s, worker, rule, offset, {}};
+  PreparedExchange p{s, worker, rule, offset, {}, nullptr};
   p.options.policy = OnNonFinite(policy);
   const Buf x = rule.rule.x();
   const TensorRef x_ref{"x", uintptr_t(x.ptr), rule.numel, dtype_name(x.dtype), rule.device < 0 ? "cpu" : "cuda",
@@ -113,6 +114,10 @@ PreparedExchange prepare_exchange(const std::shared_ptr<Segment>& s, int worker,
   p.options.staging = reinterpret_cast<float*>(staging->ptr);
   p.options.staging_slots = int(staging->numel / chunk);
   p.options.me_bad_device = static_cast<float*>(flag_pointer(me_bad, e, {&x_ref, staging}));
+#if defined(EASGD_EXT_WITH_CUDA)
+  p.copy_queues = cuda::make_copy_queues(rule.device, p.options.staging_slots);
+  p.options.copy_queues = p.copy_queues.get();
+#endif
   return p;
 }
 
@@ -180,7 +185,7 @@ void bind_shared_segment(py::module_& m) {
              }
              return out;
            })
-      .def("pin_for_cuda", &Segment::pin_for_cuda, release)
+      .def("pin_for_cuda", &Segment::pin_for_cuda, py::arg("device") = 0, release)
       .def("prepare_exchange", &prepare_exchange, py::arg("worker"), py::arg("rule"), py::arg("offset"),
            py::arg("policy") = 0, py::arg("staging") = static_cast<const TensorRef*>(nullptr),
            py::arg("me_bad") = static_cast<const TensorRef*>(nullptr),

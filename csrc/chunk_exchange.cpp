@@ -112,8 +112,9 @@ ExchangeResult exchange(Segment& seg, int worker, const ChunkRule& rule, int dev
   }
   if (device < 0) return exchange_cpu(seg, worker, rule, offset, numel, options);
 #if defined(EASGD_EXT_WITH_CUDA)
-  if (options.staging == nullptr || options.staging_slots < 1 || options.me_bad_device == nullptr) {
-    throw std::invalid_argument("a CUDA exchange needs a staging ring and a device flag");
+  if (options.staging == nullptr || options.staging_slots < 1 || options.me_bad_device == nullptr ||
+      options.copy_queues == nullptr) {
+    throw std::invalid_argument("a CUDA exchange needs a staging ring, a device flag and its copy queues");
   }
   const auto plan = chunk_plan(offset, numel, seg.header().chunk_numel, worker,
                                int(seg.header().max_workers));

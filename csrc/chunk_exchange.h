@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <variant>
 #include <vector>
 
@@ -48,6 +49,9 @@ struct ExchangeOptions {
   float* staging = nullptr;
   int staging_slots = 0;
   float* me_bad_device = nullptr;
+  // The copy streams and events of this one prepared exchange (cuda::CopyQueues): never shared
+  // with another exchange, so two centers on one GPU cannot release each other's chunks early.
+  void* copy_queues = nullptr;
 };
 
 struct ExchangeResult {
@@ -64,6 +68,10 @@ ExchangeResult exchange(Segment& segment, int worker, const ChunkRule& rule, int
 
 #if defined(EASGD_EXT_WITH_CUDA)
 namespace cuda {
+// The copy streams (one per direction) and per-slot events of one prepared CUDA exchange,
+// created on its device; an opaque owner for ExchangeOptions::copy_queues.
+std::shared_ptr<void> make_copy_queues(int device, int slots);
+
 // Called by the pipeline around each chunk: the segment's lock protocol.
 class ChunkLocks {
  public:

@@ -4,8 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <deque>
-#include <map>
-#include <mutex>
+#include <memory>
 #include <vector>
 
 #include "chunk_exchange.h"
@@ -15,49 +14,59 @@ namespace easgd {
 namespace cuda {
 namespace {
 
-// Per device: the two copy streams and a pool of events, made once (creating them per exchange
-// would cost more than a small exchange).
-struct DeviceQueues {
+// One prepared exchange's copy streams and events (made once: creating them per exchange would
+// cost more than a small exchange). Owned by that exchange alone.
+struct CopyQueues {
+  int device = 0;
   cudaStream_t copy_in = nullptr, copy_out = nullptr;
   std::vector<cudaEvent_t> arrived, updated, done;  // one per staging slot
   cudaEvent_t start = nullptr;
 
-  void ensure_slots(int slots) {
-    auto grow = [&](std::vector<cudaEvent_t>& v) {
-      while (int(v.size()) < slots) {
+  CopyQueues(int device_, int slots) : device(device_) {
+    DeviceGuard guard(device);
+    cuda_check(cudaStreamCreateWithFlags(&copy_in, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaStreamCreateWithFlags(&copy_out, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaEventCreateWithFlags(&start, cudaEventDisableTiming), "cudaEventCreate");
+    for (auto* v : {&arrived, &updated, &done}) {
+      for (int s = 0; s < slots; ++s) {
         cudaEvent_t e;
         cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
-        v.push_back(e);
+        v->push_back(e);
       }
-    };
-    grow(arrived);
-    grow(updated);
-    grow(done);
+    }
   }
+  ~CopyQueues() {  // errors ignored: at exit the context may be gone already
+    for (auto* v : {&arrived, &updated, &done}) {
+      for (cudaEvent_t e : *v) cudaEventDestroy(e);
+    }
+    if (start != nullptr) cudaEventDestroy(start);
+    if (copy_in != nullptr) cudaStreamDestroy(copy_in);
+    if (copy_out != nullptr) cudaStreamDestroy(copy_out);
+    cudaGetLastError();
+  }
+  CopyQueues(const CopyQueues&) = delete;
+  CopyQueues& operator=(const CopyQueues&) = delete;
 };
 
-DeviceQueues& queues(int device) {
-  static std::mutex mu;
-  static std::map<int, DeviceQueues> all;
-  std::lock_guard<std::mutex> lock(mu);
-  DeviceQueues& q = all[device];
-  if (q.copy_in == nullptr) {
-    cuda_check(cudaStreamCreateWithFlags(&q.copy_in, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda_check(cudaStreamCreateWithFlags(&q.copy_out, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda_check(cudaEventCreateWithFlags(&q.start, cudaEventDisableTiming), "cudaEventCreate");
-  }
-  return q;
-}
-
 }  // namespace
+
+std::shared_ptr<void> make_copy_queues(int device, int slots) {
+  return std::make_shared<CopyQueues>(device, slots);
+}
 
 bool pipeline_exchange(const shm::ChunkRule& rule, int device, float* host_center,
                        const std::vector<shm::ChunkSpan>& plan, const shm::ExchangeOptions& o,
                        int64_t chunk_numel, ChunkLocks& locks) {
   DeviceGuard guard(device);
-  DeviceQueues& q = queues(device);
-  q.ensure_slots(o.staging_slots);
+  CopyQueues& q = *static_cast<CopyQueues*>(o.copy_queues);
+  if (q.device != device || int(q.done.size()) < o.staging_slots) {
+    throw std::invalid_argument("copy queues made for another device or fewer staging slots");
+  }
   const auto compute = reinterpret_cast<cudaStream_t>(o.stream);
+  // The first copy into a staging slot must follow whatever the caller's stream has pending
+  // (the staging memory, from the caching allocator, may have been in use on it).
+  cuda_check(cudaEventRecord(q.start, compute), "cudaEventRecord");
+  cuda_check(cudaStreamWaitEvent(q.copy_in, q.start, 0), "cudaStreamWaitEvent");
   Exec exec;
   exec.device = device;
   exec.stream = o.stream;
@@ -107,12 +116,14 @@ bool pipeline_exchange(const shm::ChunkRule& rule, int device, float* host_cente
     }
     retire(0);
   } catch (...) {
-    // Whatever is in flight completes before its lock is given back (a CUDA error here leaves
-    // the chunks as they are: old or new values, marked dirty until released).
-    for (const InFlight& f : in_flight) {
-      cudaEventSynchronize(q.done[f.slot]);
-      locks.release(f.chunk, false);
-    }
+    // Every copy already enqueued completes before any lock is given back (a slot's events may
+    // not all have been recorded when the failure came, so wait for the streams themselves);
+    // the chunks keep old or new values, marked dirty until released.
+    cudaStreamSynchronize(q.copy_in);
+    cudaStreamSynchronize(compute);
+    cudaStreamSynchronize(q.copy_out);
+    cudaGetLastError();
+    for (const InFlight& f : in_flight) locks.release(f.chunk, false);
     throw;
   }
   float me_bad = 0.f;

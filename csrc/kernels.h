@@ -194,8 +194,9 @@ void launch(const KernelCall& call, int64_t numel, const Exec& exec);
 namespace cuda {
 void launch(const KernelCall& call, int64_t numel, const Exec& exec);
 int device_count();  // 0 (not an error) where no driver or GPU is present
-// Page-locks host memory for fast, asynchronous copies (false where no GPU is usable).
-bool host_register(void* ptr, size_t bytes);
+// Page-locks host memory for fast, asynchronous copies (false where no GPU is usable), with
+// `device` current: no context is made on another GPU (device 0) as a side effect.
+bool host_register(void* ptr, size_t bytes, int device);
 void host_unregister(void* ptr);
 }  // namespace cuda
 #endif

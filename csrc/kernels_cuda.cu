@@ -314,8 +314,9 @@ int cuda::device_count() {
   return count;
 }
 
-bool cuda::host_register(void* ptr, size_t bytes) {
+bool cuda::host_register(void* ptr, size_t bytes, int device) {
   if (device_count() == 0) return false;
+  DeviceGuard guard(device);
   // Portable: pinned for every context of this process, whichever device the worker uses.
   const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable);
   if (err == cudaErrorHostMemoryAlreadyRegistered) {

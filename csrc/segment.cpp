@@ -518,11 +518,12 @@ bool Segment::creator_alive() const {
   return process_alive(header_->creator_pid, header_->creator_start_ticks);
 }
 
-bool Segment::pin_for_cuda() {
+bool Segment::pin_for_cuda(int device) {
 #if defined(EASGD_EXT_WITH_CUDA)
-  if (!pinned_) pinned_ = cuda::host_register(base_, bytes_);
+  if (!pinned_) pinned_ = cuda::host_register(base_, bytes_, device);
   return pinned_;
 #else
+  (void)device;
   return false;
 #endif
 }

@@ -146,7 +146,7 @@ class Segment {
   WorkerSlot& worker(int id) const;
 
   // cudaHostRegister of the whole mapping (a no-op returning false without CUDA in the build).
-  bool pin_for_cuda();
+  bool pin_for_cuda(int device);
 
  private:
   Segment(std::string name, int fd, void* base, size_t bytes);

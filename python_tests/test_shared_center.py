@@ -369,3 +369,28 @@ def test_mode_is_checked():
         assert type(avg) is DownpourAverager and avg.mode == "async"
         assert avg.center is not None and avg.worker_id == 0
         avg.close()
+
+
+def test_without_torch_distributed_only_the_creator_keeps_the_center(center_name):
+    """Workers that attach to a named center made elsewhere save none of it, and loading their
+    state leaves the center alone; the creator's state holds it and restores it."""
+    params = mixed_params(5)
+    creator = ElasticAverager(params, tau=1, mode="async",
+                              center=SharedCenter.create(center_name, like=params, workers=2), alpha=0.3)
+    other = mixed_params(5)
+    attached = ElasticAverager(other, tau=1, mode="async", center=center_name, alpha=0.3)
+    creator_state, attached_state = creator.state_dict(), attached.state_dict()
+    assert "center" in creator_state["buffers"] and "center" not in attached_state["buffers"]
+    before = creator.center.snapshot()
+    with torch.no_grad():
+        for p in other:
+            p.add_(3)
+    attached.exchange()
+    moved = creator.center.snapshot()
+    assert not torch.equal(moved, before)
+    attached.load_state_dict(attached_state)  # the worker's own state: the center stays
+    assert torch.equal(creator.center.snapshot(), moved)
+    creator.load_state_dict(creator_state)    # the creator's: the center comes back
+    assert torch.equal(creator.center.snapshot(), before)
+    attached.close()
+    creator.close()

@@ -166,7 +166,7 @@ def test_cli_labels_radius_one_as_marginal(capsys, argv, easgd_marginal, admm_ma
     assert (marginal in easgd_line) == easgd_marginal, easgd_line
     assert (marginal in admm_line) == admm_marginal, admm_line
     if easgd_marginal:
-        assert easgd_line.endswith("on the edge of the stable region")
+        assert easgd_line.endswith("on the edge of the analytic bound")
 
 
 @pytest.mark.parametrize("p", [1, 2, 3, 6])
@@ -199,3 +199,13 @@ def test_cli_names_itself_and_explains_an_overflowing_cycle(capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m easgd_ext.stability")
     assert "the cycle matrix overflows float64" in err
+
+
+def test_a_stable_point_beyond_the_bound_says_so_in_those_words(capsys):
+    """p = 2, eta h = 0.8: alpha 0.79 is stable numerically but beyond the analytic bound 0.75,
+    which is sufficient, not necessary: the line must not call it outside the stable region."""
+    from easgd_ext import stability
+
+    stability.main(["--p", "2", "--eta", "0.8", "--h", "1", "--alpha", "0.79", "--no-plots"])
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("EASGD")][0]
+    assert "(stable)" in line and line.endswith("outside the analytic bound")

@@ -22,7 +22,16 @@ from easgd_ext import data, train
     (["--dataset", "cifar10"], "--dataset cifar10 needs --data-root DIR"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent"], "cifar-10-batches-py"),
     (["--momentum", "1.0"], "--momentum must be in [0, 1)"),
-    (["--mode", "async", "--algo", "average"], "--algo: unknown ['average'] with --mode async"),
+    (["--mode", "async", "--algo", "average"], "--algo: average is synchronous only; with --mode async"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+    (["--seed", "5000000000"], "--seed must be in [0, 2^32)"),
+    (["--plot", "/nonexistent/dir/x.png"], "--plot /nonexistent/dir/x.png: folder /nonexistent/dir does not exist"),
+    (["--json", "/nonexistent/x.json"], "--json /nonexistent/x.json: folder /nonexistent does not exist"),
+    (["--data-root", "/tmp"], "--data-root applies to --dataset cifar10"),
+    (["--fragments", "0"], "--fragments must be at least 1"),
+    (["--delay", "4"], "--delay must be in [0, --tau) = [0, 4)"),
+    (["--delay", "1", "--algo", "downpour"], "--delay 1 applies to easgd and eamsgd"),
+    (["--comm-dtype", "int8", "--algo", "average"], "'average' sends the parameters"),
     (["--mode", "async", "--comm-dtype", "bfloat16"], "--comm-dtype applies to --mode sync"),
 ])
 def test_bad_arguments_are_clear_errors(argv, message, capsys):
@@ -30,6 +39,23 @@ def test_bad_arguments_are_clear_errors(argv, message, capsys):
         train.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_algorithms_by_spaces_or_commas():
+    assert train.parse_args(["--algo", "easgd", "eamsgd"]).algos == ["easgd", "eamsgd"]
+    assert train.parse_args(["--algo", "easgd,downpour", "average"]).algos == ["easgd", "downpour", "average"]
+
+
+def test_an_incomplete_cifar_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "cifar10", "--data-root", str(tmp_path)])
+    assert "lacks data_batch_2" in capsys.readouterr().err
+    for name in data.CIFAR_FILES:
+        (tmp_path / "cifar-10-batches-py" / name).write_bytes(b"not a pickle")
+    with pytest.raises(RuntimeError, match="could not be read .* incomplete or corrupt"):
+        data.cifar10(tmp_path)
 
 
 def test_cifar_errors_are_whole_sentences(tmp_path, capsys):
@@ -187,3 +213,17 @@ def test_simulated_workers_train_in_one_process(tmp_path, capsys):
 def test_simulate_is_sync_only():
     with pytest.raises(SystemExit):
         train.parse_args(["--simulate", "--mode", "async"])
+
+
+def test_progress_in_a_log_is_a_line_per_tenth(tmp_path):
+    from easgd_ext.progress import LineProgress, bar
+
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        p = bar(total=100, desc="easgd", unit="step", file=f)
+        assert isinstance(p, LineProgress)  # a file is not a terminal
+        for _ in range(100):
+            p.update(1)
+        p.close()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("easgd: 100/100 steps") and "\r" not in log.read_text()

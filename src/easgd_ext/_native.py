@@ -4,6 +4,9 @@ pointer, size, dtype, device) and the stream to run on."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 try:
@@ -16,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
         "from anywhere but a folder holding a bare copy of its sources."
     ) from exc
 
-__all__ = ["native", "tensor_ref", "stream_of", "num_threads"]
+__all__ = ["native", "tensor_ref", "stream_of", "num_threads", "on_device"]
 
 
 def tensor_ref(name: str, t: object) -> "native.TensorRef":
@@ -39,3 +42,12 @@ def stream_of(device: torch.device) -> int:
 def num_threads() -> int:
     """CPU kernels use torch's thread count, so one setting governs both."""
     return torch.get_num_threads()
+
+
+def on_device(device: torch.device) -> Any:
+    """``device`` current around a native CUDA call when it is not already: torch's guard, which
+    restores the previous device without making a context on a GPU the thread never used (the
+    native core's own guard would then have nothing to switch)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -37,6 +37,15 @@ CIFAR_HELP = ("Download cifar-10-python.tar.gz (the Python version of CIFAR-10) 
               "makes {root}/cifar-10-batches-py with data_batch_1..5 and test_batch.")
 
 
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def cifar_missing(root: Path) -> list[str]:
+    """The files of cifar-10-batches-py that ``root`` lacks (empty where none is missing)."""
+    folder = root / "cifar-10-batches-py"
+    return [name for name in CIFAR_FILES if not (folder / name).is_file()]
+
+
 def cifar10(root: Path) -> Split:
     """CIFAR-10 from a local copy (never downloaded here), normalized per channel."""
     import torchvision
@@ -48,7 +57,11 @@ def cifar10(root: Path) -> Split:
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
 
     def load(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+        try:
+            ds = torchvision.datasets.CIFAR10(str(root), train=train, download=False)
+        except Exception as exc:  # noqa: BLE001 -- torchvision says "use download=True"
+            raise RuntimeError(f"{root}/cifar-10-batches-py could not be read ({type(exc).__name__}: "
+                               f"{exc}); it is incomplete or corrupt. " + CIFAR_HELP.format(root=root)) from None
         x = torch.tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0
         return (x - mean) / std, torch.tensor(ds.targets)
 

@@ -418,10 +418,11 @@ class SharedCenter:
         and ``lock_wait_s``: seconds spent waiting for chunk locks held by other workers."""
         return [dict(w) for w in self.segment.workers()]
 
-    def pin_for_cuda(self) -> bool:
+    def pin_for_cuda(self, device: int | torch.device = 0) -> bool:
         """Page-locks the segment (cudaHostRegister) for fast asynchronous copies; returns
         whether it is pinned now (False without a GPU or a CUDA build)."""
-        return bool(self.segment.pin_for_cuda())
+        index = device.index if isinstance(device, torch.device) else device
+        return bool(self.segment.pin_for_cuda(0 if index is None else int(index)))
 
     # ---- lifetime -----------------------------------------------------------------------------------
     def unlink(self) -> bool:

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                      "above 2)")
     if eta_h <= 2.0:  # eta, h >= 0, so eta h >= 0 here
         analytic = (f"analytic bound alpha <= {float(easgd_alpha_bound(eta_h)):.6g}, "
-                    f"{easgd_region(eta_h, args.alpha)} the stable region")
+                    f"{easgd_region(eta_h, args.alpha)} the analytic bound")
     else:  # the bound's formula means nothing here: it is positive again for eta h > 4
         analytic = (f"eta h = {eta_h:g} is outside [0, 2]: no alpha is stable (the local step "
                     f"alone diverges)")

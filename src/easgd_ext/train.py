@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     # "(default: None)" for the options whose default is worked out later.
     p = argparse.ArgumentParser(prog="python -m easgd_ext.train",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--algo", default=None,
-                   help=f"comma-separated, from {', '.join(ALGORITHMS)} (default: all of them; "
-                        f"with --mode async: {', '.join(ASYNC_ALGORITHMS)})")
+    p.add_argument("--algo", nargs="+", default=None,
+                   help=f"one or more, separated by spaces or commas, from {', '.join(ALGORITHMS)} "
+                        f"(default: all of them; with --mode async: {', '.join(ASYNC_ALGORITHMS)})")
     p.add_argument("--mode", choices=["sync", "async"], default="sync",
                    help="sync: all workers exchange together; async: each worker exchanges with "
                         "a shared-memory center on its own clock (one machine) (default: "
@@ -130,14 +131,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     offered = ASYNC_ALGORITHMS if args.mode == "async" else ALGORITHMS
-    if args.algo is None:
-        args.algo = ",".join(offered)
-    algos = [a.strip() for a in args.algo.split(",") if a.strip()]
+    given = args.algo if args.algo is not None else list(offered)
+    algos = [a.strip() for item in given for a in item.split(",") if a.strip()]
+    sync_only = [a for a in algos if a in ALGORITHMS and a not in offered]
+    if sync_only:
+        p.error(f"--algo: {', '.join(sync_only)} {'is' if len(sync_only) == 1 else 'are'} "
+                f"synchronous only; with --mode async choose from {', '.join(offered)}")
     unknown = [a for a in algos if a not in offered]
     if unknown or not algos:
         p.error(f"--algo: {'unknown ' + str(unknown) if unknown else 'empty list'} with --mode "
                 f"{args.mode}; choose from {', '.join(offered)}")
     args.algos = list(dict.fromkeys(algos))
+    args.algo = ",".join(args.algos)
+    if not 0 <= args.seed < 2**32:
+        p.error(f"--seed must be in [0, 2^32), got {args.seed}")
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        if path is not None:
+            folder = path.parent if str(path.parent) else Path(".")
+            if not folder.is_dir():
+                p.error(f"{flag} {path}: folder {folder} does not exist (checked now, not after "
+                        "the training)")
+            if not os.access(folder, os.W_OK):
+                p.error(f"{flag} {path}: folder {folder} is not writable")
+    if args.data_root is not None and args.dataset == "digits":
+        p.error("--data-root applies to --dataset cifar10 (digits ship with scikit-learn)")
     if args.mode == "async" and args.comm_dtype is not None:
         p.error("--comm-dtype applies to --mode sync (asynchronous exchanges move parameters "
                 "in their own dtype)")
@@ -184,6 +201,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (args.data_root / "cifar-10-batches-py").is_dir():
             p.error(f"--data-root {args.data_root} has no cifar-10-batches-py folder. "
                     + data.CIFAR_HELP.format(root=args.data_root))
+        missing = data.cifar_missing(args.data_root)
+        if missing:
+            p.error(f"--data-root {args.data_root}: cifar-10-batches-py lacks {', '.join(missing)} "
+                    "(an incomplete or other download?). " + data.CIFAR_HELP.format(root=args.data_root))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
@@ -269,7 +290,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
     elapsed = 0.0
     bar = None
     if rank == 0:
-        from tqdm import tqdm
+        from .progress import bar as tqdm
 
         bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
     for step in range(1, steps + 1):
@@ -353,7 +374,7 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
                for k in range(world)]
     result = Result(algo)
     elapsed, comm = 0.0, 0.0
-    from tqdm import tqdm
+    from .progress import bar as tqdm
 
     bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
     try:
@@ -424,15 +445,17 @@ def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Na
 def print_table(results: list[dict], mode: str = "sync") -> None:
     """The final row of each algorithm (on stdout), and for async mode a note on MB sent."""
     print(f"\n{'algorithm':<10}{'test error':>11}{'best':>8}{'wall s':>9}{'comm s':>9}"
-          f"{'comm %':>8}{'MB sent':>10}{'exchanges':>11}")
+          f"{'comm %':>8}{'MB sent':>10}{'exch/worker':>13}")
     for r in results:
         wall, comm = r["seconds"][-1], r["comm_seconds"]
         # An async exchange is a copy within shared memory: 0 MB would read as a network figure.
         sent = "-" if mode == "async" else f"{r['bytes_sent'][-1] / 1e6:.2f}"
         print(f"{r['algo']:<10}{r['test_error'][-1]:>11.4f}{min(r['test_error']):>8.4f}"
-              f"{wall:>9.2f}{comm:>9.2f}{comm / wall:>8.1%}{sent:>10}{r['exchanges']:>11}")
+              f"{wall:>9.2f}{comm:>9.2f}{comm / wall:>8.1%}{sent:>10}{r['exchanges']:>13}")
+    print("\nMB sent: all workers together; exch/worker: one worker's exchanges"
+          + (" (the plot counts every worker's)" if mode == "async" else ""))
     if mode == "async":
-        print(f"\n{ASYNC_NOTE}")
+        print(ASYNC_NOTE)
 
 
 def figure(results: list[dict], title: str, mode: str = "sync") -> Any:

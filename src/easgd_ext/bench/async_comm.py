@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not (torch.cuda.is_available() and easgd_ext.build_info()["cuda"]):
         parser.error("--device cuda needs a GPU and easgd_ext built with CUDA")
 
-    from tqdm import tqdm
+    from easgd_ext.progress import bar as tqdm
 
     records: list[dict] = []
     for n in tqdm(args.sizes, desc="shared center", unit="size", file=sys.stderr):

@@ -271,7 +271,7 @@ def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse
     sizes = args.sizes
     works = Works()
     if rank == 0:
-        from tqdm import tqdm
+        from easgd_ext.progress import bar as tqdm
 
         sizes = tqdm(sizes, desc=f"world {world}", unit="size", file=sys.stderr)
     try:

@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} CPU threads"
           + (f", GPU {torch.cuda.get_device_name()}" if cuda_ok else ""))
 
-    from tqdm import tqdm
+    from easgd_ext.progress import bar as tqdm
 
     records: list[dict] = []
     cases = [(d, n, DTYPES[t]) for d in devices for n in dict.fromkeys(sizes)

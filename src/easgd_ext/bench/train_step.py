@@ -161,7 +161,7 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     rounds = range(args.rounds)
     if rank == 0:
-        from tqdm import tqdm
+        from easgd_ext.progress import bar as tqdm
 
         rounds = tqdm(rounds, desc="step rounds", unit="round", file=sys.stderr)
     for _ in rounds:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from .._native import native, num_threads, stream_of
+from .._native import native, num_threads, on_device, stream_of
 
 Launch = Any  # native.Launch
 
@@ -32,7 +32,8 @@ class Program:
             if device is None:
                 what()
             else:
-                native.run(what, stream_of(device), threads)
+                with on_device(device):
+                    native.run(what, stream_of(device), threads)
 
     def __len__(self) -> int:
         return len(self._runs)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _dist
-from .._native import num_threads, stream_of, tensor_ref
+from .._native import num_threads, on_device, stream_of, tensor_ref
 from ..algorithms import Algorithm
 from ..flat_params import FlatGroup, check_saved
 from ..settings import POLICY_CODES
@@ -112,7 +112,10 @@ class SharedMemoryCenter(Center):
         self._keep: list[torch.Tensor] = []  # device buffers the prepared exchanges point into
         staging: dict[torch.device, tuple[Any, Any]] = {}
         if any(g.device.type == "cuda" for g in groups):
-            if not self.shared.pin_for_cuda():
+            first_gpu = next(g.device for g in groups if g.device.type == "cuda")
+            with on_device(first_gpu):
+                pinned = self.shared.pin_for_cuda(first_gpu)
+            if not pinned:
                 warn_user("the shared center could not be pinned (easgd_ext built without "
                           "CUDA?): GPU exchanges copy through pageable memory and are slower")
             for g in groups:
@@ -138,7 +141,8 @@ class SharedMemoryCenter(Center):
         recovered, bad = 0, False
         threads = num_threads()
         for device, prepared in self._exchanges:
-            got, nonfinite = prepared.run(threads, self._lock_timeout, stream_of(device))
+            with on_device(device):
+                got, nonfinite = prepared.run(threads, self._lock_timeout, stream_of(device))
             recovered += got
             bad |= nonfinite
         self.shared.segment.record_exchange(self.worker_id, clock)
@@ -160,14 +164,22 @@ class SharedMemoryCenter(Center):
             whole[o:o + g.flat.numel()].copy_(v)
         self.shared.load_(whole)
 
+    @property
+    def keeps_center(self) -> bool:
+        """Who saves and restores the center, the job's and not a worker's: rank 0 under
+        torch.distributed; without it, the process that created the segment (workers that
+        attached to a center made elsewhere keep none of it: save it from its creator, or with
+        ``SharedCenter.snapshot()``)."""
+        return self._comm.rank == 0 if self._comm.distributed else bool(self.shared.owner)
+
     def save(self) -> dict[str, list[torch.Tensor]]:
-        """Checkpoint: the center is the job's, not a worker's: rank 0 keeps it."""
-        return {"center": [c.cpu() for c in self.read()]} if self._comm.rank == 0 else {}
+        """Checkpoint: only :attr:`keeps_center` saves the center."""
+        return {"center": [c.cpu() for c in self.read()]} if self.keeps_center else {}
 
     def load(self, buffers: dict[str, Any]) -> None:
-        """Rank 0 restores the center; under torch.distributed nobody returns before it has,
-        so no worker exchanges with a center still to be restored."""
-        if self._comm.rank == 0:
+        """:attr:`keeps_center` restores the center; under torch.distributed nobody returns
+        before it has, so no worker exchanges with a center still to be restored."""
+        if self.keeps_center:
             if "center" not in buffers:
                 raise ValueError("this state holds no center: in mode='async' rank 0 saves the "
                                  "shared center and loads it back; load rank 0's own state here")
