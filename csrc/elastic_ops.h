@@ -115,7 +115,7 @@ template <typename F> EASGD_HD void record_verdict(const F& f, const Decision& d
 // Before the all-reduce: wire = d = alpha (x - c), rounded to the wire dtype. x is left alone, so
 // an exchange that is skipped leaves every worker as it was. Reports a non-finite stored d.
 // With `keep` (a delayed apply: x moves on before the sum arrives) d is stored there too.
-template <typename X, typename W> struct ElasticDifference {
+template <typename X, typename W, bool Keep = false> struct ElasticDifference {
   const X* x; const float* c; W* wire; float alpha; float* nonfinite; W* keep = nullptr;
 
   template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<W, V> d; };
@@ -135,11 +135,11 @@ template <typename X, typename W> struct ElasticDifference {
   }
   template <int V> EASGD_HD void store(int64_t i, const Regs<V>& r) const {
     easgd::store<V>(wire + i, r.d);
-    if (keep != nullptr) easgd::store<V>(keep + i, r.d);
+    if constexpr (Keep) easgd::store<V>(keep + i, r.d);
   }
   template <int V> bool vectorizable() const {
     return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(wire) &&
-           (keep == nullptr || aligned_for<V>(keep));
+           (!Keep || aligned_for<V>(keep));
   }
 };
 
@@ -148,7 +148,7 @@ template <typename X, typename W> struct ElasticDifference {
 // sent; with `keep` (a delayed apply, x has moved on since) d is read from there instead. A
 // non-finite sum (a float16 wire that overflowed) leaves that element alone on every rank (they
 // all see the same sum) and is reported. A reset rank takes the new center.
-template <typename X, typename W> struct SyncApply {
+template <typename X, typename W, bool Keep = false> struct SyncApply {
   X* x; float* c; const W* reduced; float alpha; Guard guard; float* nonfinite;
   const W* keep = nullptr;
 
@@ -159,7 +159,7 @@ template <typename X, typename W> struct SyncApply {
     r.x = easgd::load<V>(x + i);
     r.c = easgd::load<V>(c + i);
     r.s = easgd::load<V>(reduced + i);
-    if (keep != nullptr) r.d = easgd::load<V>(keep + i);
+    if constexpr (Keep) r.d = easgd::load<V>(keep + i);
   }
   template <int V> EASGD_HD bool update(Regs<V>& r, const Decision& dec) const {
     bool bad = false;
@@ -170,7 +170,9 @@ template <typename X, typename W> struct SyncApply {
       const bool skip = non_finite(s);
       bad |= skip;
       const float c_new = select(skip, cf, cf + s);
-      const float d = keep != nullptr ? to_float(r.d.v[k]) : to_float(from_float<W>(alpha * (xf - cf)));
+      float d;
+      if constexpr (Keep) d = to_float(r.d.v[k]);
+      else d = to_float(from_float<W>(alpha * (xf - cf)));
       // Selects in float32, one rounding to X: what keeps the CPU loops vectorized. A kept x
       // (a skipped element) round-trips exactly.
       r.x.v[k] = from_float<X>(select(dec.reset, c_new, select(skip, xf, xf - d)));
@@ -184,7 +186,7 @@ template <typename X, typename W> struct SyncApply {
   }
   template <int V> bool vectorizable() const {
     return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(reduced) &&
-           (keep == nullptr || aligned_for<V>(keep));
+           (!Keep || aligned_for<V>(keep));
   }
 };
 
@@ -198,7 +200,7 @@ template <typename X, typename W> struct SyncApply {
 // x, c and m alone there; a reset rank takes the new center.
 enum OuterFlags : int { kNesterov = 1, kPullNew = 2, kNormalize = 4 };
 
-template <typename X, typename W> struct OuterApply {
+template <typename X, typename W, bool Keep = false> struct OuterApply {
   X* x; float* c; float* m; const W* reduced; float alpha, lr, mu; int flags; Guard guard;
   float* nonfinite; const W* keep = nullptr;
 
@@ -210,7 +212,7 @@ template <typename X, typename W> struct OuterApply {
     r.c = easgd::load<V>(c + i);
     r.m = easgd::load<V>(m + i);
     r.s = easgd::load<V>(reduced + i);
-    if (keep != nullptr) r.d = easgd::load<V>(keep + i);
+    if constexpr (Keep) r.d = easgd::load<V>(keep + i);
   }
   template <int V> EASGD_HD bool update(Regs<V>& r, const Decision& dec) const {
     const float scale = (flags & kNormalize) != 0 && dec.healthy > 0.f ? float(guard.world) / dec.healthy : 1.f;
@@ -226,7 +228,9 @@ template <typename X, typename W> struct OuterApply {
       const float m_new = mu * r.m.v[k] + g;
       const float step = nesterov ? g + mu * m_new : m_new;
       const float c_new = cf + lr * step;
-      const float d = keep != nullptr ? to_float(r.d.v[k]) : to_float(from_float<W>(alpha * (xf - cf)));
+      float d;
+      if constexpr (Keep) d = to_float(r.d.v[k]);
+      else d = to_float(from_float<W>(alpha * (xf - cf)));
       const float pulled = pull_new ? select(alpha == 1.f, c_new, xf - alpha * (xf - c_new)) : xf - d;
       r.x.v[k] = from_float<X>(select(dec.reset, c_new, select(skip, xf, pulled)));
       r.c.v[k] = select(skip, cf, c_new);
@@ -241,7 +245,7 @@ template <typename X, typename W> struct OuterApply {
   }
   template <int V> bool vectorizable() const {
     return aligned_for<V>(x) && aligned_for<V>(c) && aligned_for<V>(m) && aligned_for<V>(reduced) &&
-           (keep == nullptr || aligned_for<V>(keep));
+           (!Keep || aligned_for<V>(keep));
   }
 };
 

@@ -35,13 +35,16 @@ struct Buf {
 // do not report). `guard`: the exchange's verdict (unguarded when its pointers are null).
 
 // `keep` (optional, wire dtype): d as sent, for an apply that comes steps later.
+// Kernels with a `keep` buffer (a delayed apply) name one functor per case, so the loops of
+// the usual case carry no branch on it (a runtime test stopped GCC vectorizing bf16 loops).
 struct ElasticDifferenceArgs {
   Buf x, center, wire; float alpha = 0.f; float* nonfinite = nullptr; Buf keep;
   DType x_dtype() const { return x.dtype; }
   DType wire_dtype() const { return wire.dtype; }
-  template <typename X, typename W> auto functor() const {
-    return ElasticDifference<X, W>{x.as<X>(), center.as<float>(), wire.as<W>(), alpha, nonfinite,
-                                   keep.as<W>()};
+  bool kept() const { return keep.ptr != nullptr; }
+  template <typename X, typename W, bool Keep> auto functor() const {
+    return ElasticDifference<X, W, Keep>{x.as<X>(), center.as<float>(), wire.as<W>(), alpha, nonfinite,
+                                         keep.as<W>()};
   }
 };
 
@@ -49,9 +52,10 @@ struct SyncApplyArgs {
   Buf x, center, reduced; float alpha = 0.f; Guard guard; float* nonfinite = nullptr; Buf keep;
   DType x_dtype() const { return x.dtype; }
   DType wire_dtype() const { return reduced.dtype; }
-  template <typename X, typename W> auto functor() const {
-    return SyncApply<X, W>{x.as<X>(), center.as<float>(), reduced.as<W>(), alpha, guard, nonfinite,
-                           keep.as<W>()};
+  bool kept() const { return keep.ptr != nullptr; }
+  template <typename X, typename W, bool Keep> auto functor() const {
+    return SyncApply<X, W, Keep>{x.as<X>(), center.as<float>(), reduced.as<W>(), alpha, guard, nonfinite,
+                                 keep.as<W>()};
   }
 };
 
@@ -60,9 +64,10 @@ struct OuterApplyArgs {
   float* nonfinite = nullptr; Buf keep;
   DType x_dtype() const { return x.dtype; }
   DType wire_dtype() const { return reduced.dtype; }
-  template <typename X, typename W> auto functor() const {
-    return OuterApply<X, W>{x.as<X>(), center.as<float>(), momentum.as<float>(), reduced.as<W>(), alpha, lr,
-                            mu, flags, guard, nonfinite, keep.as<W>()};
+  bool kept() const { return keep.ptr != nullptr; }
+  template <typename X, typename W, bool Keep> auto functor() const {
+    return OuterApply<X, W, Keep>{x.as<X>(), center.as<float>(), momentum.as<float>(), reduced.as<W>(), alpha,
+                                  lr, mu, flags, guard, nonfinite, keep.as<W>()};
   }
 };
 
@@ -164,6 +169,10 @@ template <typename A, typename = void> struct is_elementwise : std::false_type {
 template <typename A>
 struct is_elementwise<A, std::void_t<decltype(std::declval<const A&>().x_dtype())>> : std::true_type {};
 
+template <typename A, typename = void> struct has_keep : std::false_type {};
+template <typename A>
+struct has_keep<A, std::void_t<decltype(std::declval<const A&>().kept())>> : std::true_type {};
+
 template <typename A, typename = void> struct has_wire_dtype : std::false_type {};
 template <typename A>
 struct has_wire_dtype<A, std::void_t<decltype(std::declval<const A&>().wire_dtype())>> : std::true_type {};
@@ -176,7 +185,14 @@ template <typename F> void dispatch_dtypes(DType x, DType w, F&& f) {
 // Calls launch(functor, n) with the functor an element-wise call names for its dtypes.
 template <typename A, typename Launcher>
 void for_functor(const A& a, int64_t n, const Launcher& launch) {
-  if constexpr (has_wire_dtype<A>::value) {
+  if constexpr (has_keep<A>::value) {
+    dispatch_dtypes(a.x_dtype(), a.wire_dtype(), [&](auto xt, auto wt) {
+      using X = decltype(xt);
+      using W = decltype(wt);
+      if (a.kept()) launch(a.template functor<X, W, true>(), n);
+      else launch(a.template functor<X, W, false>(), n);
+    });
+  } else if constexpr (has_wire_dtype<A>::value) {
     dispatch_dtypes(a.x_dtype(), a.wire_dtype(), [&](auto xt, auto wt) {
       launch(a.template functor<decltype(xt), decltype(wt)>(), n);
     });

@@ -135,9 +135,10 @@ constexpr int kWarp = 32;
 constexpr int kPerLane = kQuantBlock / kWarp;
 constexpr int kQuantWarpsPerBlock = kThreads / kWarp;
 
-__device__ float warp_max(float m) {
+// The warp's maximum of |v| as bits (quantize.h: the CPU's order, NaN included).
+__device__ uint32_t warp_max(uint32_t m) {
 #pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  for (int off = kWarp / 2; off > 0; off /= 2) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
   return m;
 }
 
@@ -152,8 +153,7 @@ __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendA
   const int64_t begin = b * kQuantBlock;
   const int64_t len = min(int64_t(kQuantBlock), l.n - begin);
   float v[kPerLane];
-  float m = 0.f;
-  bool bad = false;
+  uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int64_t e = lane + int64_t(k) * kWarp;
@@ -162,14 +162,14 @@ __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendA
       const float d = rule_difference<X>(R, x, a.center, last, a.alpha, begin + e);
       if (a.keep != nullptr) a.keep[begin + e] = d;
       v[k] = d + a.residual[begin + e];
-      m = fmaxf(m, fabsf(v[k]));
-      bad |= non_finite(v[k]);
+      m = max(m, abs_bits(v[k]));
     }
   }
   m = warp_max(m);
+  const bool bad = m >= 0x7f800000u;
   const Place p = place(l, begin);
   uint8_t* rec = a.records + p.owner * l.record;
-  const BlockScale s = block_scale(m);
+  const BlockScale s = block_scale(bits_float(m));
   if (lane == 0) l.scales(rec)[p.block] = s.scale;
   int8_t* q = l.q(rec) + p.index;
 #pragma unroll
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendA
     const int64_t e = lane + int64_t(k) * kWarp;
     if (e < len) q[e] = quantize(v[k], s.inv);
   }
-  if (bad && a.nonfinite != nullptr) *a.nonfinite = 1.f;
+  if (bad && lane == 0 && a.nonfinite != nullptr) *a.nonfinite = 1.f;
 }
 
 __global__ void __launch_bounds__(kThreads) publish_records_kernel(PublishRecordsArgs a) {
@@ -212,14 +212,14 @@ __global__ void __launch_bounds__(kThreads) quantized_reduce_kernel(QuantizedRed
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) s[k] += dequantize(q[lane + k * kWarp], scale);
   }
-  float m = 0.f;
+  uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     s[k] += a.server_residual[begin + lane + k * kWarp];
-    m = fmaxf(m, fabsf(s[k]));
+    m = max(m, abs_bits(s[k]));
   }
   m = warp_max(m);
-  const BlockScale bs = block_scale(m);
+  const BlockScale bs = block_scale(bits_float(m));
   if (lane == 0) l.scales(a.own)[jb] = bs.scale;
   int8_t* q = l.q(a.own) + begin;
 #pragma unroll

@@ -63,6 +63,12 @@ struct QuantLayout {
   }
 };
 
+// |v| as the bits of a float with the sign cleared: for these, the order of the bits is the
+// order of the values (an Inf above every finite value, a NaN above an Inf), so a block's
+// maximum is an integer max, which vectorizes (a float max reduction does not, under IEEE
+// rules). A block holding a NaN gets a NaN maximum, hence scale 0 (its sender is withdrawn).
+EASGD_HD uint32_t abs_bits(float v) { return float_bits(v) & 0x7fffffffu; }
+
 // The block's scale and reciprocal from its absolute maximum.
 struct BlockScale {
   float scale = 0.f, inv = 0.f;
@@ -70,7 +76,7 @@ struct BlockScale {
 
 EASGD_HD BlockScale block_scale(float absmax) {
   BlockScale s;
-  if (absmax >= kQuantTiny && absmax <= 3.4028234663852886e38f) {  // finite and not tiny
+  if (absmax >= kQuantTiny && absmax <= 3.4028234663852886e38f) {  // finite and not tiny (NaN fails)
     s.inv = 127.f / absmax;
     s.scale = absmax / 127.f;
   }

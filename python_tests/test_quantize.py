@@ -81,10 +81,11 @@ def test_a_non_finite_value_is_flagged_and_quantizes_to_something_defined(device
     records, flag = send(device, v.to(device), torch.zeros_like(v, device=device), 2, alpha=1.0,
                          center=torch.zeros_like(v, device=device))
     assert flag.item() == 1.0
-    q, _, _ = ref._unrecord(records.cpu(), v.numel(), 2)
-    want_q, _ = ref.quantize_blocks(torch.cat([v, torch.zeros(q.numel() - v.numel())]))
-    # Every block without the bad value is exact; the bad block's q are well-defined bytes.
-    assert torch.equal(q[:B], want_q[:B]) and torch.equal(q[2 * B:], want_q[2 * B:])
+    q, scale, _ = ref._unrecord(records.cpu(), v.numel(), 2)
+    want_q, want_scale = ref.quantize_blocks(torch.cat([v, torch.zeros(q.numel() - v.numel())]))
+    # Every block is exact; the bad block sends zeros (its sender is withdrawn anyway).
+    assert torch.equal(q, want_q) and torch.equal(scale, want_scale)
+    assert scale[1] == 0 and not q[B:2 * B].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)

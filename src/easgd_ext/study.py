@@ -242,7 +242,7 @@ GRIDS = {
     "quick": Grid((2,), (4,), 1, {"digits": 24, "lm": 16}, {"digits": 12, "lm": 8}, (2, 4), 200_000,
                   {"digits": ("sync-sgd", "easgd"), "lm": ("easgd", "diloco")},
                   {"digits": (0.05,), "lm": (3e-3,)}),
-    "default": Grid((4, 8), (4, 16, 64), 3, {"digits": 384, "lm": 384}, {"digits": 32, "lm": 64},
+    "default": Grid((4, 8), (4, 16, 64), 3, {"digits": 384, "lm": 256}, {"digits": 32, "lm": 64},
                     (4, 16), 2_000_000),
     "full": Grid((4, 8, 16), (4, 16, 64), 3, {"digits": 1024, "lm": 3072}, {"digits": 64, "lm": 256},
                  (8, 16), 20_000_000),
@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", choices=["digits", "lm"], default=["digits", "lm"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seeds", type=int, default=None, help="fresh seeds per setting (default 3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads on the CPU (default 1: the simulated workers' small "
+                             "models run fastest on one thread each)")
     parser.add_argument("--json", type=Path, default=None, help="write every run's curves here")
     parser.add_argument("--plot-dir", type=Path, default=Path("."), help="where the PNGs go (default: .)")
     args = parser.parse_args(argv)
@@ -396,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is not None:
         grid.seeds = args.seeds
     device = torch.device(args.device)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     def progress(line: str) -> None:

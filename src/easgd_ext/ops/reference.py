@@ -103,10 +103,10 @@ def quant_layout(n: int, world: int) -> tuple[int, int]:
 def quantize_blocks(v: Tensor) -> tuple[Tensor, Tensor]:
     """float32 ``v`` (a multiple of the block length) -> (int8 q, float32 scale per block):
     ``scale = m / 127``, ``q = clamp(rint(v * (127 / m)), -127, 127)`` with ``m`` the block's
-    absolute maximum; a block whose maximum is below 2^-100 (or not finite) sends zeros; a NaN
-    element is 0."""
+    absolute maximum; a block whose maximum is below 2^-100 or not finite (an Inf or a NaN in
+    it) sends zeros."""
     blocks = v.float().reshape(-1, QUANT_BLOCK)
-    m = torch.nan_to_num(blocks.abs(), nan=0.0).amax(dim=1)  # NaN does not win a max
+    m = blocks.abs().amax(dim=1)  # a NaN wins the max: that block sends zeros
     usable = (m >= QUANT_TINY) & torch.isfinite(m)
     one = torch.ones_like(m)
     inv = torch.where(usable, torch.tensor(127.0) / torch.where(usable, m, one), torch.zeros_like(m))
