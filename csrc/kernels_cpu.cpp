@@ -214,22 +214,15 @@ void quantized_apply(const QuantizedApplyArgs& a, int num_threads) {
       for (int64_t k = 0; k < len; ++k) lf[k] = to_float(lb[k]);
     }
     for (int64_t k = 0; k < len; ++k) {
-      const float S = dequantize(got_q[k], got_scale);
-      const bool kept = non_finite(S);
-      const float cf = cb[k];
       float d;
       if constexpr (Keep) d = kb[k];
-      else if constexpr (R == QuantRule::elastic) d = a.alpha * (xf[k] - cf);
+      else if constexpr (R == QuantRule::elastic) d = a.alpha * (xf[k] - cb[k]);
       else d = xf[k] - lf[k];
-      const float r = rb[k];
-      const float c_new = select(kept, cf, cf + S);
-      if constexpr (R == QuantRule::elastic) {
-        xn[k] = select(reset, c_new, select(kept, xf[k], xf[k] - d));
-      } else {
-        xn[k] = select(kept, xf[k], c_new);
-      }
-      rb[k] = select(reset, r, (d + r) - dequantize(sent_q[k], sent_scale));
-      cb[k] = c_new;
+      const QuantApplied out = quant_apply_element<R>(xf[k], cb[k], rb[k], d, dequantize(got_q[k], got_scale),
+                                                      dequantize(sent_q[k], sent_scale), reset);
+      xn[k] = out.x;
+      cb[k] = out.c;
+      rb[k] = out.r;
     }
     for (int64_t k = 0; k < len; ++k) xb[k] = from_float<X>(xn[k]);
     if constexpr (R == QuantRule::downpour) {

@@ -255,19 +255,14 @@ __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedAppl
     const int64_t e = lane + int64_t(k) * kWarp;
     if (e >= len) continue;
     const int64_t i = begin + e;
-    const float S = dequantize(got_q[e], got_scale);
-    const bool kept = non_finite(S);
     const float d = a.keep != nullptr ? a.keep[i] : rule_difference<X>(R, x, a.center, last, a.alpha, i);
-    const float r = a.residual[i];
-    const float cf = a.center[i];
-    const float c_new = select(kept, cf, cf + S);
-    const float xf = to_float(x[i]);
-    const float x_new = R == QuantRule::elastic ? select(reset, c_new, select(kept, xf, xf - d))
-                                                : select(kept, xf, c_new);
-    a.residual[i] = select(reset, r, (d + r) - dequantize(sent_q[e], sent_scale));
-    a.center[i] = c_new;
-    x[i] = from_float<X>(x_new);
-    if (R == QuantRule::downpour) last[i] = from_float<X>(x_new);
+    const QuantApplied out = quant_apply_element<R>(to_float(x[i]), a.center[i], a.residual[i], d,
+                                                    dequantize(got_q[e], got_scale),
+                                                    dequantize(sent_q[e], sent_scale), reset);
+    a.residual[i] = out.r;
+    a.center[i] = out.c;
+    x[i] = from_float<X>(out.x);
+    if (R == QuantRule::downpour) last[i] = from_float<X>(out.x);
   }
 }
 

@@ -168,6 +168,23 @@ EASGD_HD float rule_difference(QuantRule rule, const X* x, const float* c, const
   return rule == QuantRule::elastic ? alpha * (xf - c[i]) : xf - to_float(last[i]);
 }
 
+// One element of the 8-bit apply: the owners' sum S, the d this rank computed (kept or
+// recomputed), its residual r and what its own record carried (own): the new x (EASGD: x - d;
+// DOWNPOUR: the new center), center and residual. A non-finite S leaves x and c alone there; a
+// reset rank takes the new center and keeps its residual.
+struct QuantApplied {
+  float x, c, r;
+};
+
+template <QuantRule R>
+EASGD_HD QuantApplied quant_apply_element(float xf, float cf, float r, float d, float S, float own, bool reset) {
+  const bool kept = non_finite(S);
+  const float c_new = select(kept, cf, cf + S);
+  const float x_new = R == QuantRule::elastic ? select(reset, c_new, select(kept, xf, xf - d))
+                                              : select(kept, xf, c_new);
+  return {x_new, c_new, select(reset, r, (d + r) - own)};
+}
+
 // The element's owner record, block of its chunk and index in it.
 struct Place {
   int64_t owner, block, index;

@@ -145,3 +145,16 @@ def values(results: list[RankResult]) -> list[Any]:
         if res.error_type is not None:
             raise AssertionError(f"rank {r} raised {res.error_type}: {res.error}\n{res.traceback}")
     return [res.value for res in results]
+
+
+def nccl_world_one(rank: int, world: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a world-1 NCCL group, for GPU tests run through :func:`run_ranks` (which
+    made a Gloo one: it is replaced for the call, then restored)."""
+    dist.destroy_process_group()
+    dist.init_process_group("nccl", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    try:
+        return fn(*args)
+    finally:
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import easgd_ext
 from conftest import DEVICES, cuda_usable
-from dist_harness import run_ranks, values
+from dist_harness import nccl_world_one, run_ranks, values
 from easgd_ext import ops
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -191,20 +191,6 @@ def test_fullgraph_compile_traces_through_the_kernels(device):
 
 # ---- GPU only ------------------------------------------------------------------------------------
 needs_gpu = pytest.mark.skipif(not cuda_usable(), reason="needs a CUDA GPU and easgd_ext built with CUDA")
-
-
-def nccl_world_one(rank: int, world: int, fn, *args):
-    """``fn`` in a world-1 NCCL group (the dist harness made a Gloo one)."""
-    dist.destroy_process_group()
-    import tempfile
-
-    dist.init_process_group("nccl", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    try:
-        return fn(*args)
-    finally:
-        dist.destroy_process_group()
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
 
 
 def graph_replay(comm: str | None) -> dict:

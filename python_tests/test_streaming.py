@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import easgd_ext
-from dist_harness import run_ranks, values
+from dist_harness import nccl_world_one, run_ranks, values
 from easgd_ext._native import native, tensor_ref
 from easgd_ext.ops import reference as ref
 
@@ -347,20 +347,6 @@ def test_a_delayed_fragment_is_waited_for_only_at_its_apply_step(comm):
 needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and easgd_ext.build_info()["cuda"] and easgd_ext.build_info()["cuda_devices"]),
     reason="needs a CUDA GPU and easgd_ext built with CUDA")
-
-
-def nccl_world_one(rank: int, world: int, fn, *args):
-    """``fn`` in a world-1 NCCL group (the dist harness made a Gloo one)."""
-    import tempfile
-
-    dist.destroy_process_group()
-    dist.init_process_group("nccl", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    try:
-        return fn(*args)
-    finally:
-        dist.destroy_process_group()
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
 
 
 def nccl_delayed_steps_do_not_sync(comm: str | None) -> dict:
