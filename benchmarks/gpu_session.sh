@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_session.sh                 # every stage
 #     bash benchmarks/gpu_session.sh kernels step    # only these (after a build in this machine)
 #
-# Stages: machine build tests kernels comm step async train_sync train_async.
+# Stages: machine build tests kernels comm step async train_sync train_async study.
 # For a machine with no package registry (python3, torch + CUDA, pybind11, cmake, ninja, pytest,
 # pytest-xdist, tqdm, matplotlib, scikit-learn present). Each stage runs under `timeout`, and
 # the whole session under DEADLINE seconds (default 560: inside a 10-minute device call), so a
@@ -20,7 +20,7 @@ DEADLINE=${DEADLINE:-560}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TQDM_DISABLE=1
-ALL_STAGES=(machine build tests kernels comm step async train_sync train_async)
+ALL_STAGES=(machine build tests kernels comm step async train_sync train_async study)
 if [ "$#" -gt 0 ]; then STAGES=("$@"); else STAGES=("${ALL_STAGES[@]}"); fi
 FAILED=()
 : > "$OUT/stages.tsv"
@@ -129,6 +129,10 @@ stage train_sync 120 python3 -m easgd_ext.train --device cuda --steps 300 \
   --json "$OUT/train_sync.json" --plot "$OUT/train_sync.png"
 stage train_async 120 python3 -m easgd_ext.train --device cuda --steps 300 --mode async \
   --json "$OUT/train_async.json" --plot "$OUT/train_async.png"
+
+# The convergence study's pipeline on the GPU (its quick grid: simulated workers on one device).
+stage study 120 python3 -m easgd_ext.study --quick --device cuda --json "$OUT/study_quick.json" \
+  --plot-dir "$OUT"
 
 summary
 [ "${#FAILED[@]}" -eq 0 ]

@@ -333,3 +333,12 @@ def test_channels_last_weights_keep_their_memory_order(mode):
             conv.weight.add_(2.0)
         avg.exchange()
         assert torch.allclose(conv.weight.detach(), before + 1.0, atol=1e-6)  # halfway back
+
+
+def test_the_same_tensor_twice_is_an_error():
+    w = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match=r"params\[1\] is params\[0\] again"):
+        ElasticAverager([w, w])
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    ElasticAverager(tied.parameters())  # model.parameters() lists a tied weight once: fine

@@ -36,8 +36,8 @@ LEGACY_SETTINGS = {"fragments": 1, "delay": 0}  # what format 2 states were save
 
 
 class Averager:
-    """Base of :class:`ElasticAverager`, :class:`DownpourAverager` and :class:`PeriodicAverager`;
-    build those. ``make_algorithm(p)`` returns the update rule for ``p`` workers."""
+    """Base of :class:`ElasticAverager`, :class:`DownpourAverager`, :class:`PeriodicAverager` and
+    :class:`DiLoCoAverager`; build those. ``make_algorithm(p)`` returns the update rule for ``p`` workers."""
 
     def __init__(self, params: Iterable[torch.Tensor], make_algorithm: Callable[[int], Algorithm], *,
                  tau: int, mode: str, process_group: Any, comm_dtype: Any, bucket_cap_mb: Any,

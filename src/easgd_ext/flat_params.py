@@ -41,7 +41,8 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The distinct tensors of ``params`` (a tied weight listed twice counts once), checked."""
+    """The tensors of ``params``, checked: each once (``model.parameters()`` lists a tied weight
+    once; a list holding a tensor twice is a mistake, and an error)."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors (e.g. model.parameters()), "
                         "got a single tensor; wrap it in a list")
@@ -68,9 +69,12 @@ def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
                 "its values would be moved into the averager's buffer and the tensor it views "
                 "would never be averaged; pass the tensors that own their memory, such as "
                 "model.parameters()")
-        if id(p) not in seen:
-            seen.add(id(p))
-            unique.append(p)
+        if id(p) in seen:
+            first = next(j for j, q in enumerate(items) if q is p)
+            raise ValueError(f"params[{i}] is params[{first}] again: pass each tensor once "
+                             "(model.parameters() lists a tied weight once)")
+        seen.add(id(p))
+        unique.append(p)
     if not unique:
         raise ValueError("params is empty: there is nothing to average")
     _check_no_overlap(unique)
