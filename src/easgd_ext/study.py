@@ -249,8 +249,10 @@ GRIDS = {
 }
 
 
-def run_study(tasks: list[str], grid: Grid, device: torch.device, progress: Any = None) -> dict:
-    """Tunes each method's learning rate, then runs every (method, p, tau) on fresh seeds."""
+def run_study(tasks: list[str], grid: Grid, device: torch.device, progress: Any = None,
+              checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Tunes each method's learning rate, then runs every (method, p, tau) on fresh seeds;
+    ``checkpoint(result so far)`` after each task (a long study keeps what it has measured)."""
     out: dict[str, Any] = {"tasks": {}}
     for task_name in tasks:
         task = digits_task(device) if task_name == "digits" else lm_task(device, grid.lm_bytes)
@@ -283,6 +285,8 @@ def run_study(tasks: list[str], grid: Grid, device: torch.device, progress: Any 
                                    "tuning": {m: {str(k): v for k, v in t.items()} for m, t in tuning.items()},
                                    "chosen_lr": best, "tune_at": list(grid.tune_at),
                                    "runs": [asdict(r) for r in runs]}
+        if checkpoint is not None:
+            checkpoint(out)
     return out
 
 
@@ -407,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     def progress(line: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f} s] {line}", file=sys.stderr, flush=True)
 
-    result = run_study(args.tasks, grid, device, progress)
+    def save_so_far(partial: dict) -> None:
+        if args.json:
+            args.json.write_text(json.dumps({**partial, "partial": True}, indent=1))
+
+    result = run_study(args.tasks, grid, device, progress, save_so_far)
     result["seconds"] = time.perf_counter() - start
     result["grid"] = {k: v for k, v in asdict(grid).items()}
     result["command"] = "python -m easgd_ext.study " + " ".join(sys.argv[1:] if argv is None else argv)
