@@ -4,7 +4,9 @@ construction-time agreement that turns a local mistake into the same error on ev
 
 from __future__ import annotations
 
+import collections
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -83,8 +85,7 @@ def agree(comm: Comm, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         local, error = None, (type(exc).__name__, str(exc))
     if not comm.distributed:
         return local
-    everyone: list[Any] = [None] * comm.world_size
-    dist.all_gather_object(everyone, {"value": local, "error": error}, group=comm.group)
+    everyone = all_gather_objects(comm, {"value": local, "error": error})
     for rank, item in enumerate(everyone):
         if item["error"] is not None:
             kind, message = item["error"]
@@ -126,7 +127,97 @@ def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
         return
     src = comm.global_rank(0)
     for t in tensors:
-        dist.broadcast(t, src=src, group=comm.group)
+        _collective(comm, [t], lambda: dist.broadcast(t, src=src, group=comm.group, async_op=True))
+
+
+# ---- collectives that leave nothing to Gloo's threads --------------------------------------------
+# Gloo runs each collective on a worker thread, which drops its reference to the finished work a
+# moment *after* wait() has returned. When the tensors' Python objects are gone by then (the
+# temporaries of torch's all_gather_object/broadcast_object_list, or a model deleted at once),
+# that thread releases them itself and needs the GIL to do it; if the interpreter is shutting
+# down meanwhile, the thread is made to exit inside a C++ destructor and the process aborts
+# ("terminate called without an active exception", SIGABRT after a job that finished: about one
+# async job in five, whose last collectives come just before it exits). So the averagers'
+# construction-time collectives go through _collective(), which returns only once no thread of
+# the backend refers to their tensors any more.
+
+_RELEASE_PATIENCE = 2.0  # seconds; normally the thread lets go within microseconds
+_held: collections.deque[list[torch.Tensor]] = collections.deque(maxlen=64)  # the fallback
+
+
+def _collective(comm: Comm, tensors: list[torch.Tensor], post: Callable[[], Any]) -> None:
+    """Runs the collective that ``post()`` posts with ``async_op=True`` over ``tensors``, waits
+    for it, and returns once the backend's threads have released ``tensors`` (their reference
+    counts are back where they were): from then on only Python holds them, so whichever thread
+    lets go of them last holds the GIL. Where the count cannot be read (a torch without
+    ``Tensor._use_count``) or the backend does not let go in time, the tensors stay referenced
+    from here instead (the last 64 such lists), so the backend's release is never the last."""
+    counts = getattr(torch.Tensor, "_use_count", None)
+    before = [counts(t) for t in tensors] if counts is not None else []
+    work = post()
+    work.wait()
+    del work  # ours; what remains is the backend's own reference
+    if _handed_to_nccl(comm, tensors):
+        return  # NCCL's watchdog thread lets go after the GPU ran the work: left as torch does
+    if counts is None:
+        _held.append(tensors)
+        return
+    deadline = time.monotonic() + _RELEASE_PATIENCE
+    while any(counts(t) > b for t, b in zip(tensors, before)):
+        if time.monotonic() > deadline:
+            _held.append(tensors)
+            return
+        time.sleep(1e-4)  # releases the GIL, which the backend's thread may need
+
+
+def _handed_to_nccl(comm: Comm, tensors: list[torch.Tensor]) -> bool:
+    return any(t.is_cuda for t in tensors) and "nccl" in str(dist.get_backend(comm.group))
+
+
+def _object_device(comm: Comm) -> torch.device:
+    """Where torch's own object collectives put the bytes for ``comm.group``."""
+    pick = getattr(dist.distributed_c10d, "_get_object_coll_device", None)
+    kind = pick(comm.group) if pick is not None else (
+        "cuda" if str(dist.get_backend(comm.group)) == "nccl" else "cpu")
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
+def all_gather_objects(comm: Comm, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in group rank order; ``dist.all_gather_object`` without
+    leaving its temporaries to Gloo's threads."""
+    device = _object_device(comm)
+    data = pickle.dumps(obj)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(comm.world_size)]
+    _collective(comm, sizes + [size],
+                lambda: dist.all_gather(sizes, size, group=comm.group, async_op=True))
+    lengths = [int(n.item()) for n in sizes]
+    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = mine.to(device)
+    everyone = [torch.empty(max(lengths), dtype=torch.uint8, device=device)
+                for _ in range(comm.world_size)]
+    _collective(comm, everyone + [mine],
+                lambda: dist.all_gather(everyone, mine, group=comm.group, async_op=True))
+    return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(everyone, lengths)]
+
+
+def broadcast_object(comm: Comm, obj: Any) -> Any:
+    """Group rank 0's ``obj`` (picklable) on every rank (the others pass anything);
+    ``dist.broadcast_object_list`` without leaving its temporaries to Gloo's threads."""
+    device = _object_device(comm)
+    src = comm.global_rank(0)
+    data = pickle.dumps(obj) if comm.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    _collective(comm, [size],
+                lambda: dist.broadcast(size, src=src, group=comm.group, async_op=True))
+    payload = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if comm.rank == 0:
+        payload[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    payload = payload.to(device)
+    _collective(comm, [payload],
+                lambda: dist.broadcast(payload, src=src, group=comm.group, async_op=True))
+    return obj if comm.rank == 0 else pickle.loads(payload.cpu().numpy().tobytes())
 
 
 
