@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -221,25 +222,61 @@ def broadcast_object(comm: Comm, obj: Any) -> Any:
 
 
 
-def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int]:
+def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int] | None:
     """After a failed collective: which group ranks did not report the same failure within
-    ``grace`` seconds. Each rank that fails writes a key to the process group's store (the
-    launcher's, which outlives any rank) and watches for the others' keys; nothing touches the
-    store while collectives succeed. Returns [] where no store can be reached."""
+    ``grace`` seconds; ``None`` where the process group's store could not be reached in that
+    time. Each rank that fails writes a key to the store and watches for the others' keys;
+    nothing touches the store while collectives succeed.
+
+    The store may live in a rank that failed: under a plain env:// launch (MASTER_ADDR,
+    MASTER_PORT, RANK, WORLD_SIZE set by the user or a scheduler) rank 0 hosts the TCPStore. A
+    killed host refuses connections (and a TCPStore client retries for the whole process-group
+    timeout); a frozen one accepts them and never answers, and nothing bounds the wait then
+    (torch 2.14: ``check`` and ``wait`` block past the store's timeout and ``set_timeout``,
+    and a new client blocks in its handshake). So every store access of the diagnosis runs on
+    a daemon thread, through a connection of its own (``store.clone()``: the same prefixes as
+    the process group's, so the keys stay in this job attempt's namespace), and the caller
+    waits for it ``grace`` + 1 s at most, whatever the store does. A call still blocked after
+    that is left behind on the thread, holding only that connection, not the process group's
+    own store client."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        base = dist.distributed_c10d._get_default_store()
         ranks = dist.get_process_group_ranks(comm.group)
     except Exception:  # noqa: BLE001 -- no store, no names: the caller still reports the failure
-        return []
+        return None
     prefix = f"easgd_ext/failed/{'-'.join(map(str, ranks))}/{event}/"
-    try:
-        store.set(prefix + str(comm.rank), "1")
-        deadline = time.monotonic() + grace
-        missing = list(range(comm.world_size))
-        while missing and time.monotonic() < deadline:
-            missing = [r for r in missing if not store.check([prefix + str(r)])]
-            if missing:
-                time.sleep(0.05)
-        return missing
-    except Exception:  # noqa: BLE001 -- the store's host may be the rank that died
-        return []
+    deadline = time.monotonic() + grace
+    found: dict[str, Any] = {}
+
+    def diagnose() -> None:
+        try:
+            store = base.clone()
+            store.set(prefix + str(comm.rank), "1")
+            missing = list(range(comm.world_size))
+            while missing and time.monotonic() < deadline:
+                missing = [r for r in missing if not store.check([prefix + str(r)])]
+                if missing:
+                    time.sleep(0.05)
+            found["missing"] = missing
+        except Exception as exc:  # noqa: BLE001 -- the store's host may be the rank that died
+            found["error"] = exc
+
+    probe = threading.Thread(target=diagnose, name="easgd_ext-failure-diagnosis", daemon=True)
+    probe.start()
+    probe.join(max(0.0, deadline - time.monotonic()) + DIAGNOSIS_MARGIN)
+    return found.get("missing")
+
+
+DIAGNOSIS_MARGIN = 1.0  # seconds past the grace for the last store call to come back
+
+
+def describe_silent(silent: list[int] | None) -> str:
+    """What :func:`unresponsive_ranks` found, for an error message."""
+    if silent is None:
+        return ("the diagnosis could not reach the process group's store to find out which "
+                "ranks did not take part (the store's host may be one of them: under env:// "
+                "that is rank 0)")
+    if not silent:
+        return "every rank reported the failure"
+    return (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
+            "(dead, frozen, or no longer calling step()/exchange())")
