@@ -1,11 +1,13 @@
 """Many short 2-rank asynchronous jobs, for the test that no job dies at exit
-(python exit_race.py JOBS PARALLEL [--stress] [--plain] [--destroy]).
+(python exit_race.py JOBS PARALLEL [--stress] [--plain] [--destroy] [--budget S --min-jobs N]).
 
 Each rank is a child forked from this process (torch and easgd_ext imported once, so a job
 costs a fraction of a second, not an interpreter start) that joins a Gloo group, builds an
 ``ElasticAverager(mode="async")``, steps a few times, calls close() (and, with ``--destroy``,
 ``destroy_process_group()``), and then leaves through the interpreter's normal shutdown, the
-way a user's script ends. The parent prints one JSON line: the exit code of every rank.
+way a user's script ends. The parent prints one JSON line: the jobs started, the exit code of
+every rank, the ranks that hung (killed after 120 s) and the time taken. With ``--budget``, no
+job starts after that many seconds once ``--min-jobs`` have started (a loaded machine runs fewer).
 
 What used to go wrong: Gloo's worker thread dropped its reference to a finished collective a
 moment after wait() returned; when the temporaries of the construction-time collectives were
@@ -26,6 +28,7 @@ thread finish first (jobs with it failed too, 4 of 26, but only under natural ti
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -40,7 +43,7 @@ import torch.distributed as dist
 import easgd_ext
 
 WORLD = 2
-DEADLINE_S = 120.0
+RANK_DEADLINE_S = 120.0  # a rank still running after this is hung
 
 
 def rank_main(store: str, rank: int, cpu: int | None, plain: bool, destroy: bool) -> int:
@@ -76,33 +79,45 @@ def rank_main(store: str, rank: int, cpu: int | None, plain: bool, destroy: bool
 
 def main(argv: list[str]) -> tuple[str, int, int | None, bool, bool] | None:
     """Runs the jobs; returns (what a child runs) in a child, None in the parent."""
-    jobs, parallel = int(argv[0]), int(argv[1])
-    stress, plain, destroy = "--stress" in argv, "--plain" in argv, "--destroy" in argv
+    parser = argparse.ArgumentParser(prog="exit_race.py")
+    parser.add_argument("jobs", type=int, help="at most this many jobs")
+    parser.add_argument("parallel", type=int, help="jobs at a time")
+    parser.add_argument("--stress", action="store_true")
+    parser.add_argument("--plain", action="store_true")
+    parser.add_argument("--destroy", action="store_true")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="start no job after this many seconds, once --min-jobs have started")
+    parser.add_argument("--min-jobs", type=int, default=0)
+    args = parser.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     tmp = tempfile.mkdtemp(prefix="easgd-exit-race-")
-    running: dict[int, tuple[int, int]] = {}
+    running: dict[int, float] = {}  # pid: when its job started
     codes: list[int] = []
     started, hung = 0, 0
-    deadline = time.monotonic() + DEADLINE_S
-    while started < jobs or running:
-        while started < jobs and len(running) < parallel * WORLD:
+    t0 = time.monotonic()
+
+    def may_start() -> bool:
+        within = args.budget is None or time.monotonic() - t0 < args.budget
+        return started < args.jobs and (within or started < args.min_jobs)
+
+    while may_start() or running:
+        while may_start() and len(running) < args.parallel * WORLD:
             for rank in range(WORLD):
-                cpu = cpus[(started * WORLD + rank) % len(cpus)] if stress else None
+                cpu = cpus[(started * WORLD + rank) % len(cpus)] if args.stress else None
                 pid = os.fork()
                 if pid == 0:
-                    return f"{tmp}/store{started}", rank, cpu, plain, destroy
-                running[pid] = (started, rank)
+                    return f"{tmp}/store{started}", rank, cpu, args.plain, args.destroy
+                running[pid] = time.monotonic()
             started += 1
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
-            if time.monotonic() > deadline:
-                for pid in running:
+            for pid, since in list(running.items()):
+                if time.monotonic() - since > RANK_DEADLINE_S:  # hung: a failure too
                     os.kill(pid, signal.SIGKILL)
                     os.waitpid(pid, 0)
                     _remove_centers_of(pid)
-                hung += len(running)
-                running.clear()
-                break
+                    running.pop(pid)
+                    hung += 1
             time.sleep(0.01)
             continue
         running.pop(pid)
@@ -113,7 +128,8 @@ def main(argv: list[str]) -> tuple[str, int, int | None, bool, bool] | None:
     for path in glob.glob(f"{tmp}/*"):
         os.remove(path)
     os.rmdir(tmp)
-    print(json.dumps({"jobs": jobs, "codes": codes, "hung": hung}))
+    print(json.dumps({"jobs": started, "codes": codes, "hung": hung,
+                      "seconds": round(time.monotonic() - t0, 1)}))
     return None
 
 
