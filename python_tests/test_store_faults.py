@@ -121,13 +121,27 @@ def run_fault(launcher: str, fault: str, exchange_timeout: float = EXCHANGE_TIME
         finally:
             for p in procs:
                 try:
-                    os.killpg(p.pid, signal.SIGKILL)  # the rank (or torchrun and its ranks)
+                    os.killpg(p.pid, signal.SIGKILL)  # a rank, or torchrun and its agent
                 except ProcessLookupError:
                     pass
                 p.wait()
+            for r in range(WORLD):  # torchrun starts its ranks in sessions of their own
+                record = _read(out / f"rank{r}.json")
+                if record is not None:
+                    _kill_worker(record["pid"])
             logs.close()
             outcome.log = _tail(out)
     return outcome
+
+
+def _kill_worker(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if WORKER.name.encode() not in f.read():
+                return  # gone, and the pid taken by another process
+        os.kill(pid, signal.SIGKILL)  # also ends a stopped process
+    except (OSError, ProcessLookupError):
+        pass
 
 
 def _tail(out: Path) -> str:
