@@ -234,8 +234,8 @@ def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int] | None
     timeout); a frozen one accepts them and never answers, and nothing bounds the wait then
     (torch 2.14: ``check`` and ``wait`` block past the store's timeout and ``set_timeout``,
     and a new client blocks in its handshake). So every store access of the diagnosis runs on
-    a daemon thread, through a connection of its own (``store.clone()``: the same prefixes as
-    the process group's, so the keys stay in this job attempt's namespace), and the caller
+    a daemon thread, through a connection of its own (``store.clone()``: a new client under the
+    same prefixes as the process group's store, so the keys are where they were), and the caller
     waits for it ``grace`` + 1 s at most, whatever the store does. A call still blocked after
     that is left behind on the thread, holding only that connection, not the process group's
     own store client."""
