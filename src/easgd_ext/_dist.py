@@ -4,7 +4,10 @@ construction-time agreement that turns a local mistake into the same error on ev
 
 from __future__ import annotations
 
+import collections
 import os
+import pickle
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,14 +48,20 @@ class Comm:
     def all_gather_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> Any:
         return _all_gather(out, inp, group=self.group, async_op=async_op)
 
+    # Construction-time collectives: through _collective (below), which leaves nothing to
+    # Gloo's threads that could abort the process at exit.
     def broadcast(self, t: torch.Tensor, src: int = 0) -> None:
         """``t`` becomes group rank ``src``'s."""
-        dist.broadcast(t, src=self.global_rank(src), group=self.group)
+        root = self.global_rank(src)
+        _collective(self, [t], lambda: dist.broadcast(t, src=root, group=self.group, async_op=True))
 
     def all_gather_object(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        """Every rank's ``obj`` (picklable), in group rank order."""
+        return all_gather_objects(self, obj)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Group rank 0's ``obj`` (picklable) on every rank."""
+        return broadcast_object(self, obj)
 
 
 def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
@@ -155,26 +164,152 @@ def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
         comm.broadcast(t, 0)
 
 
+# ---- collectives that leave nothing to Gloo's threads --------------------------------------------
+# Gloo runs each collective on a worker thread, which drops its reference to the finished work a
+# moment *after* wait() has returned. When the tensors' Python objects are gone by then (the
+# temporaries of torch's all_gather_object/broadcast_object_list, or a model deleted at once),
+# that thread releases them itself and needs the GIL to do it; if the interpreter is shutting
+# down meanwhile, the thread is made to exit inside a C++ destructor and the process aborts
+# ("terminate called without an active exception", SIGABRT after a job that finished: about one
+# async job in five, whose last collectives come just before it exits). So the averagers'
+# construction-time collectives go through _collective(), which returns only once no thread of
+# the backend refers to their tensors any more.
 
-def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int]:
+_RELEASE_PATIENCE = 2.0  # seconds; normally the thread lets go within microseconds
+_held: collections.deque[list[torch.Tensor]] = collections.deque(maxlen=64)  # the fallback
+
+
+def _collective(comm: Comm, tensors: list[torch.Tensor], post: Callable[[], Any]) -> None:
+    """Runs the collective that ``post()`` posts with ``async_op=True`` over ``tensors``, waits
+    for it, and returns once the backend's threads have released ``tensors`` (their reference
+    counts are back where they were): from then on only Python holds them, so whichever thread
+    lets go of them last holds the GIL. Where the count cannot be read (a torch without
+    ``Tensor._use_count``) or the backend does not let go in time, the tensors stay referenced
+    from here instead (the last 64 such lists), so the backend's release is never the last."""
+    counts = getattr(torch.Tensor, "_use_count", None)
+    before = [counts(t) for t in tensors] if counts is not None else []
+    work = post()
+    work.wait()
+    del work  # ours; what remains is the backend's own reference
+    if _handed_to_nccl(comm, tensors):
+        return  # NCCL's watchdog thread lets go after the GPU ran the work: left as torch does
+    if counts is None:
+        _held.append(tensors)
+        return
+    deadline = time.monotonic() + _RELEASE_PATIENCE
+    while any(counts(t) > b for t, b in zip(tensors, before)):
+        if time.monotonic() > deadline:
+            _held.append(tensors)
+            return
+        time.sleep(1e-4)  # releases the GIL, which the backend's thread may need
+
+
+def _handed_to_nccl(comm: Comm, tensors: list[torch.Tensor]) -> bool:
+    return any(t.is_cuda for t in tensors) and "nccl" in str(dist.get_backend(comm.group))
+
+
+def _object_device(comm: Comm) -> torch.device:
+    """Where torch's own object collectives put the bytes for ``comm.group``."""
+    pick = getattr(dist.distributed_c10d, "_get_object_coll_device", None)
+    kind = pick(comm.group) if pick is not None else (
+        "cuda" if str(dist.get_backend(comm.group)) == "nccl" else "cpu")
+    return torch.device(kind, torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+
+
+def all_gather_objects(comm: Comm, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in group rank order; ``dist.all_gather_object`` without
+    leaving its temporaries to Gloo's threads."""
+    device = _object_device(comm)
+    data = pickle.dumps(obj)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(comm.world_size)]
+    _collective(comm, sizes + [size],
+                lambda: dist.all_gather(sizes, size, group=comm.group, async_op=True))
+    lengths = [int(n.item()) for n in sizes]
+    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = mine.to(device)
+    everyone = [torch.empty(max(lengths), dtype=torch.uint8, device=device)
+                for _ in range(comm.world_size)]
+    _collective(comm, everyone + [mine],
+                lambda: dist.all_gather(everyone, mine, group=comm.group, async_op=True))
+    return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(everyone, lengths)]
+
+
+def broadcast_object(comm: Comm, obj: Any) -> Any:
+    """Group rank 0's ``obj`` (picklable) on every rank (the others pass anything);
+    ``dist.broadcast_object_list`` without leaving its temporaries to Gloo's threads."""
+    device = _object_device(comm)
+    src = comm.global_rank(0)
+    data = pickle.dumps(obj) if comm.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    _collective(comm, [size],
+                lambda: dist.broadcast(size, src=src, group=comm.group, async_op=True))
+    payload = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if comm.rank == 0:
+        payload[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    payload = payload.to(device)
+    _collective(comm, [payload],
+                lambda: dist.broadcast(payload, src=src, group=comm.group, async_op=True))
+    return obj if comm.rank == 0 else pickle.loads(payload.cpu().numpy().tobytes())
+
+
+
+def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int] | None:
     """After a failed collective: which group ranks did not report the same failure within
-    ``grace`` seconds. Each rank that fails writes a key to the process group's store (the
-    launcher's, which outlives any rank) and watches for the others' keys; nothing touches the
-    store while collectives succeed. Returns [] where no store can be reached."""
+    ``grace`` seconds; ``None`` where the process group's store could not be reached in that
+    time. Each rank that fails writes a key to the store and watches for the others' keys;
+    nothing touches the store while collectives succeed.
+
+    The store may live in a rank that failed: under a plain env:// launch (MASTER_ADDR,
+    MASTER_PORT, RANK, WORLD_SIZE set by the user or a scheduler) rank 0 hosts the TCPStore. A
+    killed host refuses connections (and a TCPStore client retries for the whole process-group
+    timeout); a frozen one accepts them and never answers, and nothing bounds the wait then
+    (torch 2.14: ``check`` and ``wait`` block past the store's timeout and ``set_timeout``,
+    and a new client blocks in its handshake). So every store access of the diagnosis runs on
+    a daemon thread, through a connection of its own (``store.clone()``: a new client under the
+    same prefixes as the process group's store, so the keys are where they were), and the caller
+    waits for it ``grace`` + 1 s at most, whatever the store does. A call still blocked after
+    that is left behind on the thread, holding only that connection, not the process group's
+    own store client."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        base = dist.distributed_c10d._get_default_store()
         ranks = dist.get_process_group_ranks(comm.group)
     except Exception:  # noqa: BLE001 -- no store, no names: the caller still reports the failure
-        return []
+        return None
     prefix = f"easgd_ext/failed/{'-'.join(map(str, ranks))}/{event}/"
-    try:
-        store.set(prefix + str(comm.rank), "1")
-        deadline = time.monotonic() + grace
-        missing = list(range(comm.world_size))
-        while missing and time.monotonic() < deadline:
-            missing = [r for r in missing if not store.check([prefix + str(r)])]
-            if missing:
-                time.sleep(0.05)
-        return missing
-    except Exception:  # noqa: BLE001 -- the store's host may be the rank that died
-        return []
+    deadline = time.monotonic() + grace
+    found: dict[str, Any] = {}
+
+    def diagnose() -> None:
+        try:
+            store = base.clone()
+            store.set(prefix + str(comm.rank), "1")
+            missing = list(range(comm.world_size))
+            while missing and time.monotonic() < deadline:
+                missing = [r for r in missing if not store.check([prefix + str(r)])]
+                if missing:
+                    time.sleep(0.05)
+            found["missing"] = missing
+        except Exception as exc:  # noqa: BLE001 -- the store's host may be the rank that died
+            found["error"] = exc
+
+    probe = threading.Thread(target=diagnose, name="easgd_ext-failure-diagnosis", daemon=True)
+    probe.start()
+    probe.join(max(0.0, deadline - time.monotonic()) + DIAGNOSIS_MARGIN)
+    return found.get("missing")
+
+
+DIAGNOSIS_MARGIN = 1.0  # seconds past the grace for the last store call to come back
+
+
+def describe_silent(silent: list[int] | None) -> str:
+    """What :func:`unresponsive_ranks` found, for an error message."""
+    if silent is None:
+        return ("the diagnosis could not reach the process group's store to find out which "
+                "ranks did not take part (the store's host may be one of them: under env:// "
+                "that is rank 0)")
+    if not silent:
+        return "every rank reported the failure"
+    return (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
+            "(dead, frozen, or no longer calling step()/exchange())")

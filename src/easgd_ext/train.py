@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
+from . import DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data
 from ._launch import backend_for, join_group, launcher_rank_world, run_workers
 
 ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
@@ -255,9 +255,10 @@ class GradientAllReduce:
         # can be released by Gloo's thread at interpreter exit, which aborts the process.
         self.flat = torch.empty(sum(p.numel() for p in self.params), device=self.params[0].device)
         self.work = None
-        if dist.is_initialized():
+        if dist.is_initialized():  # through _dist: nothing left to Gloo's threads at exit
+            comm = _dist.resolve()
             for p in self.params:
-                dist.broadcast(p.data, src=0)
+                comm.broadcast(p.data, 0)
 
     def __call__(self) -> None:
         start = time.perf_counter()

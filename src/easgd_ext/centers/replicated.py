@@ -44,9 +44,10 @@ from .wires import FloatWire, Int8Wire, Wire
 class ExchangeError(RuntimeError):
     """A synchronous exchange could not complete: another rank died, froze (no progress within
     ``exchange_timeout``) or stopped exchanging. ``clock`` is the exchange's, ``silent_ranks``
-    the group ranks that did not report the failure themselves within a few seconds."""
+    the group ranks that did not report the failure themselves within a few seconds (``None``:
+    unknown, the process group's store did not answer)."""
 
-    def __init__(self, message: str, clock: int, silent_ranks: list[int]) -> None:
+    def __init__(self, message: str, clock: int, silent_ranks: list[int] | None) -> None:
         super().__init__(message)
         self.clock = clock
         self.silent_ranks = silent_ranks
@@ -220,9 +221,7 @@ class ReplicatedCenter(Center):
     def _failure(self, clock: int, exc: Exception) -> ExchangeError:
         silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
                                           grace=min(5.0, self._timeout.total_seconds()))
-        who = (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
-               "(dead, frozen, or no longer calling step()/exchange())" if silent
-               else "every rank reported the failure")
+        who = _dist.describe_silent(silent)  # silent is None: the store did not answer
         return ExchangeError(
             f"the exchange at clock {clock} failed on rank {self._comm.rank} of "
             f"{self._comm.world_size}: {who}; nothing was applied, so this worker's "

@@ -58,8 +58,9 @@ def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor],
             box = [(created.name, None, host)]
         except (OSError, ValueError, RuntimeError) as exc:
             box = [(None, f"{type(exc).__name__}: {exc}", host)]
-    dist.broadcast_object_list(box, src=comm.global_rank(0), group=comm.group)
-    name, error, host0 = box[0]
+    # not dist.broadcast_object_list: its temporaries, left to Gloo's thread, abort the process
+    # at exit (SIGABRT) if the job ends soon after; see _dist._collective
+    name, error, host0 = comm.broadcast_object(box[0])
     attached: list[SharedCenter] = []
 
     def attach() -> dict[str, Any]:
