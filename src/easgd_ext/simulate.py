@@ -117,6 +117,9 @@ class SimulatedComm(Comm):
     def all_gather_object(self, obj: Any) -> list[Any]:
         return self._meet(obj, list)
 
+    def broadcast_object(self, obj: Any) -> Any:
+        return self._meet(obj, list)[0]
+
 
 def _sum_in_rank_order(tensors: list[torch.Tensor]) -> torch.Tensor:
     total = tensors[0].clone()
