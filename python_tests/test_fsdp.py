@@ -1,5 +1,6 @@
 """Models that do not fit one GPU: DTensor parameters of FSDP2's ``fully_shard`` (each rank
-exchanges its local shards over the replicate dimension).
+exchanges its local shards over the replicate dimension), and the averager's state through
+``torch.distributed.checkpoint``.
 
 Real Gloo ranks on CPU: 4 processes = 2 replica groups x 2 shards (``init_device_mesh("cpu",
 (2, 2), mesh_dim_names=("replicate", "shard"))``, ``fully_shard(..., mesh=mesh["shard"])``).
@@ -318,6 +319,96 @@ def test_a_nan_in_one_shard_decides_for_the_whole_replica(policy):
     else:
         assert all(o["error"] is not None and "skipped" in o["error"] for o in outs)
         assert not any(o["center_moved"] for o in outs)
+
+
+# ---- distributed checkpoints -------------------------------------------------------------------------
+DCP_KW = {"tau": 4, "fragments": 2, "delay": 1}
+DCP_STEPS, DCP_CUT = 13, 6       # fragment 1 (sent at step 6) is in flight at the cut
+
+
+def _dcp_job(seed: int):
+    mesh = make_mesh()
+    replica, shard = mesh.get_coordinate()
+    model = sharded_model("transformer", mesh, seed=seed)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    avg = easgd_ext.ElasticAverager(params, process_group=mesh["replicate"], **DCP_KW)
+    return mesh, (replica, shard), model, params, opt, avg
+
+
+def _final(params, avg) -> dict:
+    return {"x": [p.to_local().clone() for p in params], "center": avg.center_state()[0].clone(),
+            "clock": avg.clock, "exchanges": avg.stats.exchanges}
+
+
+def dcp_straight(rank: int, world: int, path: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    mesh, coord, model, params, opt, avg = _dcp_job(seed=coord_seed(rank))
+    in_flight = None
+    for t in range(1, DCP_STEPS + 1):
+        local_step("transformer", model, opt, coord, t)
+        avg.step()
+        if t == DCP_CUT:
+            in_flight = avg.in_flight
+            msd, osd = get_state_dict(model, opt)
+            # the replicas' models differ: one entry each (DCP keeps one copy of equal keys)
+            dcp.save({f"replica{avg.replica}": {"model": msd, "optim": osd},
+                      "averager": avg.dcp_state()}, checkpoint_id=path)
+    return {**_final(params, avg), "in_flight_at_cut": in_flight}
+
+
+def coord_seed(rank: int) -> int:
+    return rank // 2  # the replica's index: the replicas start apart
+
+
+def dcp_resume(rank: int, world: int, path: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    mesh, coord, model, params, opt, avg = _dcp_job(seed=100 + rank)  # nothing from the old start
+    msd, osd = get_state_dict(model, opt)
+    mine = {"model": msd, "optim": osd}
+    dcp.load({f"replica{avg.replica}": mine, "averager": avg.dcp_state()}, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=mine["model"], optim_state_dict=mine["optim"])
+    resumed = {"clock": avg.clock, "in_flight": avg.in_flight}
+    for t in range(DCP_CUT + 1, DCP_STEPS + 1):
+        local_step("transformer", model, opt, coord, t)
+        avg.step()
+    out = {**_final(params, avg), "resumed": resumed}
+    # Another topology: the same 4 ranks as 4 replicas of an unsharded model.
+    other = make_mesh((4, 1))
+    model4 = sharded_model("transformer", other, seed=0)
+    avg4 = easgd_ext.ElasticAverager(model4.parameters(), process_group=other["replicate"], **DCP_KW)
+    try:
+        dcp.load({"averager": avg4.dcp_state()}, checkpoint_id=path)
+        out["other_topology"] = None
+    except Exception as exc:  # noqa: BLE001 -- the test reads it
+        out["other_topology"] = (type(exc).__name__, str(exc))
+    return out
+
+
+def test_dcp_save_tear_down_load_resumes_bit_for_bit(tmp_path):
+    path = str(tmp_path / "ckpt")
+    straight = values(run_ranks(4, dcp_straight, path))
+    resumed = values(run_ranks(4, dcp_resume, path))   # fresh processes: nothing survives
+    for s, r in zip(straight, resumed):
+        assert s["in_flight_at_cut"] == 1
+        assert r["resumed"] == {"clock": DCP_CUT, "in_flight": 1}
+        assert all(torch.equal(a, b) for a, b in zip(s["x"], r["x"]))
+        assert torch.equal(s["center"], r["center"])
+        assert s["clock"] == r["clock"] == DCP_STEPS
+        kind, message = r["other_topology"]
+        assert kind == "ValueError" and "replicate degree" in message and "same topology" in message
+    # The center's shards are written once (the replicas' copies are the same DTensor chunks).
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(path).read_metadata().state_dict_metadata
+    center = [k for k in meta if k.startswith("averager.center.center.")]
+    assert center and all(hasattr(meta[k], "chunks") and len(meta[k].chunks) == 2 for k in center
+                          if meta[k].size[0] > 1)
+    assert {k.split(".")[1] for k in meta if k.startswith("averager.rank")} == {f"rank{r}" for r in range(4)}
 
 
 # ---- bad input: the same clear error on every rank ------------------------------------------------------

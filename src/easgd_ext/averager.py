@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -32,6 +32,9 @@ from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_
                        reject_other_mode_arguments)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
+
+if TYPE_CHECKING:
+    from .checkpoint import DCPState
 
 STATE_FORMAT = 3              # 3: fragments, delay, the 8-bit wire's residuals, exchanges in flight
 STATE_FORMATS_READ = (2, 3)
@@ -173,6 +176,16 @@ class Averager:
     @property
     def world_size(self) -> int:
         return self._comm.world_size
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica: its rank in the process group (which has one rank per replica).
+        The replicas' models and optimizer states differ (that is what local updates are), so
+        a ``torch.distributed.checkpoint`` of them is keyed by it:
+        ``{f"replica{avg.replica}": {"model": msd, "optim": osd}, "averager": avg.dcp_state()}``
+        (DCP would otherwise keep one replica's copy of each shard: it takes equal keys and
+        shards to hold equal values)."""
+        return self._comm.rank
 
     @property
     def workers(self) -> int:
@@ -415,6 +428,18 @@ class Averager:
             "rank": self._comm.rank, "clock": self.clock, "settings": dict(self._settings),
             "layout": list(self._layout), "stats": asdict(self.stats), "buffers": buffers,
         }
+
+    def dcp_state(self) -> "DCPState":
+        """This averager's part of a ``torch.distributed.checkpoint`` checkpoint, a ``Stateful``
+        to put beside the model's and the optimizer's state: ``dcp.save({"model": msd, "optim":
+        osd, "averager": avg.dcp_state()}, checkpoint_id=path)``, and the same dict to
+        ``dcp.load`` in a freshly built job. Sharded: the center is saved once per shard (as
+        DTensors with the parameters' placements for a sharded model), each rank's own buffers
+        under its rank. Resumes exactly on the same topology; another replicate degree or
+        sharding is refused. Synchronous mode; collective (every rank calls ``dcp.save``)."""
+        from .checkpoint import DCPState
+
+        return DCPState(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved on this rank. Build the averager first (it

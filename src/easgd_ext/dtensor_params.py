@@ -146,6 +146,14 @@ def smallest_layout(params: list[Any]) -> int:
     return smallest or 0
 
 
+def dtensor_like(p: Any, local: torch.Tensor) -> Any:
+    """A DTensor with ``p``'s mesh, placements and global shape whose local shard is ``local``
+    (the center's shard of ``p``, for a checkpoint)."""
+    dtensor = type(p)
+    return dtensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
+
+
 def shards_of(params: list[Any]) -> list[str]:
     """One line per parameter: the local shard this rank holds (shape and global offset), which
     must be the same on every rank of the group."""
