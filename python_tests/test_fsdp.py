@@ -1,6 +1,6 @@
 """Models that do not fit one GPU: DTensor parameters of FSDP2's ``fully_shard`` (each rank
-exchanges its local shards over the replicate dimension), and the averager's state through
-``torch.distributed.checkpoint``.
+exchanges its local shards over the replicate dimension), DDP inside a node with EASGD across
+nodes, and the averager's state through ``torch.distributed.checkpoint``.
 
 Real Gloo ranks on CPU: 4 processes = 2 replica groups x 2 shards (``init_device_mesh("cpu",
 (2, 2), mesh_dim_names=("replicate", "shard"))``, ``fully_shard(..., mesh=mesh["shard"])``).
@@ -477,6 +477,36 @@ def test_bad_input_is_a_clear_error_on_every_rank():
     for case in EXPECTED:
         for ranks in groups.get(case, [(0, 2), (1, 3)]):
             assert all(outs[r][case] == outs[ranks[0]][case] for r in ranks), case
+
+
+# ---- DDP inside a node, EASGD across nodes -----------------------------------------------------------
+def hierarchical_run(rank: int, world: int, steps: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mesh = make_mesh((2, 2), ("node", "local"))
+    node, local = mesh.get_coordinate()
+    model = plain_model("cnn", seed=node)             # the nodes start apart
+    ddp = DDP(model, process_group=mesh.get_group("local"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # Each rank exchanges the whole model with the ranks of its local rank on the other nodes.
+    avg = easgd_ext.ElasticAverager(model.parameters(), tau=TAU, process_group=mesh["node"])
+    for t in range(1, steps + 1):
+        x, y = batch("cnn", node, local, t)
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        avg.step()
+    return {"x": avg.flat_parameters()[0].clone(), "center": avg.center_state()[0].clone(),
+            "exchanges": avg.stats.exchanges}
+
+
+def test_ddp_inside_nodes_easgd_across_them():
+    a0, a1, b0, b1 = values(run_ranks(4, hierarchical_run, 4 * TAU))
+    assert a0["exchanges"] == 4
+    assert torch.equal(a0["x"], a1["x"]) and torch.equal(b0["x"], b1["x"])   # replicas of a node
+    assert not torch.equal(a0["x"], b0["x"])                                  # nodes differ
+    for other in (a1, b0, b1):
+        assert torch.equal(a0["center"], other["center"])                    # one center
 
 
 # ---- GPU: FSDP2 on one GPU, NCCL world 1 --------------------------------------------------------------
