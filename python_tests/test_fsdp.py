@@ -8,6 +8,7 @@ Real Gloo ranks on CPU: 4 processes = 2 replica groups x 2 shards (``init_device
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -552,3 +553,33 @@ def test_sharded_exchange_on_one_gpu(tmp_path):
     assert out["ok"] and out["moved"] and out["exchanges"] == 3
 
 
+# ---- python -m easgd_ext.train --fsdp ----------------------------------------------------------------
+def test_train_fsdp_runs_the_main_job_on_a_2x2_mesh(tmp_path, capfd):
+    from easgd_ext import train
+
+    out, png = tmp_path / "run.json", tmp_path / "run.png"
+    assert train.main(["--fsdp", "--steps", "40", "--eval-every", "20", "--lr", "0.1",
+                       "--algo", "eamsgd,sync-sgd", "--plot", str(png), "--json", str(out)]) == 0
+    text, err = capfd.readouterr()
+    assert "FSDP2: 2 replicas x 2 shards" in text and "eamsgd" in text
+    assert "a 2 x 2 mesh" in err
+    report = json.loads(out.read_text())
+    by_algo = {r["algo"]: r for r in report["results"]}
+    assert by_algo["eamsgd"]["exchanges"] == 10 and by_algo["eamsgd"]["steps"] == [20, 40]
+    assert by_algo["eamsgd"]["test_error"][-1] < 0.8  # chance: 0.9
+    # what crosses the replicate dimension: every tau steps (EASGD) against every step (HSDP)
+    assert by_algo["eamsgd"]["bytes_sent"][-1] < by_algo["sync-sgd"]["bytes_sent"][-1] / 2
+    assert png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--workers", "3"], "--fsdp needs an even number of at least 4 workers"),
+    (["--mode", "async"], "--fsdp runs --mode sync"),
+    (["--comm-dtype", "int8", "--algo", "easgd"], "use bfloat16"),
+])
+def test_train_fsdp_bad_arguments(argv, message, capsys):
+    from easgd_ext import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--fsdp", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
