@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="shard each replica's model with FSDP2 over a (workers / 2) x 2 mesh of "
                         "CPU processes and exchange the shards over the replicate dimension "
-                        "(sync-sgd: FSDP2's HSDP); default 300 steps")
+                        "(sync-sgd: FSDP2's HSDP); default 200 steps")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where each worker trains: cpu (Gloo), or cuda (NCCL when every worker "
                         "has a GPU of its own, else Gloo) (default: %(default)s)")

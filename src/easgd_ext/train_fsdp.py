@@ -30,7 +30,7 @@ from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
 from ._launch import join_group, run_workers
 
 SHARDS = 2
-FSDP_STEPS = 300  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
+FSDP_STEPS = 200  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
 
 
 def check_args(args: argparse.Namespace, world: int) -> str | None:
