@@ -592,14 +592,18 @@ class ElasticAverager(Averager):
         params: the model's parameters (``model.parameters()``). They are re-pointed as views of
             flat buffers, one per (device, dtype); the ``Parameter`` objects, their gradients and
             any optimizer holding them keep working. Build the averager after moving or casting
-            the model. Every rank must pass the same layout (count, shapes, dtypes).
+            the model. Every rank must pass the same layout (count, shapes, dtypes). The DTensor
+            parameters of a ``fully_shard``-ed model stay in FSDP's storage: each rank exchanges
+            its local shards (see ``process_group``).
         tau: local steps between exchanges (``step()`` exchanges when its clock is a multiple).
         beta: ``p * alpha``; defaults to 0.9 (the paper's choice). Must be in (0, 1).
         alpha: the moving rate; give ``alpha`` or ``beta``, not both (or both, consistent).
         mode: ``"sync"`` (all workers exchange together over an all-reduce) or ``"async"``
             (each worker exchanges with the center on its own clock).
         process_group: the group to average over (default: the default group; a single process
-            needs no torch.distributed at all).
+            needs no torch.distributed at all). For DTensor parameters: the ranks that hold the
+            same shards in the other replicas, the device mesh's replicate dimension
+            (``mesh["replicate"]``, a one-dimensional ``DeviceMesh``, or its group).
         comm_dtype: sync: dtype of ``d`` on the wire: ``None`` (the parameters' dtype),
             ``torch.float32``, ``torch.bfloat16``, ``torch.float16``, or ``torch.int8``: blocks
             of 256 values scaled by their absolute maximum, with error feedback (what a worker's
