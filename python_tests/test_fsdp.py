@@ -653,3 +653,23 @@ def test_the_readme_sharded_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     match = re.search(r"clock 100, test error of the center (\S+)", proc.stdout)
     assert match and float(match.group(1)) < 0.5, proc.stdout
+
+
+# ---- python -m easgd_ext.bench fsdp --------------------------------------------------------------------
+def test_bench_fsdp_reports_half_the_bytes_and_memory(tmp_path, capsys):
+    from easgd_ext.bench.__main__ import main as bench
+
+    with pytest.raises(SystemExit) as exit_:
+        bench(["fsdp", "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: python -m easgd_ext.bench fsdp ")
+    out = tmp_path / "fsdp.json"
+    assert bench(["fsdp", "--sizes", "1e5", "--reps", "2", "--json", str(out)]) == 0
+    sharded, replicated = json.loads(out.read_text())
+    assert (sharded["name"], replicated["name"]) == ("sharded", "replicated")
+    assert 0.5 <= sharded["bytes_vs_replicated"] < 0.53 and 0.5 <= sharded["center_vs_replicated"] < 0.53
+    assert sharded["launch_seconds"] > 0 and sharded["ratios"]["vs_replicated"] > 0
+    assert bench(["fsdp", "--hierarchy", "--sizes", "1e5", "--reps", "2", "--json", str(out)]) == 0
+    ways = {r["name"]: r for r in json.loads(out.read_text())}
+    assert set(ways) == {"leaders", "every_rank", "shares"}
+    assert ways["every_rank"]["inter_node_bytes_per_node"] == 2 * ways["leaders"]["inter_node_bytes_per_node"]
+    assert ways["shares"]["center_bytes_per_rank"] * 2 == ways["every_rank"]["center_bytes_per_rank"]
