@@ -494,6 +494,14 @@ def bad_inputs(rank: int, world: int) -> dict:
     plain = list(plain_model("cnn", 0).parameters())
     attempt("plain_on_one_rank", lambda: E(plain if rank == 0 else params, process_group=rep))
     attempt("fine_after_all_that", lambda: E(params, process_group=rep))
+
+    def replaced():  # FSDP gives the parameters new storage after the averager was built
+        model = sharded_model("cnn", mesh, seed=0)
+        avg = E(model.parameters(), process_group=rep)
+        model.to(torch.float64)   # FSDP's _apply: new local shards in the same parameters
+        avg.exchange()
+
+    attempt("replaced", replaced)
     return cases
 
 
@@ -505,7 +513,8 @@ EXPECTED = {"no_group": ("ValueError", "need process_group="),
             "mesh_2d": ("ValueError", "2-dimensional DeviceMesh"),
             "async": ("ValueError", "mode='async' with DTensor parameters"),
             "int8": ("ValueError", "comm_dtype=torch.int8 with DTensor parameters"),
-            "hsdp": ("ValueError", "process_group does not match the parameters' mesh")}
+            "hsdp": ("ValueError", "process_group does not match the parameters' mesh"),
+            "replaced": ("RuntimeError", "is no longer the storage the averager exchanges")}
 
 
 def test_bad_input_is_a_clear_error_on_every_rank():

@@ -182,7 +182,6 @@ class ShardGroup:
         self._flat_locals = [t.view(-1) for t in self.locals]
         self._sizes = [t.numel() for t in self.locals]
         self._ends = [o + n for o, n in zip(self.offsets, self._sizes)]
-        self._pointers = self._current_pointers()
 
     # ---- the group interface (see FlatGroup) ---------------------------------------------------------
     def x_slice(self, start: int, end: int) -> torch.Tensor:
@@ -222,22 +221,19 @@ class ShardGroup:
         return self.locals
 
     def ensure_views(self) -> int:
-        """Checks that every parameter's local shard is still the storage the exchange was
-        prepared for (a C-level pass, no Python per parameter). ``model.to()`` or
-        ``load_state_dict(assign=True)`` after the averager was built give FSDP new storage,
-        which the prepared launches cannot follow: that is an error."""
-        if self._current_pointers() == self._pointers:
+        """Checks that every parameter's local shard is still the tensor the exchange was
+        prepared for (FSDP gives a parameter a new local tensor when ``model.to()`` casts or
+        moves it); a C-level identity pass, no Python per parameter (10 us for 161
+        parameters). A replaced shard is an error: the prepared launches cannot follow it.
+        (``load_state_dict(assign=True)`` replaces the Parameter objects themselves, which no
+        averager or optimizer built earlier can follow, sharded or not: build them again.)"""
+        if all(map(operator.is_, map(_LOCAL, self.params), self.locals)):
             return 0
-        now = self._current_pointers()
-        i = next(i for i, (a, b) in enumerate(zip(now, self._pointers)) if a != b)
+        i = next(i for i, (p, t) in enumerate(zip(self.params, self.locals)) if _LOCAL(p) is not t)
         raise RuntimeError(
             f"parameter {i}'s local shard ({describe(self.params[i])}) is no longer the storage "
-            "the averager exchanges (the model was moved, cast, or loaded with assign=True "
-            "after the averager was built); build the averager after those, or build it again")
-
-    def _current_pointers(self) -> list[int]:
-        # map() over C getters: no Python frame per parameter
-        return list(map(torch.Tensor.data_ptr, map(_LOCAL, self.params)))
+            "the averager exchanges (the model was moved or cast after the averager was "
+            "built); move or cast the model first, then build the averager")
 
     # ---- per-parameter views (checkpoints) ------------------------------------------------------------
     def member_view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
