@@ -5,6 +5,7 @@ construction-time agreement that turns a local mistake into the same error on ev
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -106,11 +107,9 @@ def resolve(process_group: Any = None) -> Comm:
 
 
 def _is_device_mesh(value: Any) -> bool:
-    try:
-        from torch.distributed.device_mesh import DeviceMesh
-    except ImportError:  # torch without torch.distributed
-        return False
-    return isinstance(value, DeviceMesh)
+    # A DeviceMesh exists only once its module was imported: looked up, not imported here.
+    mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
+    return mesh_type is not None and isinstance(value, mesh_type)
 
 
 class AgreementError(ValueError):

@@ -431,12 +431,17 @@ class Averager:
 
     def dcp_state(self) -> "DCPState":
         """This averager's part of a ``torch.distributed.checkpoint`` checkpoint, a ``Stateful``
-        to put beside the model's and the optimizer's state: ``dcp.save({"model": msd, "optim":
-        osd, "averager": avg.dcp_state()}, checkpoint_id=path)``, and the same dict to
-        ``dcp.load`` in a freshly built job. Sharded: the center is saved once per shard (as
-        DTensors with the parameters' placements for a sharded model), each rank's own buffers
-        under its rank. Resumes exactly on the same topology; another replicate degree or
-        sharding is refused. Synchronous mode; collective (every rank calls ``dcp.save``)."""
+        to put beside the model's and the optimizer's state, which are keyed by :attr:`replica`
+        (the replicas' models differ)::
+
+            state = {f"replica{avg.replica}": {"model": msd, "optim": osd},
+                     "averager": avg.dcp_state()}
+            dcp.save(state, checkpoint_id=path)      # dcp.load(state, ...) in a fresh job
+
+        Sharded: the center is saved once per shard (as DTensors with the parameters'
+        placements for a sharded model), each rank's own buffers under its rank. Resumes
+        exactly on the same topology; another replicate degree or sharding is refused.
+        Synchronous mode; collective (every rank calls ``dcp.save``)."""
         from .checkpoint import DCPState
 
         return DCPState(self)

@@ -4,12 +4,14 @@ same topology.
 
 ``avg.dcp_state()`` is a DCP ``Stateful``::
 
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd, "averager": avg.dcp_state()}, checkpoint_id=path)
+    msd, osd = get_state_dict(model, opt)       # the replicas' models differ: key them
+    dcp.save({f"replica{avg.replica}": {"model": msd, "optim": osd},
+              "averager": avg.dcp_state()}, checkpoint_id=path)
 
-    state = {"model": msd, "optim": osd, "averager": avg.dcp_state()}   # a freshly built job
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = get_state_dict(model, opt)       # a freshly built job
+    mine = {"model": msd, "optim": osd}
+    dcp.load({f"replica{avg.replica}": mine, "averager": avg.dcp_state()}, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=mine["model"], optim_state_dict=mine["optim"])
 
 What it writes, under the key it is given (``averager``):
 
@@ -26,8 +28,8 @@ What it writes, under the key it is given (``averager``):
 Loading checks the topology first (replicate degree, the process group's ranks, the local
 shards) and refuses a different one, naming what differs, on every rank; then the same checks as
 :meth:`~easgd_ext.Averager.load_state_dict` (finite values, dtypes, settings). A checkpoint
-written by a different world size lacks this rank's ``rank<R>`` keys: DCP itself refuses it
-(``Missing key in checkpoint state_dict: averager.rank<R>...``).
+written by fewer ranks lacks the new ranks' ``rank<R>`` keys: DCP itself refuses it (``Missing
+key in checkpoint state_dict: averager.rank<R>...``).
 """
 
 from __future__ import annotations

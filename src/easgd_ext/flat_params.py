@@ -9,6 +9,7 @@ hundreds of tensors, with no cat before the all-reduce and no copy back after it
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -94,16 +95,14 @@ def is_dtensor(t: object) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
-@functools.lru_cache(maxsize=None)
 def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5, or without torch.distributed
-        try:
-            from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
-        except ImportError:
-            return None
-    return DTensor
+    # A DTensor exists only once its module was imported: looked up, never imported here
+    # (importing torch.distributed.tensor takes a second or more).
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, 2.4
+        dtensor = getattr(sys.modules.get(name), "DTensor", None)
+        if dtensor is not None:
+            return dtensor
+    return None
 
 
 def _check_no_overlap(params: list[torch.Tensor]) -> None:
