@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import os
 import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -88,10 +89,20 @@ def init_process_group(backend: str | None = None, timeout: timedelta | None = N
 
 def resolve(process_group: Any = None) -> Comm:
     """The given group, else the default one; a single process where torch.distributed is not
-    initialized and no launcher asked for more than one. A :class:`Comm` (a simulated group's
-    rank, :mod:`easgd_ext.simulate`) is taken as it is."""
+    initialized and no launcher asked for more than one. A one-dimensional ``DeviceMesh``
+    (``mesh["replicate"]``) stands for its group. A :class:`Comm` (a simulated group's rank,
+    :mod:`easgd_ext.simulate`) is taken as it is."""
     if isinstance(process_group, Comm):
         return process_group
+    if _is_device_mesh(process_group):
+        if process_group.ndim != 1:
+            names = process_group.mesh_dim_names
+            raise ValueError(
+                f"process_group is a {process_group.ndim}-dimensional DeviceMesh"
+                f"{'' if names is None else f' {names}'}; pass the dimension to average over, "
+                "the replicate one: process_group=mesh['replicate'] (its ranks hold the same "
+                "shards in different replicas)")
+        process_group = process_group.get_group()
     if process_group is None:
         if not (dist.is_available() and dist.is_initialized()):
             launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,6 +113,12 @@ def resolve(process_group: Any = None) -> Comm:
             return Comm(None, 0, 1)
         process_group = dist.group.WORLD
     return Comm(process_group, dist.get_rank(process_group), dist.get_world_size(process_group))
+
+
+def _is_device_mesh(value: Any) -> bool:
+    # A DeviceMesh exists only once its module was imported: looked up, not imported here.
+    mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
+    return mesh_type is not None and isinstance(value, mesh_type)
 
 
 class AgreementError(ValueError):

@@ -37,14 +37,25 @@ def _refs(**tensors: torch.Tensor) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Piece:
-    """Elements [start, end) of one flat group: what one wire buffer or bucket covers."""
+    """Elements [start, end) of one flat group (a :class:`~easgd_ext.flat_params.FlatGroup`,
+    or the local shards of DTensor parameters, a :class:`~easgd_ext.dtensor_params.ShardGroup`):
+    what one wire buffer or bucket covers. Its buffers are contiguous; the worker's own values
+    ``x`` are contiguous within each of :meth:`segments` (a flat group's piece is one segment)."""
     group: FlatGroup
     start: int
     end: int
 
     @property
     def x(self) -> torch.Tensor:
-        return self.group.flat[self.start:self.end]
+        return self.group.x_slice(self.start, self.end)
+
+    def segments(self) -> list["Piece"]:
+        """This piece cut where the worker's storage is not contiguous (one local shard each);
+        a rule's launches are prepared per segment."""
+        bounds = self.group.segment_bounds(self.start, self.end)
+        if bounds == [(self.start, self.end)]:
+            return [self]
+        return [Piece(self.group, a, b) for a, b in bounds]
 
     def buffer(self, name: str) -> torch.Tensor:
         return self.group.buffers[name][self.start:self.end]
@@ -450,7 +461,7 @@ class Downpour(Algorithm):
         self.asynchronous = DownpourAsync()
 
     def init_buffers(self, group):
-        group.buffers["x_last"] = group.flat.clone()
+        group.buffers["x_last"] = group.read_x().clone()
 
 
 # ---- periodic averaging -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -19,7 +19,10 @@ from . import _dist
 from .algorithms import Algorithm, Averaging, DiLoCo, Downpour, Elastic, ElasticOuter
 from .centers import (Center, CenterConfig, ExchangeError, attach_given, check_servers, kind_for,
                       make_center)
-from .flat_params import check_saved, collect_parameters, flatten, layout_of
+from .dtensor_params import (check_params as check_dtensor_params, replica_groups, shard_groups,
+                             shards_of, smallest_layout)
+from .flat_params import (ALIGN_ELEMENTS, check_saved, collect_parameters, flatten, is_dtensor,
+                          layout_of)
 from .state import check_counter, check_finite_buffers, check_stats
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
                        DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
@@ -29,6 +32,9 @@ from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_
                        reject_other_mode_arguments)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
+
+if TYPE_CHECKING:
+    from .checkpoint import DCPState
 
 STATE_FORMAT = 3              # 3: fragments, delay, the 8-bit wire's residuals, exchanges in flight
 STATE_FORMATS_READ = (2, 3)
@@ -55,13 +61,30 @@ class Averager:
             settings: dict[str, Any] = {"tau": config.tau, "mode": mode_,
                                         "on_nonfinite": check_on_nonfinite(on_nonfinite)}
             params_ = collect_parameters(params)
+            chosen["sharded"] = sharded = is_dtensor(params_[0])
+            if sharded:
+                check_dtensor_params(params_, comm, group_given=process_group is not None)
+                if mode_ == "async":
+                    raise ValueError(
+                        "mode='async' with DTensor parameters (a sharded model): the "
+                        "asynchronous centers exchange whole flat buffers; use mode='sync' (its "
+                        "exchange works shard by shard over process_group)")
             if mode_ == "sync":
                 reject_other_mode_arguments("sync", {"center": center, "servers": servers,
                                                      "lock_timeout": lock_timeout})
                 config.comm_dtype = check_comm_dtype(comm_dtype)
+                if sharded and config.comm_dtype == torch.int8:
+                    raise ValueError(
+                        "comm_dtype=torch.int8 with DTensor parameters (a sharded model): the "
+                        "8-bit wire's blocks of 256 values would straddle the local shards; use "
+                        "comm_dtype=torch.bfloat16 (half the bytes of float32)")
                 settings["comm_dtype"] = dtype_name(config.comm_dtype)
                 config.fragments = check_fragments(fragments)
                 config.delay = check_delay(delay, config.tau)
+                if sharded:
+                    _check_sharded_fragments(params_, config.fragments)
+                    # The other ranks of this replica share the non-finite verdict.
+                    config.verdict_groups = replica_groups(params_)
                 settings["fragments"], settings["delay"] = config.fragments, config.delay
                 config.bucket_bytes = int(check_bucket_cap_mb(
                     DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * 2**20)
@@ -103,10 +126,22 @@ class Averager:
                                  f"wire ({algorithm.sync.no_int8}); use torch.bfloat16")
             settings.update(algorithm.settings())
             chosen["algorithm"], chosen["params"] = algorithm, params_
+            # For a sharded model the layout names each local shard (shape, global offset): the
+            # ranks of the group must hold the same ones.
             return {"algorithm": algorithm.name, "settings": settings,
-                    "layout": layout_of(params_)}
+                    "layout": shards_of(params_) if sharded else layout_of(params_)}
 
-        agreed = _dist.agree(comm, build)
+        try:
+            agreed = _dist.agree(comm, build)
+        except _dist.AgreementError as exc:
+            # A layout naming local shards on one rank (see shards_of): not the same shards.
+            if str(exc).startswith("ranks disagree: layout[") and ": shard [" in str(exc):
+                raise ValueError(
+                    "process_group does not match the parameters' mesh: its ranks must hold the "
+                    "same local shards of the same DTensor parameters (the replicate "
+                    "dimension's group, e.g. process_group=mesh['replicate']), but "
+                    f"{str(exc).split(': ', 1)[1]}") from None
+            raise
         self._settings: dict[str, Any] = agreed["settings"]
         self._layout: list[str] = agreed["layout"]
         self.algorithm: Algorithm = chosen["algorithm"]
@@ -117,9 +152,16 @@ class Averager:
         self.lock_timeout: float | None = config.lock_timeout if self.mode == "async" else None
         self.clock = 0
         self._params: list[torch.Tensor] = chosen["params"]
+        self.sharded: bool = chosen["sharded"]
         # Workers and center start from rank 0's parameters (the shared center: from itself).
-        self._groups = flatten(self._params)
-        _dist.broadcast_from_first(comm, [g.flat for g in self._groups])
+        # DTensor parameters stay in FSDP's storage: their local shards are laid out in place.
+        self._groups = shard_groups(self._params) if self.sharded else flatten(self._params)
+        for g in self._groups:
+            x = g.read_x()
+            _dist.broadcast_from_first(comm, [x])
+            g.write_x(x)
+        # What an exchange writes in place (autograd's version counters are bumped after it).
+        self._written = [t for g in self._groups for t in g.storage_tensors]
         self._center: Center = make_center(kind_for(self.mode, servers), comm, self._groups,
                                            self._params, self.algorithm, config)
         self._log = ExchangeLog(self._on_outcome, skips_on_bad=self.on_nonfinite != "reset")
@@ -134,6 +176,16 @@ class Averager:
     @property
     def world_size(self) -> int:
         return self._comm.world_size
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica: its rank in the process group (which has one rank per replica).
+        The replicas' models and optimizer states differ (that is what local updates are), so
+        a ``torch.distributed.checkpoint`` of them is keyed by it:
+        ``{f"replica{avg.replica}": {"model": msd, "optim": osd}, "averager": avg.dcp_state()}``
+        (DCP would otherwise keep one replica's copy of each shard: it takes equal keys and
+        shards to hold equal values)."""
+        return self._comm.rank
 
     @property
     def workers(self) -> int:
@@ -162,10 +214,11 @@ class Averager:
 
     def flat_parameters(self) -> list[torch.Tensor]:
         """This worker's parameters as the flat buffers they view, one per (device, dtype) group
-        in order of first appearance (read them; write through the parameters)."""
+        in order of first appearance (read them; write through the parameters). For DTensor
+        parameters: a copy of this rank's local shards in the same layout as the center's."""
         for g in self._groups:
             g.ensure_views()
-        return [g.flat.detach() for g in self._groups]
+        return [g.read_x().detach() for g in self._groups]
 
     def worker_buffers(self, name: str) -> list[torch.Tensor]:
         """The algorithm's per-group worker state (``"x_last"`` for DOWNPOUR), like
@@ -257,7 +310,7 @@ class Averager:
                 self._log.drain()  # the verdict now, on every rank alike (a wait on CUDA)
         # The kernels wrote the parameters behind autograd's back: a backward that saved them
         # must fail loudly, as after any in-place update.
-        torch.autograd.graph.increment_version(self._params)
+        torch.autograd.graph.increment_version(self._written)
 
     def _check_capturable(self, work: Callable[[int], list[Any]]) -> None:
         """What a CUDA graph cannot hold is refused before anything is captured."""
@@ -343,10 +396,10 @@ class Averager:
         with torch.no_grad():
             for g, c in zip(self._groups, centers):
                 g.ensure_views()
-                stash.append(g.flat.clone())
+                stash.append(g.read_x().clone())
                 if c is not None:
-                    g.flat.copy_(c)
-        torch.autograd.graph.increment_version(self._params)
+                    g.write_x(c)
+        torch.autograd.graph.increment_version(self._written)
         self._in_center = True
         try:
             yield
@@ -355,8 +408,8 @@ class Averager:
             with torch.no_grad():
                 for g, saved in zip(self._groups, stash):
                     g.ensure_views()
-                    g.flat.copy_(saved)
-            torch.autograd.graph.increment_version(self._params)
+                    g.write_x(saved)
+            torch.autograd.graph.increment_version(self._written)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -375,6 +428,23 @@ class Averager:
             "rank": self._comm.rank, "clock": self.clock, "settings": dict(self._settings),
             "layout": list(self._layout), "stats": asdict(self.stats), "buffers": buffers,
         }
+
+    def dcp_state(self) -> "DCPState":
+        """This averager's part of a ``torch.distributed.checkpoint`` checkpoint, a ``Stateful``
+        to put beside the model's and the optimizer's state, which are keyed by :attr:`replica`
+        (the replicas' models differ)::
+
+            state = {f"replica{avg.replica}": {"model": msd, "optim": osd},
+                     "averager": avg.dcp_state()}
+            dcp.save(state, checkpoint_id=path)      # dcp.load(state, ...) in a fresh job
+
+        Sharded: the center is saved once per shard (as DTensors with the parameters'
+        placements for a sharded model), each rank's own buffers under its rank. Resumes
+        exactly on the same topology; another replicate degree or sharding is refused.
+        Synchronous mode; collective (every rank calls ``dcp.save``)."""
+        from .checkpoint import DCPState
+
+        return DCPState(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what :meth:`state_dict` saved on this rank. Build the averager first (it
@@ -414,7 +484,7 @@ class Averager:
         check_finite_buffers(buffers)
         names = [] if self.is_server else list(self.algorithm.worker_buffers)
         for name in names:
-            check_saved(name, buffers.get(name), [g.flat for g in self._groups])
+            check_saved(name, buffers.get(name), [g.buffers[name] for g in self._groups])
         with torch.no_grad():
             for name in names:
                 for s, g in zip(buffers[name], self._groups):
@@ -466,6 +536,20 @@ class Averager:
                       f"comm_dtype=torch.bfloat16) ({self._warned['overflow'].count} so far)")
 
 
+def _check_sharded_fragments(params: list[torch.Tensor], fragments: int) -> None:
+    """Every rank of a replica must cut its shards into the same number of fragments (each
+    fragment's verdict is shared with the replica's other ranks): the smallest rank's layout,
+    worked out from the global shapes, must hold ``fragments`` runs."""
+    runs = smallest_layout(params) // ALIGN_ELEMENTS
+    if runs == 0:
+        raise ValueError("DTensor parameters: a rank of the replica holds no element of the model "
+                         "(every local shard empty); shard over fewer ranks")
+    if fragments > runs:
+        raise ValueError(f"fragments={fragments} with DTensor parameters: the smallest rank's "
+                         f"local shards hold only {runs} runs of {ALIGN_ELEMENTS} elements; use "
+                         f"fragments <= {runs}")
+
+
 class AttachHandle:
     """What :meth:`Averager.attach` returns: ``remove()`` detaches the averager from the
     optimizer (after which :meth:`Averager.step` is the way to step it again)."""
@@ -513,14 +597,18 @@ class ElasticAverager(Averager):
         params: the model's parameters (``model.parameters()``). They are re-pointed as views of
             flat buffers, one per (device, dtype); the ``Parameter`` objects, their gradients and
             any optimizer holding them keep working. Build the averager after moving or casting
-            the model. Every rank must pass the same layout (count, shapes, dtypes).
+            the model. Every rank must pass the same layout (count, shapes, dtypes). The DTensor
+            parameters of a ``fully_shard``-ed model stay in FSDP's storage: each rank exchanges
+            its local shards (see ``process_group``).
         tau: local steps between exchanges (``step()`` exchanges when its clock is a multiple).
         beta: ``p * alpha``; defaults to 0.9 (the paper's choice). Must be in (0, 1).
         alpha: the moving rate; give ``alpha`` or ``beta``, not both (or both, consistent).
         mode: ``"sync"`` (all workers exchange together over an all-reduce) or ``"async"``
             (each worker exchanges with the center on its own clock).
         process_group: the group to average over (default: the default group; a single process
-            needs no torch.distributed at all).
+            needs no torch.distributed at all). For DTensor parameters: the ranks that hold the
+            same shards in the other replicas, the device mesh's replicate dimension
+            (``mesh["replicate"]``, a one-dimensional ``DeviceMesh``, or its group).
         comm_dtype: sync: dtype of ``d`` on the wire: ``None`` (the parameters' dtype),
             ``torch.float32``, ``torch.bfloat16``, ``torch.float16``, or ``torch.int8``: blocks
             of 256 values scaled by their absolute maximum, with error feedback (what a worker's

@@ -9,6 +9,7 @@ hundreds of tensors, with no cat before the all-reduce and no copy back after it
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -52,6 +53,7 @@ def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}") from None
     unique: list[torch.Tensor] = []
     seen: set[int] = set()
+    sharded: list[int] = []  # DTensor parameters (a sharded model): see dtensor_params
     for i, p in enumerate(items):
         if isinstance(p, dict):
             raise TypeError("params must be tensors, not optimizer-style parameter groups; "
@@ -63,7 +65,9 @@ def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
                             "or float16")
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"params[{i}] is {describe(p)}; only CPU and CUDA tensors are supported")
-        if p._is_view() or not is_dense(p):
+        if is_dtensor(p):
+            sharded.append(i)
+        elif p._is_view() or not is_dense(p):
             raise ValueError(
                 f"params[{i}] is a view of another tensor ({describe(p)}): "
                 "its values would be moved into the averager's buffer and the tensor it views "
@@ -77,8 +81,32 @@ def collect_parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         unique.append(p)
     if not unique:
         raise ValueError("params is empty: there is nothing to average")
+    if sharded:
+        if len(sharded) != len(items):
+            plain = next(i for i in range(len(items)) if i not in sharded)
+            raise TypeError(
+                f"params mixes DTensor parameters (params[{sharded[0]}], a sharded model) and "
+                f"plain tensors (params[{plain}]): pass the parameters of one fully_shard-ed "
+                "model (every parameter a DTensor), or of a model that is not sharded")
+        return unique  # their local shards are FSDP's storage: dtensor_params checks them
     _check_no_overlap(unique)
     return unique
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor (the parameters of a ``fully_shard``-ed model)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _dtensor_type() -> type | None:
+    # A DTensor exists only once its module was imported: looked up, never imported here
+    # (importing torch.distributed.tensor takes a second or more).
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch >= 2.5, 2.4
+        dtensor = getattr(sys.modules.get(name), "DTensor", None)
+        if dtensor is not None:
+            return dtensor
+    return None
 
 
 def _check_no_overlap(params: list[torch.Tensor]) -> None:
@@ -123,6 +151,36 @@ class FlatGroup:
     @property
     def device(self) -> torch.device:
         return self.flat.device
+
+    @property
+    def numel(self) -> int:
+        """Elements of the layout: of ``flat``, and of every buffer."""
+        return self.flat.numel()
+
+    # ---- what the centers and the averager use (a ShardGroup offers the same) ----------------------
+    def x_slice(self, start: int, end: int) -> torch.Tensor:
+        """The worker's elements [start, end) of the layout (a view)."""
+        return self.flat[start:end]
+
+    def segment_bounds(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) cut where the worker's storage is not contiguous: here, never."""
+        return [(start, end)]
+
+    def read_x(self) -> torch.Tensor:
+        """The worker's values in the layout: ``flat`` itself (read it; write through
+        :meth:`write_x` or the parameters)."""
+        return self.flat
+
+    def write_x(self, values: torch.Tensor) -> None:
+        """Overwrites the worker's values (a tensor of the layout's length)."""
+        if values is not self.flat:
+            with torch.no_grad():
+                self.flat.copy_(values)
+
+    @property
+    def storage_tensors(self) -> list[torch.Tensor]:
+        """The tensors the exchange writes (whose versions an in-place update bumps)."""
+        return self.params
 
     def slot(self, i: int) -> torch.Tensor:
         """Parameter ``i``'s view of the flat buffer, in the parameter's own memory order (a

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate", action="store_true",
                    help="run the --workers in this one process on one device (easgd_ext.simulate: "
                         "the same averagers, collectives in memory), --mode sync only")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard each replica's model with FSDP2 over a (workers / 2) x 2 mesh of "
+                        "CPU processes and exchange the shards over the replicate dimension "
+                        "(sync-sgd: FSDP2's HSDP); default 200 steps")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where each worker trains: cpu (Gloo), or cuda (NCCL when every worker "
                         "has a GPU of its own, else Gloo) (default: %(default)s)")
@@ -517,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     launched = launcher_rank_world()
     world = launched[1] if launched else args.workers
+    if args.fsdp:
+        return run_fsdp(args, world, launched)
     # Starting the processes and importing torch in each takes seconds: say what is going on.
     backend = {"nccl": "NCCL", "gloo": "Gloo"}[backend_for(args.device, world)]
     how = f"{backend}, {args.device.upper()}"
@@ -546,6 +552,32 @@ def main(argv: list[str] | None = None) -> int:
     print(title)
     print_table(results, args.mode)
     plot(results, args.plot, title, args.mode)
+    print(f"\nplot: {args.plot}")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()},
+                                         "world_size": world, **summary}, indent=1))
+        print(f"json: {args.json}")
+    return 0
+
+
+def run_fsdp(args: argparse.Namespace, world: int, launched: tuple[int, int] | None) -> int:
+    """``--fsdp``: the job with each replica sharded over 2 ranks (easgd_ext.train_fsdp)."""
+    from . import train_fsdp
+
+    problem = train_fsdp.check_args(args, world)
+    if problem is not None:
+        build_parser().error(problem)
+    if not launched:
+        say(f"starting {world} worker processes (Gloo, CPU; a {world // 2} x 2 mesh)...")
+    summary = train_fsdp.run(args, world)
+    if summary is None:  # a launched rank other than 0
+        return 0
+    title = (header(args, world, summary["steps"])
+             + f", FSDP2: {world // 2} replicas x 2 shards")
+    print(title)
+    print_table(summary["results"], args.mode)
+    plot(summary["results"], args.plot, title, args.mode)
     print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v

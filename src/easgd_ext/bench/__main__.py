@@ -1,4 +1,4 @@
-"""python -m easgd_ext.bench {kernels,comm,async,step,simulate} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp} [options]: the benchmarks shipped with the package.
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
               ceiling (torch copy_, the native copy kernel, memcpy) timed with them
@@ -10,6 +10,9 @@
     step      the averager's cost in a real training step (torchvision model; --world ranks),
               the blocking exchange against the streamed one (fragments, delay)
     simulate  p workers simulated in one process against p spawned processes (the LM task)
+    fsdp      a sharded model's exchange (FSDP2 DTensor shards) against the replicated one at
+              equal model size: bytes and center memory per rank, time; --hierarchy: EASGD
+              across nodes with DDP inside them, three ways
 
 Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
 prints a short table and writes its records with --json PATH. Every ratio is a speedup over a
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm", "async", "step", "simulate")
+COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from .async_comm import main as run
     elif argv[0] == "simulate":
         from .simulate_speed import main as run
+    elif argv[0] == "fsdp":
+        from .fsdp import main as run
     else:
         from .comm import main as run
     return run(argv[1:])

@@ -50,6 +50,10 @@ class CenterConfig:
     delay: int = 0
     bucket_bytes: int = 25 * 2**20
     exchange_timeout: float = 300.0
+    # DTensor parameters: the groups connecting this replica's other ranks (the other shards);
+    # an exchange's non-finite flag is shared with them before it is published, so a replica
+    # is decided as a whole.
+    verdict_groups: list[Any] = field(default_factory=list)
     # shared memory (mode="async", one machine)
     shared: Any = None                      # a SharedCenter, a name, or None: make one
     lock_timeout: float = 300.0

@@ -27,7 +27,7 @@ class FragmentPlan:
 def plan_fragments(groups: list[FlatGroup], fragments: int, tau: int) -> list[FragmentPlan]:
     """``fragments`` plans covering every element of ``groups`` once, in order. Tiny models
     may leave trailing fragments empty (they are dropped)."""
-    total = sum(g.flat.numel() for g in groups)
+    total = sum(g.numel for g in groups)
     aligned_units = -(-total // ALIGN_ELEMENTS)
     bounds = [min(total, (j * aligned_units // fragments) * ALIGN_ELEMENTS) for j in range(fragments)]
     bounds.append(total)
@@ -36,7 +36,7 @@ def plan_fragments(groups: list[FlatGroup], fragments: int, tau: int) -> list[Fr
         lo, hi = bounds[j], bounds[j + 1]
         pieces, start = [], 0
         for g in groups:
-            n = g.flat.numel()
+            n = g.numel
             a, b = max(lo, start), min(hi, start + n)
             if b > a:
                 pieces.append(Piece(g, a - start, b - start))

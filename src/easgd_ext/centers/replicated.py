@@ -84,19 +84,19 @@ class ReplicatedCenter(Center):
             **{name: [] for name in algorithm.center_buffers}, "residual": [], "server_residual": []}
         for g in groups:
             if algorithm.has_center:
-                g.buffers["center"] = g.flat.to(torch.float32, copy=True)
+                g.buffers["center"] = g.read_x().to(torch.float32, copy=True)
             for name in algorithm.center_buffers:
-                g.buffers[name] = torch.zeros(g.flat.numel(), device=g.device)
+                g.buffers[name] = torch.zeros(g.numel, device=g.device)
                 self._residuals[name].append(g.buffers[name])
             algorithm.init_buffers(g)
             if int8:  # what the 8-bit wire has not delivered yet, fed back into the next send
-                g.buffers["residual"] = torch.zeros(g.flat.numel(), device=g.device)
+                g.buffers["residual"] = torch.zeros(g.numel, device=g.device)
                 self._residuals["residual"].append(g.buffers["residual"])
         self.plans: list[FragmentPlan] = plan_fragments(groups, config.fragments, self.tau)
         self.wires: list[Wire] = [
             Int8Wire(p, rule, comm, policy, self.delay > 0, self._residuals) if int8 else
             FloatWire(p, rule, comm, config.comm_dtype, config.bucket_bytes, policy,
-                      self.delay > 0, config.kernels == "torch")
+                      self.delay > 0, config.kernels == "torch", config.verdict_groups)
             for p in self.plans]
         self._in_flight: list[InFlight] = []
         self._send_phases = {p.offset % self.tau for p in self.plans}
@@ -167,7 +167,12 @@ class ReplicatedCenter(Center):
 
     def _start(self, fragment: int, clock: int, due_at: int) -> None:
         f = InFlight(fragment, clock, due_at)
-        f.works = self.wires[fragment].start(self._comm, self._capturing())
+        try:
+            f.works = self.wires[fragment].start(self._comm, self._capturing(),
+                                                 lambda work: self._wait_work(work, clock))
+        except ExchangeError:
+            self._in_flight = []  # the group is broken: nothing in flight will arrive
+            raise
         self._in_flight.append(f)
         if not self._host_waits:  # NCCL: the middle step is stream-ordered, enqueued at once
             self._advance(f, clock)
@@ -208,6 +213,17 @@ class ReplicatedCenter(Center):
                     raise self._failure(f.sent_at, exc) from exc
             else:
                 work.wait()  # NCCL: makes the current stream wait, not the host
+
+    def _wait_work(self, work: Any, clock: int) -> None:
+        """Waits for one collective a send depends on (the verdict shared with the replica's
+        other shards): the host, within the exchange timeout, where it waits at all."""
+        if self._host_waits:
+            try:
+                work.wait(self._timeout)
+            except RuntimeError as exc:
+                raise self._failure(clock, exc) from exc
+        else:
+            work.wait()
 
     def _record(self, fragment: int, clock: int, wire: Wire) -> ExchangeRecord:
         # One device decides for the record (a skip covers each device's groups alike).

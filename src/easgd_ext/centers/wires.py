@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from .. import _dist
 from .._native import native, tensor_ref
@@ -50,7 +51,10 @@ class Wire:
     bytes_sent: int = 0
     status: dict[torch.device, torch.Tensor]
 
-    def start(self, comm: _dist.Comm, capturing: bool) -> list[Any]:
+    def start(self, comm: _dist.Comm, capturing: bool,
+              wait: Callable[[Any], None] | None = None) -> list[Any]:
+        """Sends: the kernels, then the collectives (their works; none while capturing).
+        ``wait`` waits for a collective that must finish before the send goes on."""
         raise NotImplementedError
 
     def advance(self, comm: _dist.Comm, capturing: bool, wait: Callable[[Any], None]) -> list[Any]:
@@ -77,9 +81,16 @@ class FloatWire(Wire):
     non-finite flag in the first bucket, one all-reduce per bucket."""
 
     def __init__(self, plan: FragmentPlan, rule: SyncRule, comm: _dist.Comm, comm_dtype: torch.dtype | None,
-                 bucket_bytes: int, policy: int, delay: bool, torch_path: bool) -> None:
+                 bucket_bytes: int, policy: int, delay: bool, torch_path: bool,
+                 verdict_groups: list[Any] = ()) -> None:
         self.status = _status_vectors(plan)
         self._prepare, self._apply = Program(), Program()
+        # DTensor parameters: the flag is shared (max) with the replica's other ranks between
+        # the sends and the publish step, so every shard of a replica publishes the same flag.
+        self._verdict_groups = list(verdict_groups)
+        self._publish = Program() if self._verdict_groups else self._prepare
+        self._flags = [s[ME_BAD:ME_BAD + 1] for s in self.status.values()]
+        self._flag_works: list[Any] = []
         self.buckets: list[torch.Tensor] = []
         for device, status in self.status.items():
             self._prepare.add(device, native.prepare.zero(tensor_ref("status", status)))
@@ -95,24 +106,34 @@ class FloatWire(Wire):
             keep = torch.zeros_like(data) if delay else None
             self.buffers.append((wire, keep))
             me_bad = status[ME_BAD:ME_BAD + 1]
-            sends.append((device, _send(rule, piece, data, me_bad, keep, torch_path)))
+            # One send per segment of the piece (per local shard of DTensor parameters; the
+            # whole piece otherwise), each writing its slice of the one wire.
+            for seg, lo, hi in _segments(piece, 0, piece.end - piece.start):
+                sends.append((device, _send(rule, seg, data[lo:hi], me_bad, _cut(keep, lo, hi),
+                                            torch_path)))
             publishes.append((device, native.prepare.publish_flag(
                 tensor_ref("wire", data), tensor_ref("header", header), tensor_ref("me_bad", me_bad))))
             verdict = _verdict(header, status, policy, comm.world_size)
             # Buckets cover the header and the data; each applies the data it carries.
             for s, e in bucket_ranges(wire.numel(), bucket_bytes // wire.element_size()):
                 self.buckets.append(wire[s:e])
-                lo, hi = max(s, HEADER) - HEADER, e - HEADER
-                if hi > lo:
-                    self._apply.add(device, _apply(rule, piece.sub(lo, hi), data[lo:hi], verdict,
-                                                   None if keep is None else keep[lo:hi], torch_path))
+                for seg, lo, hi in _segments(piece, max(s, HEADER) - HEADER, e - HEADER):
+                    self._apply.add(device, _apply(rule, seg, data[lo:hi], verdict,
+                                                   _cut(keep, lo, hi), torch_path))
             payload += wire.nbytes
-        for device, step in sends + publishes:
+        for device, step in sends:
             self._prepare.add(device, step)
+        for device, step in publishes:
+            self._publish.add(device, step)
         self.bytes_sent = ring_allreduce_bytes(payload, comm.world_size) if comm.distributed else 0
+        self.bytes_sent += sum(ring_allreduce_bytes(4 * len(self._flags), dist.get_world_size(g))
+                               for g in self._verdict_groups)
 
-    def start(self, comm, capturing):
+    def start(self, comm, capturing, wait=None):
         self._prepare()
+        if self._verdict_groups:
+            self._share_verdict(capturing, wait)
+            self._publish()
         if not comm.distributed:
             return []
         if capturing:  # captured into the graph with the kernels: no work handles
@@ -123,6 +144,24 @@ class FloatWire(Wire):
 
     def finish(self):
         self._apply()
+
+    def _share_verdict(self, capturing: bool, wait: Callable[[Any], None] | None) -> None:
+        """A one-element all-reduce (max) of the flag over each group connecting this replica's
+        ranks: with NCCL the stream waits for it, with Gloo the host does."""
+        works = []
+        for group in self._verdict_groups:
+            for flag in self._flags:
+                if capturing:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+                    continue
+                work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group, async_op=True)
+                works.append(work)
+                (wait or _plain_wait)(work)
+        self._flag_works = works  # kept until the next exchange (see ReplicatedCenter._works)
+
+
+def _plain_wait(work: Any) -> None:
+    work.wait()
 
 
 class Int8Wire(Wire):
@@ -142,6 +181,9 @@ class Int8Wire(Wire):
         record_bytes = 0
         sends, publishes = [], []
         for piece in plan.pieces:
+            if len(piece.segments()) != 1:  # the averager refuses this first, naming comm_dtype
+                raise ValueError("the 8-bit wire quantizes contiguous runs of parameters; its "
+                                 "blocks would straddle local shards")
             device = piece.group.device
             status = self.status[device]
             n = piece.end - piece.start
@@ -174,7 +216,7 @@ class Int8Wire(Wire):
         self.bytes_sent = 2 * (world - 1) * record_bytes if comm.distributed else 0
         self._local = not comm.distributed
 
-    def start(self, comm, capturing):
+    def start(self, comm, capturing, wait=None):
         self._prepare()
         if self._local:  # one rank: what it sent is what it receives
             for b in self.pieces:
@@ -200,6 +242,19 @@ class Int8Wire(Wire):
 
     def finish(self):
         self._apply()
+
+
+def _segments(piece: Piece, lo: int, hi: int) -> list[tuple[Piece, int, int]]:
+    """Elements [lo, hi) of ``piece`` (relative) cut into its segments: (segment, its relative
+    start, end), the wire's slice of each."""
+    if hi <= lo:
+        return []
+    return [(seg, seg.start - piece.start, seg.end - piece.start)
+            for seg in piece.sub(lo, hi).segments()]
+
+
+def _cut(keep: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+    return None if keep is None else keep[lo:hi]
 
 
 def _send(rule: SyncRule, piece: Piece, wire: torch.Tensor, me_bad: torch.Tensor,

@@ -1,0 +1,165 @@
+"""``python -m easgd_ext.train --fsdp``: the main job with every replica's model sharded by
+FSDP2 over a (replicate, shard) = (workers / 2, 2) device mesh.
+
+Each replica is two ranks that hold half of the model each (``fully_shard`` over the mesh's
+shard dimension: FSDP all-gathers a layer for its forward and backward and reduce-scatters its
+gradients, averaging them over the replica's two minibatches); the averager exchanges each
+rank's local shard with the ranks that hold the same shard in the other replicas
+(``process_group=mesh["replicate"]``). ``sync-sgd`` is FSDP2's HSDP over the same mesh (the
+gradient shards all-reduced across replicas every step). "MB sent" counts what crosses the
+replicate dimension (the averager's exchanges, or HSDP's gradient all-reduce), all ranks
+together; FSDP's own traffic inside a replica is the same for every algorithm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
+from ._launch import join_group, run_workers
+
+SHARDS = 2
+FSDP_STEPS = 200  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
+
+
+def check_args(args: argparse.Namespace, world: int) -> str | None:
+    """What makes ``--fsdp`` impossible with these arguments (a sentence), or ``None``."""
+    if args.mode != "sync":
+        return "--fsdp runs --mode sync (the asynchronous centers exchange whole flat buffers)"
+    if args.simulate:
+        return "--fsdp runs processes of its own; leave out --simulate"
+    if args.device != "cpu":
+        return "--fsdp runs on the CPU here (Gloo); leave out --device"
+    if world < 2 * SHARDS or world % SHARDS:
+        return (f"--fsdp needs an even number of at least {2 * SHARDS} workers (replicas of "
+                f"{SHARDS} shards each), got {world}")
+    if args.comm_dtype == "int8":
+        return "--fsdp: the 8-bit wire's blocks would straddle the local shards; use bfloat16"
+    return None
+
+
+def units_of(model: nn.Module) -> list[nn.Module]:
+    """The modules ``fully_shard`` wraps one by one (each all-gathered on its own)."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+
+
+def make_job(algo: str, args: argparse.Namespace, mesh: Any) -> tuple[nn.Module, Any, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(args.seed)
+    model = data.make_model(args.dataset)
+    where = mesh if algo == "sync-sgd" else mesh["shard"]   # HSDP for the baseline
+    for unit in units_of(model):
+        fully_shard(unit, mesh=where)
+    fully_shard(model, mesh=where)
+    momentum = args.momentum if algo == "eamsgd" else 0.0
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum,
+                          nesterov=algo == "eamsgd")
+    common: dict[str, Any] = {"tau": args.tau, "process_group": mesh["replicate"],
+                              "comm_dtype": args.comm_dtype, "fragments": args.fragments}
+    if algo in ("easgd", "eamsgd"):
+        averager: Any = ElasticAverager(model.parameters(), beta=args.beta, delay=args.delay,
+                                        allow_unstable=args.allow_unstable, **common)
+    elif algo == "downpour":
+        averager = DownpourAverager(model.parameters(), **common)
+    elif algo == "average":
+        averager = PeriodicAverager(model.parameters(), **common)
+    else:
+        averager = None
+    return model, opt, averager
+
+
+def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any, steps: int) -> Any:
+    from .train import Result  # the same records as the main job
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    replicas = world // SHARDS
+    model, opt, averager = make_job(algo, args, mesh)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    hsdp_bytes = 2 * (replicas - 1) * 4 * local // replicas  # per step and rank, ring model
+    stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
+    result = Result(algo)
+    elapsed = 0.0
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        xb, yb = stream.next()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if averager is not None:
+            averager.step()
+            if step == steps:
+                averager.flush()
+        elapsed += time.perf_counter() - start
+        if step % args.eval_every == 0 or step == steps:
+            if averager is not None:
+                with averager.center_parameters():   # every rank: FSDP's forward is collective
+                    error = data.test_error(model, split.test_x, split.test_y)
+                sent, exchanges = averager.stats.bytes_sent, averager.stats.exchanges
+            else:
+                error = data.test_error(model, split.test_x, split.test_y)
+                sent, exchanges = step * hsdp_bytes, step
+            result.steps.append(step)
+            result.seconds.append(elapsed)
+            result.bytes_sent.append(sent * world)
+            result.total_exchanges.append(exchanges * world)
+            result.test_error.append(error)
+            if bar is not None:
+                bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if averager is not None:
+        stats = averager.stats
+        result.comm_seconds, result.exchanges = stats.comm_seconds, stats.exchanges
+        result.skipped_exchanges = stats.skipped_exchanges
+    else:
+        result.exchanges = steps
+    return result
+
+
+def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .train import load_split, say, steps_for
+
+    join_group(rank, world, store, "cpu")
+    try:
+        mesh = init_device_mesh("cpu", (world // SHARDS, SHARDS),
+                                mesh_dim_names=("replicate", "shard"))
+        split = load_split(args)
+        steps = (FSDP_STEPS if args.steps is None and args.epochs is None
+                 else steps_for(args, len(split.train_y), world))
+        if rank == 0:
+            say(f"training {', '.join(args.algos)} on a {world // SHARDS} x {SHARDS} mesh "
+                f"(replicas x shards, fully_shard over the shard dimension): {steps} steps, test "
+                f"error of the center every {args.eval_every} steps")
+        results = [asdict(train_one(algo, args, split, mesh, steps)) for algo in args.algos]
+        if rank == 0:
+            Path(out).write_text(json.dumps({"results": results, "steps": steps}))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, world: int) -> dict | None:
+    """Runs the ``--fsdp`` job on ``world`` processes (spawned, or torchrun's); rank 0's
+    summary (``None`` on the other ranks of a launched job)."""
+    return run_workers(worker, world, args)
