@@ -158,6 +158,7 @@ class Workers:
         self.models = [make_model().to(self.device) for _ in range(workers)]
         self.optimizers = [make_optimizer(m.parameters()) for m in self.models]
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="easgd-sim")
+        self._local: ThreadPoolExecutor | None = None
         self.averagers: list[Averager] = self._everywhere(
             lambda k: build(self.models[k].parameters(), process_group=self.comms[k], **averager_kwargs))
 
@@ -174,6 +175,17 @@ class Workers:
     @property
     def workers(self) -> int:
         return len(self.models)
+
+    def each(self, fn: Callable[[int], Any]) -> list[Any]:
+        """``fn(k)`` for every worker, on as many threads as there are CPUs (a worker's local
+        step: its forward, backward and optimizer touch its replica alone, and torch's ops run
+        without the GIL); returns the results in worker order."""
+        if self._local is None:
+            import os
+
+            self._local = ThreadPoolExecutor(max_workers=max(1, min(self.workers, os.cpu_count() or 1)),
+                                             thread_name_prefix="easgd-sim-local")
+        return list(self._local.map(fn, range(self.workers)))
 
     def optimizer_step(self) -> None:
         """Every worker's ``optimizer.step()`` and ``zero_grad()``, then every averager's
@@ -203,6 +215,8 @@ class Workers:
     def close(self) -> None:
         self._everywhere(lambda k: self.averagers[k].close())
         self._pool.shutdown()
+        if self._local is not None:
+            self._local.shutdown()
 
     def __enter__(self) -> "Workers":
         return self

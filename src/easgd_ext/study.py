@@ -169,9 +169,15 @@ def run_one(task: Task, method: str, workers: int, tau: int, lr: float, seed: in
                                make_optimizer=lambda p: task.make_optimizer(p, lr, method), **kwargs)
         models, opts = sim.models, sim.optimizers
     try:
+        def local(k: int) -> None:
+            task.loss(models[k], streams[k]()).backward()
+
         for step in range(1, steps + 1):
-            for model, stream in zip(models, streams):
-                task.loss(model, stream()).backward()
+            if sim is None:
+                for k in range(workers):
+                    local(k)
+            else:
+                sim.each(local)  # the workers' steps on the CPUs' threads
             if sim is None:
                 _mean_gradients(models)
                 for opt in opts:

@@ -1,8 +1,8 @@
 """p workers simulated in one process against p spawned processes, on the same cores, in one
 run: the language-model task of the study (a byte-level transformer, EASGD, tau 16).
 
-  simulated   easgd_ext.simulate.Workers: p replicas stepped one after the other in this
-              process, the averagers' collectives in memory
+  simulated   easgd_ext.simulate.Workers: p replicas in this process, their local steps on
+              as many threads as there are CPUs, the averagers' collectives in memory
   processes   p processes (Gloo on localhost), each one replica: what torchrun would run
 Reported: the seconds per step of all p workers after a warm-up (and the speedup of the
 simulation, processes' time / simulated time), and the wall time of the whole run including
@@ -47,12 +47,15 @@ def simulated(workers: int, steps: int) -> dict:
     with simulate.Workers(make, workers, averager="easgd", tau=16,
                           make_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3)) as sim:
         streams = [lm.Batches(corpus.train, 16, 64, seed=k) for k in range(workers)]
+
+        def local(k: int) -> None:
+            x, y = streams[k].next()
+            F.cross_entropy(sim.models[k](x).reshape(-1, 256), y.reshape(-1)).backward()
+
         for step in range(steps + WARMUP):
             if step == WARMUP:
                 steady = time.perf_counter()
-            for model, stream in zip(sim.models, streams):
-                x, y = stream.next()
-                F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).backward()
+            sim.each(local)  # the workers' steps on the CPUs' threads
             sim.optimizer_step()
         end = time.perf_counter()
     return {"per_step": (end - steady) / steps, "wall": end - start}

@@ -147,6 +147,10 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
             works: Works) -> list[dict]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    else:
+        # Subnormal weights (a variant drifting towards zero) would make its CPU steps several
+        # times slower for reasons that are not the averager's.
+        torch.set_flush_denormal(True)
     variants = make_variants(args, device, world, works)
     amp = AMP[args.amp]
     gen = torch.Generator().manual_seed(args.seed)
