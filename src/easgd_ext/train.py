@@ -277,7 +277,8 @@ class GradientAllReduce:
             g.copy_(self.flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
         self.comm_seconds += time.perf_counter() - start
-        self.bytes_sent += self.flat.nbytes
+        # what a ring all-reduce puts on the network per rank, as the averagers count it
+        self.bytes_sent += 2 * (self.world - 1) * self.flat.nbytes // self.world
         self.exchanges += 1
 
 
