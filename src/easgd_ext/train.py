@@ -58,6 +58,16 @@ class Result:
     exchanges: int = 0
     skipped_exchanges: int = 0
 
+    def add(self, step: int, seconds: float, sent: int, exchanges: int, error: float,
+            world: int) -> None:
+        """One evaluation point; ``sent`` and ``exchanges`` are one rank's, counted for all
+        ``world`` workers (every worker takes the same steps and exchanges)."""
+        self.steps.append(step)
+        self.seconds.append(seconds)
+        self.bytes_sent.append(sent * world)
+        self.total_exchanges.append(exchanges * world)
+        self.test_error.append(error)
+
 
 def build_parser() -> argparse.ArgumentParser:
     # Each help text states its default itself: ArgumentDefaultsHelpFormatter would also print
@@ -326,12 +336,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
             else:
                 error = data.test_error(model, split.test_x, split.test_y)
                 sent, exchanges = sync_sgd.bytes_sent, sync_sgd.exchanges
-            result.steps.append(step)
-            result.seconds.append(elapsed)
-            # This rank's counts times the world: every worker takes the same steps and exchanges.
-            result.bytes_sent.append(sent * world)
-            result.total_exchanges.append(exchanges * world)
-            result.test_error.append(error)
+            result.add(step, elapsed, sent, exchanges, error, world)
             if bar is not None:
                 bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
         if bar is not None:
@@ -414,11 +419,7 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
                 else:
                     error = data.test_error(models[0], split.test_x, split.test_y)
                     sent, exchanges = step * grads_bytes, step
-                result.steps.append(step)
-                result.seconds.append(elapsed)
-                result.bytes_sent.append(sent * world)
-                result.total_exchanges.append(exchanges * world)
-                result.test_error.append(error)
+                result.add(step, elapsed, sent, exchanges, error, world)
                 bar.set_postfix(test_error=f"{error:.3f}")
             bar.update(1)
     finally:
@@ -548,18 +549,21 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_workers(worker, world, args)
     if summary is None:  # a launched rank other than 0
         return 0
-    results = summary["results"]
-    title = header(args, world, summary["steps"])
+    report(summary, header(args, world, summary["steps"]), args, world)
+    return 0
+
+
+def report(summary: dict, title: str, args: argparse.Namespace, world: int) -> None:
+    """The run's title, table and plot on stdout and in ``--plot``, the curves in ``--json``."""
     print(title)
-    print_table(results, args.mode)
-    plot(results, args.plot, title, args.mode)
+    print_table(summary["results"], args.mode)
+    plot(summary["results"], args.plot, title, args.mode)
     print(f"\nplot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
                                                       for k, v in vars(args).items()},
                                          "world_size": world, **summary}, indent=1))
         print(f"json: {args.json}")
-    return 0
 
 
 def run_fsdp(args: argparse.Namespace, world: int, launched: tuple[int, int] | None) -> int:
@@ -574,17 +578,8 @@ def run_fsdp(args: argparse.Namespace, world: int, launched: tuple[int, int] | N
     summary = train_fsdp.run(args, world)
     if summary is None:  # a launched rank other than 0
         return 0
-    title = (header(args, world, summary["steps"])
-             + f", FSDP2: {world // 2} replicas x 2 shards")
-    print(title)
-    print_table(summary["results"], args.mode)
-    plot(summary["results"], args.plot, title, args.mode)
-    print(f"\nplot: {args.plot}")
-    if args.json:
-        args.json.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
-                                                      for k, v in vars(args).items()},
-                                         "world_size": world, **summary}, indent=1))
-        print(f"json: {args.json}")
+    report(summary, header(args, world, summary["steps"]) + f", FSDP2: {world // 2} replicas x 2 shards",
+           args, world)
     return 0
 
 

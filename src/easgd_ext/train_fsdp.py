@@ -116,11 +116,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any,
             else:
                 error = data.test_error(model, split.test_x, split.test_y)
                 sent, exchanges = step * hsdp_bytes, step
-            result.steps.append(step)
-            result.seconds.append(elapsed)
-            result.bytes_sent.append(sent * world)
-            result.total_exchanges.append(exchanges * world)
-            result.test_error.append(error)
+            result.add(step, elapsed, sent, exchanges, error, world)
             if bar is not None:
                 bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
         if bar is not None:
