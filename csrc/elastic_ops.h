@@ -81,6 +81,7 @@ struct Decision {
   bool reset = false;     // this rank restarts from the center
   float healthy = 0.f;    // ranks whose contribution is in the sum (0: unguarded)
   float bad = 0.f;        // ranks that flagged
+  float scale = 1.f;      // what a kernel scales the sum by, worked out once per launch
 };
 
 template <typename W> EASGD_HD Decision decide(const Guard& g) {
@@ -205,7 +206,11 @@ template <typename X, typename W, bool Keep = false> struct OuterApply {
   float* nonfinite; const W* keep = nullptr;
 
   template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<float, V> m; Vec<W, V> s; Vec<W, V> d; };
-  EASGD_HD Decision decide() const { return easgd::decide<W>(guard); }
+  EASGD_HD Decision decide() const {
+    Decision d = easgd::decide<W>(guard);
+    if ((flags & kNormalize) != 0 && d.healthy > 0.f) d.scale = float(guard.world) / d.healthy;
+    return d;
+  }
   EASGD_HD float* flag() const { return nonfinite; }
   template <int V> EASGD_HD void load(int64_t i, Regs<V>& r) const {
     r.x = easgd::load<V>(x + i);
@@ -215,8 +220,10 @@ template <typename X, typename W, bool Keep = false> struct OuterApply {
     if constexpr (Keep) r.d = easgd::load<V>(keep + i);
   }
   template <int V> EASGD_HD bool update(Regs<V>& r, const Decision& dec) const {
-    const float scale = (flags & kNormalize) != 0 && dec.healthy > 0.f ? float(guard.world) / dec.healthy : 1.f;
+    // Both sides of every choice computed and selected by masks: no branch in the loop, so
+    // the CPU loops vectorize (the choices are the same for a whole launch).
     const bool nesterov = (flags & kNesterov) != 0, pull_new = (flags & kPullNew) != 0;
+    const bool full_pull = alpha == 1.f;
     bool bad = false;
     EASGD_UNROLL for (int k = 0; k < V; ++k) {
       const float xf = to_float(r.x.v[k]);
@@ -224,14 +231,15 @@ template <typename X, typename W, bool Keep = false> struct OuterApply {
       const float s = to_float(r.s.v[k]);
       const bool skip = non_finite(s);
       bad |= skip;
-      const float g = s * scale;
+      const float g = s * dec.scale;
       const float m_new = mu * r.m.v[k] + g;
-      const float step = nesterov ? g + mu * m_new : m_new;
+      const float step = select(nesterov, g + mu * m_new, m_new);
       const float c_new = cf + lr * step;
       float d;
       if constexpr (Keep) d = to_float(r.d.v[k]);
       else d = to_float(from_float<W>(alpha * (xf - cf)));
-      const float pulled = pull_new ? select(alpha == 1.f, c_new, xf - alpha * (xf - c_new)) : xf - d;
+      const float towards_new = select(full_pull, c_new, xf - alpha * (xf - c_new));
+      const float pulled = select(pull_new, towards_new, xf - d);
       r.x.v[k] = from_float<X>(select(dec.reset, c_new, select(skip, xf, pulled)));
       r.c.v[k] = select(skip, cf, c_new);
       r.m.v[k] = select(skip, r.m.v[k], m_new);

@@ -12,6 +12,7 @@ import torch
 
 from easgd_ext.bench import __main__ as bench
 from easgd_ext.bench import cli, kernels
+from easgd_ext.ops import reference
 
 SCHEMA = {"name", "device", "numel", "dtype", "seconds", "GBps", "ratios"}
 
@@ -85,12 +86,14 @@ def test_kernels_small_records_and_speedups(tmp_path, capsys, monkeypatch):
     assert all(SCHEMA <= r.keys() and r["numel"] == 10_000 for r in records)
     r = by_name(records)
     assert set(r) == {"elastic_difference", "sync_apply", "sync", "sync/eager", "sync/compile",
-                      "async", "async/eager", "async/compile", "int8_send", "int8_apply",
-                      "copy/torch", "copy/native", "copy/memcpy"}
-    # The 8-bit kernels are judged against the copy ceiling of the bytes they move.
+                      "async", "async/eager", "async/compile", "outer_apply", "int8_send", "int8_apply",
+                      "int8_send/eager", "int8_apply/eager", "copy/torch", "copy/native", "copy/memcpy"}
+    # The 8-bit kernels are judged against the copy and read ceilings of the bytes they move.
     for name in ("int8_send", "int8_apply"):
-        assert r[name]["ratios"]["vs_copy"] == pytest.approx(
-            kernels.bytes_moved(name, 10_000, torch.float32) / (r[name]["copy_GBps"] * 1e9) / r[name]["seconds"])
+        nbytes = kernels.bytes_moved(name, 10_000, torch.float32)
+        assert r[name]["ratios"]["vs_copy"] == pytest.approx(nbytes / (r[name]["copy_GBps"] * 1e9) / r[name]["seconds"])
+        assert r[name]["ratios"]["vs_read"] == pytest.approx(nbytes / (r[name]["read_GBps"] * 1e9) / r[name]["seconds"])
+        assert r[name]["ratios"]["vs_eager"] == pytest.approx(r[f"{name}/eager"]["seconds"] / r[name]["seconds"])
     # Every ratio is peer_seconds / our_seconds.
     for update in ("sync", "async"):
         for peer in ("eager", "compile"):
@@ -106,6 +109,28 @@ def test_kernels_small_records_and_speedups(tmp_path, capsys, monkeypatch):
     assert r["async"]["ratios"]["vs_copy"] == pytest.approx(ceiling_seconds / r["async"]["seconds"])
     text = capsys.readouterr().out
     assert "speedup over eager" in text and cli.RATIO_LINE in text and "copy ceiling" in text
+    assert "read ceiling" in text and "of read" in text
+
+
+def test_the_eager_8bit_peers_do_what_the_kernels_do():
+    """The eager peers time the same work: their quantized values, scales and updates match the
+    float64-checked reference on whole blocks (fresh random inputs)."""
+    g = torch.Generator().manual_seed(7)
+    n = 4 * kernels.QUANT_BLOCK
+    x, c, r = (torch.randn(n, generator=g) for _ in range(3))
+    p = kernels.int8_peer_buffers(n, torch.device("cpu"))
+    tmp = torch.empty(n)
+    kernels.eager_int8_send(x, c, r, p["q_sent"], p["s_sent"], tmp)
+    q, scale = reference.quantize_blocks(kernels.ALPHA * (x - c) + r)
+    assert torch.equal(p["q_sent"], q) and torch.equal(p["s_sent"], scale)
+
+    x0, c0, r0 = x.double(), c.double(), r.double()
+    kernels.eager_int8_apply(x, c, r, p["q_sent"], p["s_sent"], p["q_got"], p["s_got"], tmp)
+    d = kernels.ALPHA * (x0 - c0)
+    own = reference.dequantize_blocks(p["q_sent"], p["s_sent"]).double()
+    summed = reference.dequantize_blocks(p["q_got"], p["s_got"]).double()
+    for got, want in ((x, x0 - d), (c, c0 + summed), (r, r0 + d - own)):
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
 def recompile_limit(n: int):

@@ -427,3 +427,25 @@ def test_the_8bit_exchange_of_resnet50_is_captured_in_a_cuda_graph():
     (out,) = values(run_ranks(1, nccl_world_one, int8_graph_replay))
     assert out["same_x"] and out["same_c"]
     assert out["refused"] is not None and "cannot be waited for inside one graph" in out["refused"]
+
+
+def second_gpu_outcomes() -> dict:
+    """Parameters on cuda:1 while cuda:0 is current: what the exchanges did must still be read
+    (the status is copied and the events recorded on cuda:1's stream)."""
+    torch.cuda.set_device(0)
+    params = [torch.nn.Parameter(torch.randn(5000, device="cuda:1"))]
+    avg = easgd_ext.ElasticAverager(params, tau=1, on_nonfinite="skip")
+    avg.exchange()
+    with torch.no_grad():
+        params[0][3] = float("nan")
+    avg.exchange()
+    stats = avg.stats
+    return {"exchanges": stats.exchanges, "skipped": stats.skipped_exchanges,
+            "seconds": stats.comm_seconds}
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not easgd_ext.build_info()["cuda"],
+                    reason="needs two GPUs and easgd_ext built with CUDA")
+def test_outcomes_of_parameters_on_a_second_gpu_are_read_on_its_stream():
+    out = second_gpu_outcomes()
+    assert out["exchanges"] == 1 and out["skipped"] == 1 and out["seconds"] > 0

@@ -5,9 +5,10 @@ For each update and each parameter dtype it times the fused kernels:
   sync_apply           x -= d; c += reduced                   (sync, after the all-reduce)
   sync                 both together: one synchronous exchange less its all-reduce
   async                e = alpha (x - c); x -= e; c += e
+  outer_apply          the outer optimizer's apply: m = mu m + sum; c += lr (sum + mu m); x -= d
   int8_send            the 8-bit wire's send: v = alpha (x - c) + residual, block-quantized
   int8_apply           its apply: x -= d; c += deq(sum); residual = v - deq(what was sent)
-and, for the whole sync and async updates, the same update done by:
+and, for the whole sync and async updates and the 8-bit send and apply, the same update done by:
   eager    torch eager ops on the flat buffers (in place, preallocated temporaries)
   foreach  torch._foreach_* over ResNet-50's 161 parameter tensors (what an optimizer-style
            per-parameter implementation does)
@@ -15,10 +16,14 @@ and, for the whole sync and async updates, the same update done by:
            recompile or a fallback to eager is an error, never a silent slow peer)
 and the copy ceiling: the best of torch's copy_, the package's vectorized copy kernel (the
 fused kernels' own launch shape) and, on CPU, a multi-threaded memcpy, each copying a float32
-buffer of the same length, timed round-robin with the variants in the same loop.
+buffer of the same length, timed round-robin with the variants in the same loop; and the read
+ceiling, torch summing two float32 buffers of that length (the same bytes, all read): a kernel
+that reads far more than it writes (int8_send reads 12 bytes per element and writes 1) is bound
+by it rather than by the copy's.
 
 Reported: GB/s (bytes each update must move: inputs read once, outputs written once), "of
-copy" (the time the copy ceiling needs for those bytes / the kernel's time) and the speedup over
+copy" (the time the copy ceiling needs for those bytes / the kernel's time), "of read" (the
+same at the read ceiling) and the speedup over
 each peer (peer time / fused time, > 1: the fused kernel is faster).
 
     python -m easgd_ext.bench kernels           # CPU, and CUDA too when present
@@ -48,6 +53,7 @@ from .timing import interleaved_medians
 
 ALPHA = 0.225
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_BLOCK = 256  # the 8-bit wire's block (csrc/quantize.h)
 COPY_NAMES = {"copy/torch": "torch copy_", "copy/native": "native copy kernel",
               "copy/memcpy": "multi-threaded memcpy"}
 
@@ -121,6 +127,36 @@ def foreach_async(xs, cs, ts):
     torch._foreach_mul_(ts, ALPHA)
     torch._foreach_sub_(xs, ts)
     torch._foreach_add_(cs, ts)
+
+
+def eager_int8_send(x, c, r, q, scales, tmp):
+    """The 8-bit send as torch ops (whole blocks only: the tail of < 256 elements is left out)."""
+    m = q.numel()
+    v = torch.sub(x[:m], c[:m], out=tmp[:m]).mul_(ALPHA).add_(r[:m]).view(-1, QUANT_BLOCK)
+    absmax = v.abs().amax(1)
+    torch.div(absmax, 127, out=scales)
+    inv = torch.where(absmax > 0, 127 / absmax, 0)
+    q.copy_(torch.round(v * inv[:, None]).clamp_(-127, 127).view(-1))
+
+
+def eager_int8_apply(x, c, r, q_sent, s_sent, q_got, s_got, tmp):
+    """The 8-bit apply as torch ops: d recomputed, r += d - deq(sent), x -= d, c += deq(sum)."""
+    m = q_sent.numel()
+    d = torch.sub(x[:m], c[:m], out=tmp[:m]).mul_(ALPHA)
+    r[:m].add_(d).sub_((q_sent.view(-1, QUANT_BLOCK) * s_sent[:, None]).view(-1))
+    x[:m].sub_(d)
+    c[:m].add_((q_got.view(-1, QUANT_BLOCK) * s_got[:, None]).view(-1))
+
+
+def int8_peer_buffers(n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Residual, int8 values and scales of the whole blocks of n, for the eager 8-bit peers."""
+    blocks = n // QUANT_BLOCK
+    g = torch.Generator(device=device).manual_seed(1)
+    q = lambda: torch.randint(-127, 128, (blocks * QUANT_BLOCK,), generator=g, device=device,
+                              dtype=torch.int8)
+    return {"r": torch.randn(n, generator=g, device=device), "q_sent": q(), "q_got": q(),
+            "s_sent": torch.rand(blocks, generator=g, device=device),
+            "s_got": torch.rand(blocks, generator=g, device=device)}
 
 
 def compile_pre(x, c, wire):
@@ -256,11 +292,13 @@ def bytes_moved(update: str, n: int, dtype: torch.dtype) -> int:
         return n * (sx + 8 + 1) + n // 64
     if update == "int8_apply":  # read x, c, residual, q sent, q summed; write x, c, residual
         return n * (2 * sx + 16 + 2) + n // 32
+    if update == "outer_apply":  # read x, c, momentum, the sum (x's dtype); write x, c, momentum
+        return n * (3 * sx + 16)
     return n * {"elastic_difference": diff, "sync_apply": apply, "sync": diff + apply,
                 "async": 2 * (sx + 4)}[update]
 
 
-UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "int8_send", "int8_apply")
+UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "outer_apply", "int8_send", "int8_apply")
 
 
 def int8_launches(x: torch.Tensor, c: torch.Tensor) -> tuple[Any, Any, list[torch.Tensor]]:
@@ -301,10 +339,19 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
         "async": lambda: ops.async_exchange(x, c, ALPHA),
         "async/eager": lambda: eager_async(x, c, t),
     }
+    momentum = torch.zeros_like(c)
+    fns["outer_apply"] = lambda: ops.outer_apply(x, c, momentum, w, ALPHA, 0.7, 0.9, 1.0, 0.0)
     send8, apply8, keep_alive = int8_launches(x, c)
     stream = stream_of(device)
     fns["int8_send"] = lambda: native.run([send8], stream, num_threads())
     fns["int8_apply"] = lambda: native.run([apply8], stream, num_threads())
+    p8 = int8_peer_buffers(n, device)
+    fns["int8_send/eager"] = lambda: eager_int8_send(x, c, p8["r"], p8["q_sent"], p8["s_sent"], t)
+    fns["int8_apply/eager"] = lambda: eager_int8_apply(x, c, p8["r"], p8["q_sent"], p8["s_sent"],
+                                                       p8["q_got"], p8["s_got"], t)
+    # Reading two float32 buffers: the same bytes as the copy, none written. A kernel that
+    # mostly reads is measured against it too ('of read').
+    fns["read/torch"] = lambda: (c.sum(), momentum.sum())
     if b.lists:
         xs, cs, ws, ts = (b.lists[k] for k in ("x", "c", "wire", "tmp"))
         fns["sync/foreach"] = lambda: (foreach_pre(xs, cs, ws, ts), foreach_post(cs, ws))
@@ -325,19 +372,21 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
     copies = {k: s for k, s in seconds.items() if k.startswith("copy/")}
     best = min(copies, key=copies.get)
     copy_bw = 2 * n * 4 / copies[best]
+    read_bw = 2 * n * 4 / seconds["read/torch"]
     dtype_name = str(dtype).removeprefix("torch.")
     records = []
     for update in UPDATES:
         nbytes = bytes_moved(update, n, dtype)
         mine = {k: s for k, s in seconds.items() if k == update or k.startswith(update + "/")}
         for name, s in mine.items():
-            ratios = {"vs_copy": speedup(nbytes / copy_bw, s)}
+            ratios = {"vs_copy": speedup(nbytes / copy_bw, s), "vs_read": speedup(nbytes / read_bw, s)}
             if name == update:
                 ratios.update({f"vs_{peer.split('/', 1)[1]}": speedup(ps, s)
                                for peer, ps in mine.items() if peer != update})
             records.append({"name": name, "device": str(device), "numel": n, "dtype": dtype_name,
                             "seconds": s, "GBps": nbytes / s / 1e9, "ratios": ratios,
-                            "copy_ceiling": COPY_NAMES[best], "copy_GBps": copy_bw / 1e9})
+                            "copy_ceiling": COPY_NAMES[best], "copy_GBps": copy_bw / 1e9,
+                            "read_GBps": read_bw / 1e9})
     for name, s in copies.items():
         records.append({"name": name, "device": str(device), "numel": n, "dtype": "float32",
                         "seconds": s, "GBps": 2 * n * 4 / s / 1e9,
@@ -347,25 +396,28 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"\n{RATIO_LINE}; 'of copy': the copy ceiling's time for the same bytes / ours")
+    print(f"\n{RATIO_LINE}; 'of copy': the copy ceiling's time for the same bytes / ours; "
+          "'of read': the same at the read ceiling")
     print("copy ceiling per case: the best of " + ", ".join(COPY_NAMES.values())
-          + " (float32, timed with the variants)")
+          + " (float32, timed with the variants); read ceiling: torch sums of two float32 buffers")
     for r in records:
         if r["name"].startswith("copy/") and r["best"]:
+            read = next(o["read_GBps"] for o in records if "read_GBps" in o and o["device"] == r["device"]
+                        and o["numel"] == r["numel"] and o["dtype"] == r["case_dtype"])
             others = ", ".join(f"{COPY_NAMES[o['name']]} {o['GBps']:.1f}" for o in records
                                if o["name"].startswith("copy/") and not o["best"]
                                and o["device"] == r["device"] and o["numel"] == r["numel"]
                                and o["case_dtype"] == r["case_dtype"])
             print(f"  {r['device']:<6} {r['case_dtype']:<9} {r['numel']:>11}: {r['GBps']:.1f} GB/s "
-                  f"({COPY_NAMES[r['name']]}; {others})")
+                  f"({COPY_NAMES[r['name']]}; {others}); read {read:.1f} GB/s")
     print(f"{'update':<20}{'device':<8}{'dtype':<10}{'numel':>11}{'fused ms':>10}{'GB/s':>8}"
-          f"{'of copy':>9}{'speedup over eager':>20}{'over foreach':>14}{'over compile':>14}")
+          f"{'of copy':>9}{'of read':>9}{'speedup over eager':>20}{'over foreach':>14}{'over compile':>14}")
     for r in records:
         if "/" in r["name"]:
             continue
         q = r["ratios"]
         print(f"{r['name']:<20}{r['device']:<8}{r['dtype']:<10}{r['numel']:>11}"
-              f"{r['seconds'] * 1e3:>10.3f}{r['GBps']:>8.1f}{q['vs_copy']:>9.0%}"
+              f"{r['seconds'] * 1e3:>10.3f}{r['GBps']:>8.1f}{q['vs_copy']:>9.0%}{q['vs_read']:>9.0%}"
               f"{ratio_cell(q, 'vs_eager', 20)}{ratio_cell(q, 'vs_foreach', 14)}"
               f"{ratio_cell(q, 'vs_compile', 14)}")
 
