@@ -266,6 +266,11 @@ def test_step_benchmark_small(tmp_path, capsys):
     assert r["easgd"]["peak_bytes_per_step"] >= 4 * 11_689_512
     assert r["easgd_stream"]["peak_bytes_vs_easgd"] <= 1.1 / 4
     assert 0 < r["easgd_stream"]["blocked_seconds_per_window"]
+    # Waiting for collectives is part of the blocked time, and only averagers' (Gloo) have it.
+    for rec in records:
+        assert 0 <= rec["waited_seconds_per_window"] <= rec["blocked_seconds_per_window"] + 1e-6
+    assert r["step"]["waited_seconds_per_window"] == r["torch_flat"]["waited_seconds_per_window"] == 0
+    assert r["easgd"]["waited_seconds_per_window"] > 0
     assert r["easgd"]["peak_bytes_per_step"] <= whole + 4 * 64
     text = capsys.readouterr().out
     assert "speedup over step" in text and "overhead" in text and "easgd_stream" in text

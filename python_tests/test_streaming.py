@@ -347,6 +347,34 @@ def test_a_delayed_fragment_is_waited_for_only_at_its_apply_step(comm):
         assert set(out["waits"]) <= allowed and 5 in out["waits"] and 7 in out["waits"]
 
 
+def waits_for_a_late_peer(rank: int, world: int, delay: int) -> dict:
+    """Each rank computes 0.4 s longer than the other every other step (rank 0 at even steps,
+    rank 1 at odd ones); one fragment of two is sent at every step (tau 2)."""
+    params = [torch.nn.Parameter(torch.randn(10_000))]
+    avg = easgd_ext.ElasticAverager(params, tau=2, fragments=2, delay=delay)
+    for t in range(1, 7):
+        if t % 2 == rank % 2:
+            time.sleep(0.4)
+        avg.step()
+    avg.flush()
+    stats = avg.stats
+    return {"wait": stats.wait_seconds, "comm": stats.comm_seconds, "exchanges": stats.exchanges}
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_the_host_wait_for_collectives_is_counted_apart(delay):
+    """stats.wait_seconds is the part of comm_seconds the host spent waiting for collectives.
+    Blocking, the rank that computed less waits for the other at every step (3 of 6 each, 0.4 s
+    each); with delay=1 a fragment's collective completes while the late rank still computes,
+    and nobody waits."""
+    for out in values(run_ranks(2, waits_for_a_late_peer, delay)):
+        assert out["exchanges"] == 6 and 0 <= out["wait"] <= out["comm"] + 1e-6
+        if delay == 0:
+            assert out["wait"] > 0.9
+        else:
+            assert out["wait"] < 0.2
+
+
 needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and easgd_ext.build_info()["cuda"] and easgd_ext.build_info()["cuda_devices"]),
     reason="needs a CUDA GPU and easgd_ext built with CUDA")

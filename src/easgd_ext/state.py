@@ -24,13 +24,17 @@ def check_counter(name: str, value: object) -> int:
     return value
 
 
+# Counters added after checkpoints were first written: a checkpoint without them loads as 0.
+LATER_STATS = {"wait_seconds"}
+
+
 def check_stats(saved: object) -> ExchangeStats:
     """The saved counters of :class:`ExchangeStats`: every field, ints >= 0 and finite seconds
     >= 0."""
     if not isinstance(saved, dict):
         raise ValueError(f"state stats must be a dict, got {type(saved).__name__}")
     names = {f.name: f.type for f in fields(ExchangeStats)}
-    if set(saved) != set(names):
+    if not set(names) - LATER_STATS <= set(saved) <= set(names):
         raise ValueError(f"state stats must hold {sorted(names)}, got {sorted(saved)}")
     out: dict[str, Any] = {}
     for name, value in saved.items():

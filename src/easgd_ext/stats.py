@@ -44,7 +44,9 @@ class ExchangeStats:
     no network). ``comm_seconds`` is the total time the exchange steps took (kernels,
     collectives and waits: what communication costs the loop; with ``delay``, the send and the
     apply steps, not the collective running meanwhile); on CUDA it is measured with events,
-    without synchronizing the device.
+    without synchronizing the device. ``wait_seconds``, part of it, is the time the host waited
+    for collectives still running (synchronous mode over Gloo; 0 with NCCL, where the stream
+    waits instead, and in asynchronous mode): the rest is the kernels and the launches.
     """
     exchanges: int = 0
     skipped_exchanges: int = 0
@@ -53,6 +55,7 @@ class ExchangeStats:
     bytes_sent: int = 0
     comm_seconds: float = 0.0
     last_exchange_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
 
 @dataclass
@@ -109,6 +112,7 @@ class _Item:
     done: torch.cuda.Event | None
     outcome: Outcome | None       # known at once (CPU tensors, asynchronous centers)
     bytes_sent: int
+    waited_seconds: float
 
 
 @dataclass
@@ -153,7 +157,7 @@ class ExchangeLog:
             host, done = None, None
             if r.outcome is None and r.status is not None:
                 host, done = self._copy_status(r.status)
-            items.append(_Item(r.clock, host, done, r.outcome, r.bytes_sent))
+            items.append(_Item(r.clock, host, done, r.outcome, r.bytes_sent, r.waited_seconds))
         self._pending.append(_Pending(timer, items))
         self.poll()  # what is known already (CPU, asynchronous mode) is reported now
 
@@ -206,6 +210,7 @@ class ExchangeLog:
             outcome = item.outcome if item.outcome is not None else outcome_of(
                 item.clock, item.status, self.skips_on_bad)
             s.bytes_sent += item.bytes_sent
+            s.wait_seconds += item.waited_seconds
             if outcome.applied:
                 s.exchanges += 1
             else:

@@ -19,7 +19,9 @@ equally often in every block), and its step time in that round is the block's me
 
 Reported per variant: the median step time over rounds, its inter-quartile range, the overhead
 against the step alone, "blocked": the time the call after opt.step() blocks the loop, summed
-over a tau window (what the user's loop waits for the exchange), and "peak MB": the most bytes
+over a tau window (what the user's loop waits for the exchange), "waited": the part of it the
+host spent waiting for collectives (``stats.wait_seconds``; the rest is the exchange's kernels
+and launches; 0 with NCCL, where the stream waits instead), and "peak MB": the most bytes
 one step puts on the network per rank (``avg.bytes_per_step()``). easgd_stream is compared with
 easgd on both: blocked and peak, as a share of the blocking exchange's.
 
@@ -72,10 +74,22 @@ class Variant:
 
     def __init__(self, name: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
                  after: Callable[[], object] | None, tau: int | None = None,
-                 bytes_per_step: list[int] | None = None) -> None:
+                 bytes_per_step: list[int] | None = None,
+                 averager: easgd_ext.ElasticAverager | None = None) -> None:
         self.name, self.model, self.opt, self.after = name, model, opt, after
         self.tau, self.bytes_per_step = tau, bytes_per_step or []
+        self.averager = averager
         self.blocked, self.calls = 0.0, 0
+        self.wait_mark = 0.0
+
+    def reset(self) -> None:
+        """Counts from now (the averager's counters read outside the timed steps)."""
+        self.blocked, self.calls = 0.0, 0
+        self.wait_mark = self.averager.stats.wait_seconds if self.averager is not None else 0.0
+
+    def waited(self) -> float:
+        """Seconds of ``blocked`` the host spent waiting for collectives since :meth:`reset`."""
+        return self.averager.stats.wait_seconds - self.wait_mark if self.averager is not None else 0.0
 
     def run_after(self) -> None:
         if self.after is not None:
@@ -95,7 +109,7 @@ def make_variants(args: argparse.Namespace, device: torch.device, world: int,
     for name in VARIANTS:
         model = copy.deepcopy(base)
         after: Callable[[], object] | None = None
-        tau, per_step = None, None
+        tau, per_step, avg = None, None, None
         if name == "step":
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
@@ -109,7 +123,7 @@ def make_variants(args: argparse.Namespace, device: torch.device, world: int,
             avg = easgd_ext.ElasticAverager(model.parameters(), tau=tau, beta=BETA, **stream)
             after, per_step = avg.step, avg.bytes_per_step()
         opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
-        variants.append(Variant(name, model, opt, after, tau, per_step))
+        variants.append(Variant(name, model, opt, after, tau, per_step, avg))
     return variants
 
 
@@ -160,7 +174,7 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
     labels = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
     for v in variants:  # warm-up: allocations, cuDNN's algorithm search, the first exchanges
         block_seconds(v, args.block, images, labels, amp)
-        v.blocked, v.calls = 0.0, 0
+        v.reset()
     order = random.Random(args.seed)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     rounds = range(args.rounds)
@@ -172,9 +186,10 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
         # Every rank draws the same order: the averaged variants' all-reduces pair up.
         for v in order.sample(variants, len(variants)):
             times[v.name].append(block_seconds(v, args.block, images, labels, amp))
+    waited = {v.name: v.waited() for v in variants}
     for v in variants:  # flush what a delayed exchange left in flight: every rank alike
-        if isinstance(getattr(v.after, "__self__", None), easgd_ext.ElasticAverager):
-            v.after.__self__.flush()
+        if v.averager is not None:
+            v.averager.flush()
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     numel = sum(p.numel() for p in variants[0].model.parameters())
     records = []
@@ -184,6 +199,7 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
         finite = all(bool(torch.isfinite(p).all()) for p in v.model.parameters())
         window = args.tau  # every variant over the same number of steps
         blocked = v.blocked / v.calls * window if v.calls else 0.0
+        waited_window = waited[v.name] / v.calls * window if v.calls else 0.0
         peak = max(v.bytes_per_step) if v.bytes_per_step else 0
         records.append({
             "name": v.name, "device": str(device), "numel": numel,
@@ -193,6 +209,7 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
             "spread": (q3 - q1) / s if s else 0.0,
             "overhead_pct": (s / seconds["step"] - 1) * 100, "tau": v.tau,
             "blocked_seconds_per_window": blocked, "window_steps": window,
+            "waited_seconds_per_window": waited_window,
             "peak_bytes_per_step": peak,
             "model": args.model, "batch": args.batch, "image_size": args.image_size,
             "channels_last": args.channels_last and v.name == "step",
@@ -238,15 +255,17 @@ def print_table(records: list[dict]) -> None:
           f"world {r0['world_size']}, {r0['numel']:,} parameters; median of {r0['rounds']} rounds "
           f"of {r0['block']} steps per variant")
     print(f"{RATIO_LINE}; overhead: median step time / the step alone's - 1; blocked: seconds "
-          f"the call after opt.step() blocks the loop over {window} steps; peak MB: most bytes "
-          "one step sends per rank")
+          f"the call after opt.step() blocks the loop over {window} steps, of which 'waited': "
+          "waiting for collectives (the rest: kernels, launches); peak MB: most bytes one step "
+          "sends per rank")
     print(f"{'variant':<14}{'tau':>4}{'step ms':>10}{'IQR ms':>9}{'overhead':>10}"
-          f"{'blocked ms':>12}{'peak MB':>9}{'speedup over step':>19}{'over torch_flat':>17}")
+          f"{'blocked ms':>12}{'waited ms':>11}{'peak MB':>9}{'speedup over step':>19}{'over torch_flat':>17}")
     for r in records:
         tau = "-" if r["tau"] is None else str(r["tau"])
         note = "" if r["parameters_finite"] else "  (parameters became non-finite)"
         print(f"{r['name']:<14}{tau:>4}{r['seconds'] * 1e3:>10.2f}{r['iqr_seconds'] * 1e3:>9.2f}"
               f"{r['overhead_pct']:>+9.1f}%{r['blocked_seconds_per_window'] * 1e3:>12.2f}"
+              f"{r['waited_seconds_per_window'] * 1e3:>11.2f}"
               f"{r['peak_bytes_per_step'] / 1e6:>9.2f}{ratio_cell(r['ratios'], 'vs_step', 19)}"
               f"{ratio_cell(r['ratios'], 'vs_torch_flat', 17)}{note}")
     by_name = {r["name"]: r for r in records}
@@ -256,7 +275,9 @@ def print_table(records: list[dict]) -> None:
               f"(easgd: {blocking['exchange_share_of_step']:.0%} of a step alone, per step): blocks the "
               f"loop {stream['blocked_vs_easgd']:.1%} as long, peak bytes per step "
               f"{stream.get('peak_bytes_vs_easgd', 0):.1%}, step time "
-              f"{stream['seconds'] / blocking['seconds']:.2f}x")
+              f"{stream['seconds'] / blocking['seconds']:.2f}x; waiting for collectives "
+              f"{stream['waited_seconds_per_window'] * 1e3:.2f} ms per window against "
+              f"{blocking['waited_seconds_per_window'] * 1e3:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ class ExchangeRecord:
     averager's log copies it to pinned memory behind an event)."""
     clock: int
     bytes_sent: int = 0                     # what this rank put on the network
+    waited_seconds: float = 0.0             # the host's wait for collectives still running
     outcome: Outcome | None = None
     status: torch.Tensor | None = None
 

@@ -25,6 +25,7 @@ collectives run while the loop computes (with NCCL the compute stream waits for 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -61,6 +62,7 @@ class InFlight:
     due_at: int
     works: list[Any] = field(default_factory=list)
     advanced: bool = False
+    waited: float = 0.0  # seconds the host waited for its collectives (Gloo)
 
 
 class ReplicatedCenter(Center):
@@ -169,7 +171,7 @@ class ReplicatedCenter(Center):
         f = InFlight(fragment, clock, due_at)
         try:
             f.works = self.wires[fragment].start(self._comm, self._capturing(),
-                                                 lambda work: self._wait_work(work, clock))
+                                                 lambda work: self._wait_work(work, f))
         except ExchangeError:
             self._in_flight = []  # the group is broken: nothing in flight will arrive
             raise
@@ -177,12 +179,12 @@ class ReplicatedCenter(Center):
         if not self._host_waits:  # NCCL: the middle step is stream-ordered, enqueued at once
             self._advance(f, clock)
 
-    def _advance(self, f: InFlight, clock: int) -> None:
+    def _advance(self, f: InFlight, clock: int, counted: bool = True) -> None:
         wire = self.wires[f.fragment]
         if type(wire).advance is Wire.advance:
             f.advanced = True
             return
-        self._wait(f, clock)
+        self._wait(f, counted)
         f.works = wire.advance(self._comm, self._capturing(), lambda work: None)
         f.advanced = True
 
@@ -192,47 +194,45 @@ class ReplicatedCenter(Center):
             try:
                 if not f.advanced:
                     self._advance(f, clock)
-                self._wait(f, clock)
+                self._wait(f)
             except ExchangeError:
                 self._in_flight = []  # the group is broken: nothing in flight will arrive
                 raise
             self._in_flight.remove(f)
             wire = self.wires[f.fragment]
             wire.finish()
-            records.append(self._record(f.fragment, f.sent_at, wire))
+            records.append(self._record(f, wire))
         return records
 
-    def _wait(self, f: InFlight, clock: int) -> None:
+    def _wait(self, f: InFlight, counted: bool = True) -> None:
         works, f.works = f.works, []
         self._works = works or self._works
         for work in works:
-            if self._host_waits:
-                try:
-                    work.wait(self._timeout)  # at most exchange_timeout
-                except RuntimeError as exc:
-                    raise self._failure(f.sent_at, exc) from exc
-            else:
-                work.wait()  # NCCL: makes the current stream wait, not the host
+            self._wait_work(work, f, counted)
 
-    def _wait_work(self, work: Any, clock: int) -> None:
-        """Waits for one collective a send depends on (the verdict shared with the replica's
-        other shards): the host, within the exchange timeout, where it waits at all."""
-        if self._host_waits:
-            try:
-                work.wait(self._timeout)
-            except RuntimeError as exc:
-                raise self._failure(clock, exc) from exc
-        else:
+    def _wait_work(self, work: Any, f: InFlight, counted: bool = True) -> None:
+        """Waits for one collective of ``f``: the host, within the exchange timeout, where it
+        waits at all (the time counts as the fragment's wait unless ``counted`` is false: a
+        checkpoint's); with NCCL the current stream, not the host."""
+        if not self._host_waits:
             work.wait()
+            return
+        start = time.perf_counter()
+        try:
+            work.wait(self._timeout)  # at most exchange_timeout
+        except RuntimeError as exc:
+            raise self._failure(f.sent_at, exc) from exc
+        if counted:
+            f.waited += time.perf_counter() - start
 
-    def _record(self, fragment: int, clock: int, wire: Wire) -> ExchangeRecord:
+    def _record(self, f: InFlight, wire: Wire) -> ExchangeRecord:
         # One device decides for the record (a skip covers each device's groups alike).
         device, status = next(iter(wire.status.items()))
         if device.type == "cpu":
-            host = self._host_status[fragment][device]
-            return ExchangeRecord(clock, wire.bytes_sent,
-                                  outcome=outcome_of(clock, host, self._skips_on_bad))
-        return ExchangeRecord(clock, wire.bytes_sent, status=status)
+            host = self._host_status[f.fragment][device]
+            return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited,
+                                  outcome=outcome_of(f.sent_at, host, self._skips_on_bad))
+        return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited, status=status)
 
     def _failure(self, clock: int, exc: Exception) -> ExchangeError:
         silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
@@ -261,8 +261,8 @@ class ReplicatedCenter(Center):
         # The sums first: moving an 8-bit exchange on updates its owner's residual.
         for f in self._in_flight:
             if not f.advanced:
-                self._advance(f, f.sent_at)
-            self._wait(f, f.sent_at)
+                self._advance(f, f.sent_at, counted=False)
+            self._wait(f, counted=False)
         out: dict[str, Any] = {"center": [c.detach().cpu().clone() for c in self.read()]}
         for name, tensors in self._residuals.items():
             if tensors:
