@@ -97,6 +97,13 @@ def test_a_good_state_still_loads_and_old_format_2_states_too():
     _, avg2 = make()
     avg2.load_state_dict(old)
     assert avg2.clock == 4
+    # Checkpoints from before stats.wait_seconds load it as 0; other missing counters are refused.
+    old["stats"].pop("wait_seconds")
+    _, avg3 = make()
+    avg3.load_state_dict(old)
+    assert avg3.stats.wait_seconds == 0 and avg3.stats.exchanges == 2
+    old["stats"].pop("resets")
+    assert_refused_and_unchanged(make()[1], old, "state stats must hold")
 
 
 def other_ranks_state(rank: int, world: int) -> str:
