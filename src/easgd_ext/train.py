@@ -68,6 +68,29 @@ class Result:
         self.total_exchanges.append(exchanges * world)
         self.test_error.append(error)
 
+    def evaluate(self, step: int, seconds: float, averager: Any, model: torch.nn.Module,
+                 split: data.Split, world: int, plain: tuple[int, int], bar: Any,
+                 loss: torch.Tensor) -> None:
+        """One evaluation point: the center's test error where there is an averager (on every
+        rank: a sharded model's forward is collective) and its counters, else the model's and
+        ``plain`` (bytes sent, exchanges) of the run without one; shown on ``bar`` if any."""
+        if averager is not None:
+            with averager.center_parameters():
+                error = data.test_error(model, split.test_x, split.test_y)
+            sent, exchanges = averager.stats.bytes_sent, averager.stats.exchanges
+        else:
+            error = data.test_error(model, split.test_x, split.test_y)
+            sent, exchanges = plain
+        self.add(step, seconds, sent, exchanges, error, world)
+        if bar is not None:
+            bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
+
+    def take_counters(self, averager: Any) -> None:
+        """The averager's final counters (communication time, exchanges applied and skipped)."""
+        stats = averager.stats
+        self.comm_seconds, self.exchanges = stats.comm_seconds, stats.exchanges
+        self.skipped_exchanges = stats.skipped_exchanges
+
 
 def build_parser() -> argparse.ArgumentParser:
     # Each help text states its default itself: ArgumentDefaultsHelpFormatter would also print
@@ -329,24 +352,14 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
             averager.close()
             dist.barrier()  # the final center: after every worker's last exchange
         if step % args.eval_every == 0 or step == steps:
-            if averager is not None:
-                with averager.center_parameters():
-                    error = data.test_error(model, split.test_x, split.test_y)
-                sent, exchanges = averager.stats.bytes_sent, averager.stats.exchanges
-            else:
-                error = data.test_error(model, split.test_x, split.test_y)
-                sent, exchanges = sync_sgd.bytes_sent, sync_sgd.exchanges
-            result.add(step, elapsed, sent, exchanges, error, world)
-            if bar is not None:
-                bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
+            plain = (sync_sgd.bytes_sent, sync_sgd.exchanges) if sync_sgd is not None else (0, 0)
+            result.evaluate(step, elapsed, averager, model, split, world, plain, bar, loss)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if averager is not None:
-        stats = averager.stats
-        result.comm_seconds, result.exchanges = stats.comm_seconds, stats.exchanges
-        result.skipped_exchanges = stats.skipped_exchanges
+        result.take_counters(averager)
     else:
         result.comm_seconds, result.exchanges = sync_sgd.comm_seconds, sync_sgd.exchanges
     return result

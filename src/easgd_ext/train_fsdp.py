@@ -108,25 +108,14 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any,
             if step == steps:
                 averager.flush()
         elapsed += time.perf_counter() - start
-        if step % args.eval_every == 0 or step == steps:
-            if averager is not None:
-                with averager.center_parameters():   # every rank: FSDP's forward is collective
-                    error = data.test_error(model, split.test_x, split.test_y)
-                sent, exchanges = averager.stats.bytes_sent, averager.stats.exchanges
-            else:
-                error = data.test_error(model, split.test_x, split.test_y)
-                sent, exchanges = step * hsdp_bytes, step
-            result.add(step, elapsed, sent, exchanges, error, world)
-            if bar is not None:
-                bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
+        if step % args.eval_every == 0 or step == steps:  # every rank: FSDP's forward is collective
+            result.evaluate(step, elapsed, averager, model, split, world, (step * hsdp_bytes, step), bar, loss)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if averager is not None:
-        stats = averager.stats
-        result.comm_seconds, result.exchanges = stats.comm_seconds, stats.exchanges
-        result.skipped_exchanges = stats.skipped_exchanges
+        result.take_counters(averager)
     else:
         result.exchanges = steps
     return result
