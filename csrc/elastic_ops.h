@@ -235,13 +235,14 @@ template <typename X, typename W, bool Keep = false> struct OuterApply {
       const float m_new = mu * r.m.v[k] + g;
       const float step = select(nesterov, g + mu * m_new, m_new);
       const float c_new = cf + lr * step;
+      const float c_out = select(skip, cf, c_new);  // what a reset rank takes, too
       float d;
       if constexpr (Keep) d = to_float(r.d.v[k]);
       else d = to_float(from_float<W>(alpha * (xf - cf)));
       const float towards_new = select(full_pull, c_new, xf - alpha * (xf - c_new));
       const float pulled = select(pull_new, towards_new, xf - d);
-      r.x.v[k] = from_float<X>(select(dec.reset, c_new, select(skip, xf, pulled)));
-      r.c.v[k] = select(skip, cf, c_new);
+      r.x.v[k] = from_float<X>(select(dec.reset, c_out, select(skip, xf, pulled)));
+      r.c.v[k] = c_out;
       r.m.v[k] = select(skip, r.m.v[k], m_new);
     }
     return bad;

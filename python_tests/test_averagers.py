@@ -346,13 +346,18 @@ def test_the_same_tensor_twice_is_an_error():
 
 def test_what_a_cuda_graph_cannot_hold_is_refused_before_capture():
     """The checks behind a capture, by their logic (the capture itself needs a GPU: see
-    test_exchange_contract and test_streaming): an asynchronous exchange, and a delayed one."""
+    test_exchange_contract and test_streaming): an asynchronous exchange, a delayed one (even
+    through exchange()), and a step (which may leave work in flight) rather than exchange()."""
     shared = ElasticAverager(model().parameters(), tau=1, mode="async")
-    with pytest.raises(RuntimeError, match="mode='async'\\) cannot be captured in a CUDA graph"):
-        shared._check_capturable(shared._center.exchange)
-    shared.close()
+    try:
+        with pytest.raises(RuntimeError, match="mode='async'\\) cannot be captured in a CUDA graph"):
+            shared._check_capturable(shared._center.exchange)
+    finally:
+        shared.close()
     delayed = ElasticAverager(model().parameters(), tau=4, fragments=2, delay=1)
     with pytest.raises(RuntimeError, match="only exchange\\(\\) with nothing in flight can be captured"):
-        delayed._check_capturable(delayed._center.advance)
+        delayed._check_capturable(delayed._center.exchange)
     plain = ElasticAverager(model().parameters(), tau=4)
+    with pytest.raises(RuntimeError, match="only exchange\\(\\) with nothing in flight can be captured"):
+        plain._check_capturable(plain._center.advance)
     plain._check_capturable(plain._center.exchange)  # one process, no delay: capturable

@@ -87,12 +87,15 @@ def test_kernels_small_records_and_speedups(tmp_path, capsys, monkeypatch):
     r = by_name(records)
     assert set(r) == {"elastic_difference", "sync_apply", "sync", "sync/eager", "sync/compile",
                       "async", "async/eager", "async/compile", "outer_apply", "int8_send", "int8_apply",
-                      "int8_send/eager", "int8_apply/eager", "copy/torch", "copy/native", "copy/memcpy"}
+                      "int8_send/eager", "int8_apply/eager", "copy/torch", "copy/native", "copy/memcpy",
+                      "read/torch", "read/native"}
     # The 8-bit kernels are judged against the copy and read ceilings of the bytes they move.
     for name in ("int8_send", "int8_apply"):
         nbytes = kernels.bytes_moved(name, 10_000, torch.float32)
         assert r[name]["ratios"]["vs_copy"] == pytest.approx(nbytes / (r[name]["copy_GBps"] * 1e9) / r[name]["seconds"])
         assert r[name]["ratios"]["vs_read"] == pytest.approx(nbytes / (r[name]["read_GBps"] * 1e9) / r[name]["seconds"])
+        assert r[name]["read_GBps"] * 1e9 == pytest.approx(2 * 10_000 * 4 / min(
+            r[k]["seconds"] for k in ("read/torch", "read/native")))
         assert r[name]["ratios"]["vs_eager"] == pytest.approx(r[f"{name}/eager"]["seconds"] / r[name]["seconds"])
     # Every ratio is peer_seconds / our_seconds.
     for update in ("sync", "async"):
@@ -116,21 +119,26 @@ def test_the_eager_8bit_peers_do_what_the_kernels_do():
     """The eager peers time the same work: their quantized values, scales and updates match the
     float64-checked reference on whole blocks (fresh random inputs)."""
     g = torch.Generator().manual_seed(7)
-    n = 4 * kernels.QUANT_BLOCK
+    n = 64 * kernels.QUANT_BLOCK + 100  # and a tail the peers leave out
     x, c, r = (torch.randn(n, generator=g) for _ in range(3))
+    block = slice(3 * kernels.QUANT_BLOCK, 4 * kernels.QUANT_BLOCK)
+    x[block], c[block], r[block] = 1.5, 1.5, 0.0  # a block of zeros: scale 0, q 0
     p = kernels.int8_peer_buffers(n, torch.device("cpu"))
     tmp = torch.empty(n)
-    kernels.eager_int8_send(x, c, r, p["q_sent"], p["s_sent"], tmp)
-    q, scale = reference.quantize_blocks(kernels.ALPHA * (x - c) + r)
+    kernels.eager_int8_send(x, c, r, p["q_sent"], p["s_sent"], tmp, p["deq"])
+    whole = p["q_sent"].numel()
+    q, scale = reference.quantize_blocks((kernels.ALPHA * (x - c) + r)[:whole])
     assert torch.equal(p["q_sent"], q) and torch.equal(p["s_sent"], scale)
+    assert p["s_sent"][3] == 0 and not p["q_sent"][block].any()
 
     x0, c0, r0 = x.double(), c.double(), r.double()
-    kernels.eager_int8_apply(x, c, r, p["q_sent"], p["s_sent"], p["q_got"], p["s_got"], tmp)
-    d = kernels.ALPHA * (x0 - c0)
+    kernels.eager_int8_apply(x, c, r, p["q_sent"], p["s_sent"], p["q_got"], p["s_got"], tmp, p["deq"])
+    d = (kernels.ALPHA * (x0 - c0))[:whole]
     own = reference.dequantize_blocks(p["q_sent"], p["s_sent"]).double()
     summed = reference.dequantize_blocks(p["q_got"], p["s_got"]).double()
-    for got, want in ((x, x0 - d), (c, c0 + summed), (r, r0 + d - own)):
-        assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6)
+    for got, want in ((x, x0[:whole] - d), (c, c0[:whole] + summed), (r, r0[:whole] + d - own)):
+        assert torch.allclose(got[:whole].double(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x[whole:].double(), x0[whole:])  # the tail: left out
 
 
 def recompile_limit(n: int):

@@ -179,3 +179,28 @@ def test_a_guard_is_checked_against_its_call():
     with pytest.raises(ValueError, match="nonfinite and x overlap"):
         native.prepare.elastic_difference(**refs(x=x, center=c, wire=s), alpha=0.3,
                                           nonfinite=tensor_ref("nonfinite", x[3:4]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pull_to_new", [0.0, 1.0])
+def test_a_reset_rank_takes_the_kept_center_where_an_outer_sum_overflowed(device, pull_to_new, gen):
+    """The outer step, like the plain apply: elements whose sum is not finite keep c and the
+    momentum on every rank, and a rank reset to the center takes that kept c there (not the
+    non-finite new one)."""
+    x, c, m = fresh(device, gen=gen), fresh(device, gen=gen), fresh(device, gen=gen)
+    s = fresh(device, torch.float16, gen=gen)
+    hit = torch.randperm(N, generator=gen)[:17].to(device)
+    s[hit] = float("inf")
+    header = torch.ones(1, dtype=torch.float16, device=device)  # one rank flagged: this one
+    status = torch.tensor([1.0, 0.0, 0.0, 0.0], device=device)
+    c0, m0 = c.clone(), m.clone()
+    run(device, native.prepare.outer_apply(
+        **refs(x=x, center=c, momentum=m, reduced=s), alpha=0.3, lr=0.7, mu=0.9, nesterov=1.0,
+        pull_to_new=pull_to_new, guard=guard(header, status[0:1], RESET, 3),
+        nonfinite=tensor_ref("overflow", status[2:3])))
+    kept = torch.zeros(N, dtype=torch.bool, device=device)
+    kept[hit] = True
+    assert status[2].item() == 1.0
+    assert torch.equal(c[kept], c0[kept]) and torch.equal(m[kept], m0[kept])
+    assert torch.isfinite(x).all() and torch.equal(x, c)  # the reset rank is the center
+    assert not torch.equal(c[~kept], c0[~kept])  # the healthy elements did move

@@ -72,6 +72,8 @@ def test_residuals_of_the_8bit_wire_are_checked_too():
     ("stats.exchanges", -1, r"state stats.exchanges must be in \[0, 2\^62\], got -1"),
     ("stats.comm_seconds", float("nan"), "state stats.comm_seconds must be a finite number"),
     ("stats.bytes_sent", 2.5, "state stats.bytes_sent must be an int"),
+    ("stats.wait_seconds", -1.0, "state stats.wait_seconds must be a finite number >= 0"),
+    ("stats.wait_seconds", float("nan"), "state stats.wait_seconds must be a finite number"),
 ])
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_nonsense_counters_are_refused(mode, key, value, match):

@@ -348,31 +348,57 @@ def test_a_delayed_fragment_is_waited_for_only_at_its_apply_step(comm):
 
 
 def waits_for_a_late_peer(rank: int, world: int, delay: int) -> dict:
-    """Each rank computes 0.4 s longer than the other every other step (rank 0 at even steps,
-    rank 1 at odd ones); one fragment of two is sent at every step (tau 2)."""
+    """tau 2, one fragment, sent at even clocks; rank 1 computes 0.3 s before each send. With
+    delay=1 rank 0 computes 0.6 s and rank 1 0.3 s between the send and the apply."""
     params = [torch.nn.Parameter(torch.randn(10_000))]
-    avg = easgd_ext.ElasticAverager(params, tau=2, fragments=2, delay=delay)
-    for t in range(1, 7):
-        if t % 2 == rank % 2:
-            time.sleep(0.4)
+    avg = easgd_ext.ElasticAverager(params, tau=2, delay=delay)
+    for t in range(1, 8):  # sends at 2, 4, 6; with delay=1 applied at 3, 5, 7
+        if t % 2 == 0:
+            time.sleep(0.3 if rank == 1 else 0.0)
+        elif delay:
+            time.sleep(0.6 if rank == 0 else 0.3)
         avg.step()
-    avg.flush()
+    in_flight = avg.in_flight
     stats = avg.stats
-    return {"wait": stats.wait_seconds, "comm": stats.comm_seconds, "exchanges": stats.exchanges}
+    return {"wait": stats.wait_seconds, "comm": stats.comm_seconds, "exchanges": stats.exchanges,
+            "in_flight": in_flight}
 
 
 @pytest.mark.parametrize("delay", [0, 1])
 def test_the_host_wait_for_collectives_is_counted_apart(delay):
     """stats.wait_seconds is the part of comm_seconds the host spent waiting for collectives.
-    Blocking, the rank that computed less waits for the other at every step (3 of 6 each, 0.4 s
-    each); with delay=1 a fragment's collective completes while the late rank still computes,
-    and nobody waits."""
-    for out in values(run_ranks(2, waits_for_a_late_peer, delay)):
-        assert out["exchanges"] == 6 and 0 <= out["wait"] <= out["comm"] + 1e-6
-        if delay == 0:
-            assert out["wait"] > 0.9
-        else:
-            assert out["wait"] < 0.2
+    Blocking, rank 0 waits 0.3 s for rank 1 at each of the 3 exchanges; with delay=1 the
+    collective has arrived 0.3 s before either rank applies it, and nobody waits."""
+    early, late = values(run_ranks(2, waits_for_a_late_peer, delay))
+    for out in (early, late):
+        assert out["exchanges"] == 3 and out["in_flight"] == 0
+        assert 0 <= out["wait"] <= out["comm"] + 1e-6
+    if delay == 0:
+        assert early["wait"] > 0.6 and late["wait"] < 0.15
+    else:
+        assert early["wait"] < 0.15 and late["wait"] < 0.15
+
+
+def checkpoint_waits(rank: int, world: int) -> dict:
+    """A checkpoint taken with a fragment in flight whose peer is 0.5 s late: state_dict()
+    waits for the sum (without applying it), and that wait is not the exchange's."""
+    params = [torch.nn.Parameter(torch.randn(10_000))]
+    avg = easgd_ext.ElasticAverager(params, tau=2, delay=1)
+    avg.step()
+    if rank == 1:
+        time.sleep(0.5)
+    avg.step()  # clock 2: sent
+    start = time.perf_counter()
+    avg.state_dict()
+    waited_in_save = time.perf_counter() - start
+    avg.step()  # clock 3: applied, nothing left to wait for
+    return {"save": waited_in_save, "wait": avg.stats.wait_seconds, "exchanges": avg.stats.exchanges}
+
+
+def test_a_checkpoints_wait_is_not_counted_as_the_exchanges():
+    early, _ = values(run_ranks(2, checkpoint_waits))
+    assert early["exchanges"] == 1
+    assert early["save"] > 0.3 and early["wait"] < 0.15
 
 
 needs_gpu = pytest.mark.skipif(
@@ -468,6 +494,7 @@ def second_gpu_outcomes() -> dict:
         params[0][3] = float("nan")
     avg.exchange()
     stats = avg.stats
+    avg.close()
     return {"exchanges": stats.exchanges, "skipped": stats.skipped_exchanges,
             "seconds": stats.comm_seconds}
 

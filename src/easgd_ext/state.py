@@ -35,7 +35,8 @@ def check_stats(saved: object) -> ExchangeStats:
         raise ValueError(f"state stats must be a dict, got {type(saved).__name__}")
     names = {f.name: f.type for f in fields(ExchangeStats)}
     if not set(names) - LATER_STATS <= set(saved) <= set(names):
-        raise ValueError(f"state stats must hold {sorted(names)}, got {sorted(saved)}")
+        raise ValueError(f"state stats must hold {sorted(set(names) - LATER_STATS)} (and may hold "
+                         f"{sorted(LATER_STATS)}), got {sorted(saved)}")
     out: dict[str, Any] = {}
     for name, value in saved.items():
         if name.endswith("seconds"):

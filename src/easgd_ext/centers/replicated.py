@@ -127,29 +127,29 @@ class ReplicatedCenter(Center):
         8-bit exchanges sent one step ago, then sends the fragments due now (completing them at
         once without a delay). Raises :class:`ExchangeError` where a collective failed: those
         fragments are dropped with nothing of them applied."""
-        records = self._complete([f for f in self._in_flight if f.due_at <= clock], clock)
+        records = self._complete([f for f in self._in_flight if f.due_at <= clock])
         if self._host_waits:
             # The host runs the 8-bit exchange's middle step one step after the send (its
             # collective has had a step to arrive): at the same clock on every rank, so the
             # collectives stay in the same order everywhere.
             for f in self._in_flight:
                 if not f.advanced and f.sent_at + 1 == clock:
-                    self._advance(f, clock)
+                    self._advance(f)
         for plan in self.plans:
             if due(plan.offset, clock, self.tau):
                 self._start(plan.index, clock, clock + self.delay)
-        return records + self._complete([f for f in self._in_flight if f.due_at <= clock], clock)
+        return records + self._complete([f for f in self._in_flight if f.due_at <= clock])
 
     def exchange(self, clock: int) -> list[ExchangeRecord]:
         """Every fragment now, applied before returning (what is in flight first)."""
         records = self.flush(clock)
         for plan in self.plans:
             self._start(plan.index, clock, clock)
-        return records + self._complete(list(self._in_flight), clock)
+        return records + self._complete(list(self._in_flight))
 
     def flush(self, clock: int) -> list[ExchangeRecord]:
         """Completes and applies every fragment in flight now."""
-        return self._complete(list(self._in_flight), clock)
+        return self._complete(list(self._in_flight))
 
     @property
     def in_flight(self) -> int:
@@ -177,9 +177,9 @@ class ReplicatedCenter(Center):
             raise
         self._in_flight.append(f)
         if not self._host_waits:  # NCCL: the middle step is stream-ordered, enqueued at once
-            self._advance(f, clock)
+            self._advance(f)
 
-    def _advance(self, f: InFlight, clock: int, counted: bool = True) -> None:
+    def _advance(self, f: InFlight, counted: bool = True) -> None:
         wire = self.wires[f.fragment]
         if type(wire).advance is Wire.advance:
             f.advanced = True
@@ -188,12 +188,12 @@ class ReplicatedCenter(Center):
         f.works = wire.advance(self._comm, self._capturing(), lambda work: None)
         f.advanced = True
 
-    def _complete(self, due_now: list[InFlight], clock: int) -> list[ExchangeRecord]:
+    def _complete(self, due_now: list[InFlight]) -> list[ExchangeRecord]:
         records = []
         for f in due_now:
             try:
                 if not f.advanced:
-                    self._advance(f, clock)
+                    self._advance(f)
                 self._wait(f)
             except ExchangeError:
                 self._in_flight = []  # the group is broken: nothing in flight will arrive
@@ -261,7 +261,7 @@ class ReplicatedCenter(Center):
         # The sums first: moving an 8-bit exchange on updates its owner's residual.
         for f in self._in_flight:
             if not f.advanced:
-                self._advance(f, f.sent_at, counted=False)
+                self._advance(f, counted=False)
             self._wait(f, counted=False)
         out: dict[str, Any] = {"center": [c.detach().cpu().clone() for c in self.read()]}
         for name, tensors in self._residuals.items():
