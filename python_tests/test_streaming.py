@@ -379,6 +379,25 @@ def test_the_host_wait_for_collectives_is_counted_apart(delay):
         assert early["wait"] < 0.15 and late["wait"] < 0.15
 
 
+def int8_middle_step_waits(rank: int, world: int) -> dict:
+    """The 8-bit wire, tau 4, one fragment sent at clocks 4, 8, 12 and applied 2 steps later;
+    the host moves it on (waits for its all-to-all) one step after the send. Rank 1 computes
+    0.3 s before each send, rank 0 never."""
+    params = [torch.nn.Parameter(torch.randn(10_000))]
+    avg = easgd_ext.ElasticAverager(params, tau=4, delay=2, comm_dtype=torch.int8)
+    for t in range(1, 15):
+        if t % 4 == 0 and rank == 1:
+            time.sleep(0.3)
+        avg.step()
+    return {"wait": avg.stats.wait_seconds, "exchanges": avg.stats.exchanges, "in_flight": avg.in_flight}
+
+
+def test_the_wait_of_the_8bit_wires_middle_step_is_counted():
+    early, late = values(run_ranks(2, int8_middle_step_waits))
+    assert early["exchanges"] == late["exchanges"] == 3 and early["in_flight"] == 0
+    assert early["wait"] > 0.6 and late["wait"] < 0.15
+
+
 def checkpoint_waits(rank: int, world: int) -> dict:
     """A checkpoint taken with a fragment in flight whose peer is 0.5 s late: state_dict()
     waits for the sum (without applying it), and that wait is not the exchange's."""
