@@ -92,6 +92,16 @@ class Result:
         self.skipped_exchanges = stats.skipped_exchanges
 
 
+def steps_bar(algo: str, steps: int, shown: bool = True) -> Any:
+    """The progress of one algorithm's training steps (a terminal's bar, or lines in a log);
+    ``None`` where not shown (ranks other than 0)."""
+    if not shown:
+        return None
+    from .progress import bar
+
+    return bar(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Each help text states its default itself: ArgumentDefaultsHelpFormatter would also print
     # "(default: None)" for the options whose default is worked out later.
@@ -327,11 +337,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
     stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
     result = Result(algo)
     elapsed = 0.0
-    bar = None
-    if rank == 0:
-        from .progress import bar as tqdm
-
-        bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+    bar = steps_bar(algo, steps, shown=rank == 0)
     for step in range(1, steps + 1):
         start = time.perf_counter()
         xb, yb = stream.next()
@@ -398,9 +404,7 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
                for k in range(world)]
     result = Result(algo)
     elapsed, comm = 0.0, 0.0
-    from .progress import bar as tqdm
-
-    bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+    bar = steps_bar(algo, steps)
     try:
         for step in range(1, steps + 1):
             start = time.perf_counter()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -81,7 +80,7 @@ def make_job(algo: str, args: argparse.Namespace, mesh: Any) -> tuple[nn.Module,
 
 
 def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any, steps: int) -> Any:
-    from .train import Result  # the same records as the main job
+    from .train import Result, steps_bar  # the same records and progress as the main job
 
     rank, world = dist.get_rank(), dist.get_world_size()
     replicas = world // SHARDS
@@ -91,11 +90,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any,
     stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
     result = Result(algo)
     elapsed = 0.0
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+    bar = steps_bar(algo, steps, shown=rank == 0)
     for step in range(1, steps + 1):
         start = time.perf_counter()
         xb, yb = stream.next()

@@ -50,11 +50,11 @@ import torch.multiprocessing as mp
 
 import easgd_ext
 from easgd_ext import DownpourAverager, ElasticAverager, SharedCenter, ops
-from easgd_ext._launch import join_group, run_workers
+from easgd_ext._launch import run_workers
 from easgd_ext.shared_center import unique_name
 
 from .cli import RATIO_LINE, count, prog, speedup, speedups
-from .collectives import Works, leave_group
+from .collectives import rank_session, write_records_of_rank0
 from .kernels import COPY_NAMES, copy_candidates
 from .report import latency_axes, report
 from .timing import interleaved_medians, median_seconds
@@ -244,12 +244,10 @@ def scaling(n: int, exchanges: int, worker_counts: list[int], device: torch.devi
 # ---- the sharded center over Gloo ----------------------------------------------------------------
 def _sharded_rank(rank: int, world: int, store: str | None, out: str, sizes: list[str],
                   reps: int) -> None:
-    join_group(rank, world, store, "cpu")
     workers = world - 1
     records = []
-    works = Works()
     flag = torch.zeros(1)
-    try:
+    with rank_session(rank, world, store, "cpu") as (_, works):
         for size in sizes:
             n = count(size)
             buf = torch.randn(n)
@@ -287,11 +285,7 @@ def _sharded_rank(rank: int, world: int, store: str | None, out: str, sizes: lis
         # exchanges and all_gather_object left in Gloo's hands is finished before exit.
         for _ in range(3):
             works.run("drain", [flag])
-        if rank == 0:
-            Path(out).write_text(json.dumps(records))
-    finally:
-        leave_group()
-    del works
+        write_records_of_rank0(rank, out, records)
 
 
 def plot(records: list[dict], path: Path) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from easgd_ext._launch import join_group
 
 
 class Works:
@@ -32,3 +37,25 @@ def leave_group() -> None:
     active exception") after finishing its work."""
     dist.destroy_process_group()
     gc.collect()
+
+
+@contextlib.contextmanager
+def rank_session(rank: int, world: int, store: str | None,
+                 device_kind: str) -> Iterator[tuple[torch.device, Works]]:
+    """One benchmark rank's process group (joined as :func:`join_group` does) and the
+    :class:`Works` its collectives keep: the group is left however the body ends, and the
+    works are dropped only after it is gone (ours is then the last reference to every tensor
+    they held)."""
+    device = join_group(rank, world, store, device_kind)
+    works = Works()
+    try:
+        yield device, works
+    finally:
+        leave_group()
+        del works
+
+
+def write_records_of_rank0(rank: int, out: str, records: list[dict]) -> None:
+    """Rank 0 writes the records for the launching process to read back."""
+    if rank == 0:
+        Path(out).write_text(json.dumps(records))

@@ -49,10 +49,10 @@ import torch
 import torch.distributed as dist
 
 import easgd_ext
-from easgd_ext._launch import join_group, launcher_rank_world, run_workers
+from easgd_ext._launch import launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
-from .collectives import Works, leave_group
+from .collectives import Works, rank_session, write_records_of_rank0
 from .peers import torch_flat_easgd
 from .report import latency_axes, report, spread_of, warn_if_noisy
 
@@ -266,22 +266,16 @@ def measure(size: str, world: int, device: torch.device, reps: int, peers: set[s
 
 
 def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
-    device = join_group(rank, world, store, args.device)
     records = []
     sizes = args.sizes
-    works = Works()
     if rank == 0:
         from easgd_ext.progress import bar as tqdm
 
         sizes = tqdm(sizes, desc=f"world {world}", unit="size", file=sys.stderr)
-    try:
+    with rank_session(rank, world, store, args.device) as (device, works):
         for size in sizes:
             records += measure(size, world, device, args.reps, set(args.peers), works)
-        if rank == 0:
-            Path(out).write_text(json.dumps(records))
-    finally:
-        leave_group()
-    del works  # after the group is gone: ours is the last reference to every tensor it held
+        write_records_of_rank0(rank, out, records)
 
 
 def print_table(records: list[dict]) -> None:

@@ -51,10 +51,10 @@ from torch import nn
 
 import easgd_ext
 from easgd_ext._dist import _all_gather
-from easgd_ext._launch import join_group, launcher_rank_world, run_workers
+from easgd_ext._launch import launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog
-from .collectives import Works, leave_group
+from .collectives import Works, rank_session, write_records_of_rank0
 from .comm import ring_bytes, shapes_for, size_spec
 from .report import report, spread_of, warn_if_noisy
 
@@ -211,17 +211,11 @@ def hierarchy(size: str, reps: int, works: Works) -> list[dict]:
 
 
 def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
-    join_group(rank, world, store, "cpu")
-    works = Works()
     records: list[dict] = []
-    try:
+    with rank_session(rank, world, store, "cpu") as (_, works):
         for size in args.sizes:
             records += (hierarchy if args.hierarchy else sharded_vs_replicated)(size, args.reps, works)
-        if rank == 0:
-            Path(out).write_text(json.dumps(records))
-    finally:
-        leave_group()
-    del works
+        write_records_of_rank0(rank, out, records)
 
 
 def print_table(records: list[dict]) -> None:

@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 
 import easgd_ext
-from easgd_ext._launch import join_group, launcher_rank_world, run_workers
+from easgd_ext._launch import launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
-from .collectives import Works, leave_group
+from .collectives import Works, rank_session, write_records_of_rank0
 from .peers import flat_views, torch_flat_easgd
 from .report import warn_if_noisy, write_records
 
@@ -236,16 +236,10 @@ def measure(args: argparse.Namespace, device: torch.device, world: int, rank: in
 
 
 def rank_main(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
-    device = join_group(rank, world, store, args.device)
-    works = Works()
-    try:
+    with rank_session(rank, world, store, args.device) as (device, works):
         records = measure(args, device, world, rank, works)
         works.run("drain", [torch.zeros(1, device=device)])  # our own collective last
-        if rank == 0:
-            Path(out).write_text(json.dumps(records))
-    finally:
-        leave_group()
-    del works
+        write_records_of_rank0(rank, out, records)
 
 
 def print_table(records: list[dict]) -> None:
