@@ -59,6 +59,14 @@ int cuda_device_count() {
 #endif
 }
 
+// A quantized wire's layout; the width checked (8, 4 or 2 bits a value).
+QuantLayout layout_of(int64_t n, int world, int bits) {
+  if (!valid_quant_bits(bits)) {
+    throw py::value_error("bits must be 8, 4 or 2 (got " + std::to_string(bits) + ")");
+  }
+  return QuantLayout::make(n, world, bits);
+}
+
 OnNonFinite policy_of(int policy) {
   if (policy != int(OnNonFinite::skip) && policy != int(OnNonFinite::reset)) {
     throw py::value_error("policy must be 0 (skip) or 1 (reset), got " + std::to_string(policy));
@@ -212,22 +220,23 @@ void bind_prepare(py::module_& p) {
   "header[0] = me_bad[0]; if set, wire = 0 (a diverged rank sends nothing).");
 
   // ---- the 8-bit wire -------------------------------------------------------------------------
-  p.def("quant_layout", [](int64_t n, int world) {
+  p.def("quant_layout", [](int64_t n, int world, int bits) {
     if (n < 0 || world < 1) throw py::value_error("quant_layout needs n >= 0 and world >= 1");
-    const QuantLayout l = QuantLayout::make(n, world);
+    const QuantLayout l = layout_of(n, world, bits);
     return py::make_tuple(l.chunk, l.record);
-  }, py::arg("n"), py::arg("world"),
-  "(chunk elements per owner, bytes per record) of an n-element piece's 8-bit wire among world ranks.");
+  }, py::arg("n"), py::arg("world"), py::arg("bits") = 8,
+  "(chunk elements per owner, bytes per record) of an n-element piece's quantized wire (8, 4 or 2 "
+  "bits a value) among world ranks.");
 
   p.def("quantized_send", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref records, int world, double alpha,
-                             OptRef nonfinite, OptRef keep) {
+                             OptRef nonfinite, OptRef keep, int bits) {
     if ((center == nullptr) == (x_last == nullptr)) throw py::value_error("give center (EASGD) or x_last (DOWNPOUR)");
     std::vector<const TensorRef*> data{&x, &residual};
     if (center) data.push_back(center);
     if (x_last) data.push_back(x_last);
     if (keep) data.push_back(keep);
     const Call c(data);
-    const QuantLayout l = QuantLayout::make(x.numel, world);
+    const QuantLayout l = layout_of(x.numel, world, bits);
     QuantizedSendArgs a;
     a.x = c.param(x).ptr; a.x_dtype = float_dtype(x);
     if (center) a.center = c.center(*center).as<float>();
@@ -241,20 +250,21 @@ void bind_prepare(py::module_& p) {
     a.nonfinite = c.flag(nonfinite);
     return c.launch(a, x.numel);
   }, py::arg("x"), py::arg("center"), py::arg("x_last"), py::arg("residual"), py::arg("records"), py::arg("world"),
-  py::arg("alpha") = 1.0, nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
+  py::arg("alpha") = 1.0, nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr), py::arg("bits") = 8,
   "v = d + residual (d = alpha (x - center), or x - x_last), block-quantized into the world records.");
 
-  p.def("publish_records", [](Ref records, int64_t n, int world, Ref me_bad) {
-    const QuantLayout l = QuantLayout::make(n, world);
+  p.def("publish_records", [](Ref records, int64_t n, int world, Ref me_bad, int bits) {
+    const QuantLayout l = layout_of(n, world, bits);
     const Call c({&me_bad});
     PublishRecordsArgs a{bytes_pointer(records, world * l.record, c.exec(), {&me_bad}), l,
                          static_cast<const float*>(flag_pointer(&me_bad, c.exec(), {}))};
     return c.launch(a, n);
-  }, py::arg("records"), py::arg("n"), py::arg("world"), py::arg("me_bad"),
+  }, py::arg("records"), py::arg("n"), py::arg("world"), py::arg("me_bad"), py::arg("bits") = 8,
   "Every record's header = me_bad; if set, every scale and q = 0.");
 
-  p.def("quantized_reduce", [](Ref received, Ref own, Ref server_residual, int64_t n, int world, int policy) {
-    const QuantLayout l = QuantLayout::make(n, world);
+  p.def("quantized_reduce", [](Ref received, Ref own, Ref server_residual, int64_t n, int world, int policy,
+                               int bits) {
+    const QuantLayout l = layout_of(n, world, bits);
     if (server_residual.numel != l.chunk) {
       throw py::value_error("server_residual must hold " + std::to_string(l.chunk) + " elements (one chunk)");
     }
@@ -267,17 +277,17 @@ void bind_prepare(py::module_& p) {
     a.policy = policy_of(policy);
     return c.launch(a, l.chunk);
   }, py::arg("received"), py::arg("own"), py::arg("server_residual"), py::arg("n"), py::arg("world"),
-  py::arg("policy") = 0,
+  py::arg("policy") = 0, py::arg("bits") = 8,
   "The owner's chunk: sum of the received records + its residual, re-quantized into own.");
 
   p.def("quantized_apply", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref sent, Ref gathered, int world,
-                              double alpha, const GuardRefs* guard, OptRef keep) {
+                              double alpha, const GuardRefs* guard, OptRef keep, int bits) {
     if (center == nullptr) throw py::value_error("the 8-bit apply needs the center");
     std::vector<const TensorRef*> data{&x, &residual, center};
     if (x_last) data.push_back(x_last);
     if (keep) data.push_back(keep);
     const Call c(data);
-    const QuantLayout l = QuantLayout::make(x.numel, world);
+    const QuantLayout l = layout_of(x.numel, world, bits);
     QuantizedApplyArgs a;
     a.x = c.param(x).ptr; a.x_dtype = float_dtype(x);
     a.center = c.center(*center).as<float>();
@@ -297,6 +307,7 @@ void bind_prepare(py::module_& p) {
     return c.launch(a, x.numel);
   }, py::arg("x"), py::arg("center"), py::arg("x_last"), py::arg("residual"), py::arg("sent"), py::arg("gathered"),
   py::arg("world"), py::arg("alpha") = 1.0, guard_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
+  py::arg("bits") = 8,
   "S = deq(gathered); residual += d - deq(sent); EASGD: x -= d, center += S; DOWNPOUR: center += S, "
   "x = x_last = center. Guarded by the count in the gathered header.");
 

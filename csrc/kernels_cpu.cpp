@@ -91,7 +91,25 @@ void publish_flag(const PublishFlagArgs& a, int64_t n) {
 
 // ---- the 8-bit wire (quantize.h): block kernels, one block of kQuantBlock elements per step ----
 
-template <typename X, QuantRule R, bool Keep>
+// A block's levels into its record: one byte each at 8 bits, packed below (the tail of a
+// block beyond the piece packs zeros, inside the owner's padded chunk).
+template <int Bits>
+void store_levels(const int8_t* levels, uint8_t* packed) {
+  using P = Packing<Bits>;
+  if constexpr (Bits == 8) {
+    std::memcpy(packed, levels, kQuantBlock);
+  } else {
+    for (int j = 0; j < kQuantBlock / P::kPerByte; ++j) packed[j] = P::byte(levels + j * P::kPerByte);
+  }
+}
+
+// A block's levels out of its record, as int8 (len values).
+template <int Bits>
+void load_levels(const uint8_t* packed, int8_t* levels, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) levels[k] = Packing<Bits>::get(packed, k);
+}
+
+template <typename X, QuantRule R, bool Keep, int Bits>
 bool quantized_send(const QuantizedSendArgs& a, int num_threads) {
   const QuantLayout& l = a.layout;
   const X* x = static_cast<const X*>(a.x);
@@ -124,10 +142,18 @@ bool quantized_send(const QuantizedSendArgs& a, int num_threads) {
     seen |= int(m >= 0x7f800000u);  // an Inf or a NaN in the block
     const Place p = place(l, begin);
     uint8_t* rec = a.records + p.owner * l.record;
-    const BlockScale s = block_scale(bits_float(m));
+    constexpr float levels = quant_levels(Bits);
+    const BlockScale s = block_scale(bits_float(m), levels);
     l.scales(rec)[p.block] = s.scale;
-    int8_t* q = l.q(rec) + p.index;
-    for (int64_t k = 0; k < len; ++k) q[k] = quantize(v[k], s.inv);
+    uint8_t* packed = l.q(rec) + l.q_byte(p.index);
+    if constexpr (Bits == 8) {
+      int8_t* q = reinterpret_cast<int8_t*>(packed);
+      for (int64_t k = 0; k < len; ++k) q[k] = quantize_level<Bits>(v[k], s.inv);
+    } else {
+      int8_t q[kQuantBlock] = {};
+      for (int64_t k = 0; k < len; ++k) q[k] = quantize_level<Bits>(v[k], s.inv);
+      store_levels<Bits>(q, packed);
+    }
   }
   return seen != 0;
 }
@@ -142,6 +168,7 @@ void publish_records(const PublishRecordsArgs& a) {
   }
 }
 
+template <int Bits>
 void quantized_reduce(const QuantizedReduceArgs& a, int num_threads) {
   const QuantLayout& l = a.layout;
   float bad = 0.f;
@@ -157,7 +184,8 @@ void quantized_reduce(const QuantizedReduceArgs& a, int num_threads) {
     for (int w = 0; w < l.world; ++w) {
       const uint8_t* rec = a.received + w * l.record;
       const float scale = l.scales(rec)[jb];
-      const int8_t* q = l.q(rec) + begin;
+      int8_t q[kQuantBlock];
+      load_levels<Bits>(l.q(rec) + l.q_byte(begin), q, kQuantBlock);
       for (int k = 0; k < kQuantBlock; ++k) s[k] += dequantize(q[k], scale);
     }
     uint32_t m = 0;
@@ -166,17 +194,19 @@ void quantized_reduce(const QuantizedReduceArgs& a, int num_threads) {
       const uint32_t bits = abs_bits(s[k]);
       m = bits > m ? bits : m;
     }
-    const BlockScale bs = block_scale(bits_float(m));
+    constexpr float levels = quant_levels(Bits);
+    const BlockScale bs = block_scale(bits_float(m), levels);
     l.scales(a.own)[jb] = bs.scale;
-    int8_t* q = l.q(a.own) + begin;
-    for (int k = 0; k < kQuantBlock; ++k) q[k] = quantize(s[k], bs.inv);
+    int8_t q[kQuantBlock];
+    for (int k = 0; k < kQuantBlock; ++k) q[k] = quantize_level<Bits>(s[k], bs.inv);
+    store_levels<Bits>(q, l.q(a.own) + l.q_byte(begin));
     if (!keep_residual) {
       for (int k = 0; k < kQuantBlock; ++k) a.server_residual[begin + k] = s[k] - dequantize(q[k], bs.scale);
     }
   }
 }
 
-template <typename X, QuantRule R, bool Keep>
+template <typename X, QuantRule R, bool Keep, int Bits>
 void quantized_apply(const QuantizedApplyArgs& a, int num_threads) {
   const QuantLayout& l = a.layout;
   const float bad = *QuantLayout::flag(a.gathered);  // every owner's header holds the same count
@@ -198,8 +228,18 @@ void quantized_apply(const QuantizedApplyArgs& a, int num_threads) {
     const uint8_t* got = a.gathered + p.owner * l.record;
     const uint8_t* sent = a.sent + p.owner * l.record;
     const float got_scale = l.scales(got)[p.block], sent_scale = l.scales(sent)[p.block];
-    const int8_t* got_q = l.q(got) + p.index;
-    const int8_t* sent_q = l.q(sent) + p.index;
+    int8_t got_levels[Bits == 8 ? 1 : kQuantBlock], sent_levels[Bits == 8 ? 1 : kQuantBlock];
+    const int8_t* got_q;
+    const int8_t* sent_q;
+    if constexpr (Bits == 8) {
+      got_q = reinterpret_cast<const int8_t*>(l.q(got) + p.index);
+      sent_q = reinterpret_cast<const int8_t*>(l.q(sent) + p.index);
+    } else {
+      load_levels<Bits>(l.q(got) + l.q_byte(p.index), got_levels, len);
+      load_levels<Bits>(l.q(sent) + l.q_byte(p.index), sent_levels, len);
+      got_q = got_levels;
+      sent_q = sent_levels;
+    }
     // Distinct buffers (the bindings check): restrict lets the compiler vectorize. A 16-bit x
     // goes through float scratch (one loop per conversion): with 16-bit, 8-bit and 32-bit
     // values in one loop GCC vectorizes nothing.
@@ -231,13 +271,16 @@ void quantized_apply(const QuantizedApplyArgs& a, int num_threads) {
   }
 }
 
-// Calls f(rule, X{}, keep) with the compile-time rule, parameter type and keep flag of a call.
+// Calls f(rule, X{}, keep, bits) with the compile-time rule, parameter type, keep flag and
+// width of a call.
 template <typename A, typename F> void for_rule(const A& a, F&& f) {
   dispatch_dtype(a.x_dtype, [&](auto xt) {
     const bool keep = a.keep != nullptr;
     auto with_keep = [&](auto rule) {
-      if (keep) f(rule, xt, std::true_type{});
-      else f(rule, xt, std::false_type{});
+      with_bits(a.layout.bits, [&](auto bits) {
+        if (keep) f(rule, xt, std::true_type{}, bits);
+        else f(rule, xt, std::false_type{}, bits);
+      });
     };
     if (a.rule == QuantRule::elastic) with_keep(std::integral_constant<int, 0>{});
     else with_keep(std::integral_constant<int, 1>{});
@@ -246,20 +289,24 @@ template <typename A, typename F> void for_rule(const A& a, F&& f) {
 
 void run_special(const QuantizedSendArgs& a, int64_t, int threads) {
   bool seen = false;
-  for_rule(a, [&](auto rule, auto xt, auto keep) {
-    seen = quantized_send<decltype(xt), QuantRule(decltype(rule)::value), decltype(keep)::value>(a, threads);
+  for_rule(a, [&](auto rule, auto xt, auto keep, auto bits) {
+    seen = quantized_send<decltype(xt), QuantRule(decltype(rule)::value), decltype(keep)::value,
+                          decltype(bits)::value>(a, threads);
   });
   if (seen && a.nonfinite != nullptr) *a.nonfinite = 1.f;
 }
 
 void run_special(const QuantizedApplyArgs& a, int64_t, int threads) {
-  for_rule(a, [&](auto rule, auto xt, auto keep) {
-    quantized_apply<decltype(xt), QuantRule(decltype(rule)::value), decltype(keep)::value>(a, threads);
+  for_rule(a, [&](auto rule, auto xt, auto keep, auto bits) {
+    quantized_apply<decltype(xt), QuantRule(decltype(rule)::value), decltype(keep)::value,
+                    decltype(bits)::value>(a, threads);
   });
 }
 
 void run_special(const PublishRecordsArgs& a, int64_t, int) { publish_records(a); }
-void run_special(const QuantizedReduceArgs& a, int64_t, int threads) { quantized_reduce(a, threads); }
+void run_special(const QuantizedReduceArgs& a, int64_t, int threads) {
+  with_bits(a.layout.bits, [&](auto bits) { quantized_reduce<decltype(bits)::value>(a, threads); });
+}
 void run_special(const ZeroArgs& a, int64_t, int) { std::memset(a.ptr, 0, a.bytes); }
 void run_special(const PublishFlagArgs& a, int64_t n, int) { publish_flag(a, n); }
 

@@ -130,10 +130,14 @@ struct CudaLauncher {
 };
 
 
-// ---- the 8-bit wire (quantize.h): one warp per block of kQuantBlock elements ----------------
+// ---- the quantized wires (quantize.h): one warp per block of kQuantBlock elements -----------
+// Each lane takes kPerLane consecutive elements, so its levels fill whole bytes at every
+// width (8, 4 or 2 bits: kPerLane, kPerLane / 2 or kPerLane / 4 bytes) and no two lanes share
+// a byte; each lane issues all its loads before any arithmetic or store.
 constexpr int kWarp = 32;
 constexpr int kPerLane = kQuantBlock / kWarp;
 constexpr int kQuantWarpsPerBlock = kThreads / kWarp;
+static_assert(kPerLane % 4 == 0, "a lane's levels must fill whole bytes at 2 bits");
 
 // The warp's maximum of |v| as bits (quantize.h: the CPU's order, NaN included).
 __device__ uint32_t warp_max(uint32_t m) {
@@ -142,41 +146,64 @@ __device__ uint32_t warp_max(uint32_t m) {
   return m;
 }
 
-template <typename X, QuantRule R>
+// A lane's kPerLane levels into / out of their packed bytes.
+template <int Bits>
+__device__ void store_lane(const int8_t* q, uint8_t* __restrict__ out) {
+  using P = Packing<Bits>;
+#pragma unroll
+  for (int j = 0; j < kPerLane / P::kPerByte; ++j) out[j] = P::byte(q + j * P::kPerByte);
+}
+
+template <int Bits>
+__device__ void load_lane(const uint8_t* __restrict__ in, int8_t* q) {
+  uint8_t bytes[kPerLane * Bits / 8];
+#pragma unroll
+  for (int j = 0; j < kPerLane * Bits / 8; ++j) bytes[j] = in[j];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) q[k] = Packing<Bits>::get(bytes, k);
+}
+
+template <typename X, QuantRule R, int Bits>
 __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendArgs a) {
   const QuantLayout l = a.layout;
   const int64_t b = int64_t(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (b >= l.blocks()) return;  // whole warps leave together
-  const X* x = static_cast<const X*>(a.x);
-  const X* last = static_cast<const X*>(a.x_last);
   const int64_t begin = b * kQuantBlock;
   const int64_t len = min(int64_t(kQuantBlock), l.n - begin);
+  const int64_t first = int64_t(lane) * kPerLane;
+  const X* __restrict__ x = static_cast<const X*>(a.x) + begin + first;
+  const X* __restrict__ last = R == QuantRule::downpour ? static_cast<const X*>(a.x_last) + begin + first : nullptr;
+  const float* __restrict__ c = R == QuantRule::elastic ? a.center + begin + first : nullptr;
+  const float* __restrict__ r = a.residual + begin + first;
+  float xf[kPerLane], other[kPerLane], rf[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {  // loads first
+    const bool in = first + k < len;
+    xf[k] = in ? to_float(x[k]) : 0.f;
+    other[k] = in ? (R == QuantRule::elastic ? c[k] : to_float(last[k])) : 0.f;
+    rf[k] = in ? r[k] : 0.f;
+  }
   float v[kPerLane];
   uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    const int64_t e = lane + int64_t(k) * kWarp;
-    v[k] = 0.f;
-    if (e < len) {
-      const float d = rule_difference<X>(R, x, a.center, last, a.alpha, begin + e);
-      if (a.keep != nullptr) a.keep[begin + e] = d;
-      v[k] = d + a.residual[begin + e];
-      m = max(m, abs_bits(v[k]));
-    }
+    const float d = R == QuantRule::elastic ? a.alpha * (xf[k] - other[k]) : xf[k] - other[k];
+    if (a.keep != nullptr && first + k < len) a.keep[begin + first + k] = d;
+    v[k] = first + k < len ? d + rf[k] : 0.f;
+    m = max(m, abs_bits(v[k]));
   }
   m = warp_max(m);
   const bool bad = m >= 0x7f800000u;
   const Place p = place(l, begin);
   uint8_t* rec = a.records + p.owner * l.record;
-  const BlockScale s = block_scale(bits_float(m));
+  constexpr float levels = quant_levels(Bits);
+  const BlockScale s = block_scale(bits_float(m), levels);
   if (lane == 0) l.scales(rec)[p.block] = s.scale;
-  int8_t* q = l.q(rec) + p.index;
+  int8_t q[kPerLane];
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const int64_t e = lane + int64_t(k) * kWarp;
-    if (e < len) q[e] = quantize(v[k], s.inv);
-  }
+  for (int k = 0; k < kPerLane; ++k) q[k] = quantize_level<Bits>(v[k], s.inv);  // the tail's 0 -> 0
+  store_lane<Bits>(q, l.q(rec) + l.q_byte(p.index + first));
   if (bad && lane == 0 && a.nonfinite != nullptr) *a.nonfinite = 1.f;
 }
 
@@ -192,6 +219,7 @@ __global__ void __launch_bounds__(kThreads) publish_records_kernel(PublishRecord
   }
 }
 
+template <int Bits>
 __global__ void __launch_bounds__(kThreads) quantized_reduce_kernel(QuantizedReduceArgs a) {
   const QuantLayout l = a.layout;
   const int64_t jb = int64_t(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
@@ -201,36 +229,40 @@ __global__ void __launch_bounds__(kThreads) quantized_reduce_kernel(QuantizedRed
   if (blockIdx.x == 0 && threadIdx.x == 0) *QuantLayout::flag(a.own) = bad;
   if (jb >= l.chunk_blocks()) return;
   const bool keep_residual = a.policy == OnNonFinite::skip && bad != 0.f;
-  const int64_t begin = jb * kQuantBlock;
+  const int64_t at = jb * kQuantBlock + int64_t(lane) * kPerLane;
+  float* __restrict__ residual = a.server_residual + at;
   float s[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) s[k] = 0.f;
-  for (int w = 0; w < l.world; ++w) {
+  for (int w = 0; w < l.world; ++w) {  // ranks in order, as on the CPU
     const uint8_t* rec = a.received + w * l.record;
     const float scale = l.scales(rec)[jb];
-    const int8_t* q = l.q(rec) + begin;
+    int8_t q[kPerLane];
+    load_lane<Bits>(l.q(rec) + l.q_byte(at), q);
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) s[k] += dequantize(q[lane + k * kWarp], scale);
+    for (int k = 0; k < kPerLane; ++k) s[k] += dequantize(q[k], scale);
   }
   uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    s[k] += a.server_residual[begin + lane + k * kWarp];
+    s[k] += residual[k];
     m = max(m, abs_bits(s[k]));
   }
   m = warp_max(m);
-  const BlockScale bs = block_scale(bits_float(m));
+  constexpr float levels = quant_levels(Bits);
+  const BlockScale bs = block_scale(bits_float(m), levels);
   if (lane == 0) l.scales(a.own)[jb] = bs.scale;
-  int8_t* q = l.q(a.own) + begin;
+  int8_t q[kPerLane];
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const int8_t qk = quantize(s[k], bs.inv);
-    q[lane + k * kWarp] = qk;
-    if (!keep_residual) a.server_residual[begin + lane + k * kWarp] = s[k] - dequantize(qk, bs.scale);
+  for (int k = 0; k < kPerLane; ++k) q[k] = quantize_level<Bits>(s[k], bs.inv);
+  store_lane<Bits>(q, l.q(a.own) + l.q_byte(at));
+  if (!keep_residual) {
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) residual[k] = s[k] - dequantize(q[k], bs.scale);
   }
 }
 
-template <typename X, QuantRule R>
+template <typename X, QuantRule R, int Bits>
 __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedApplyArgs a) {
   const QuantLayout l = a.layout;
   const float bad = *QuantLayout::flag(a.gathered);
@@ -240,29 +272,40 @@ __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedAppl
   const int64_t b = int64_t(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (b >= l.blocks()) return;
-  X* x = static_cast<X*>(a.x);
-  X* last = static_cast<X*>(a.x_last);
   const int64_t begin = b * kQuantBlock;
   const int64_t len = min(int64_t(kQuantBlock), l.n - begin);
+  const int64_t first = int64_t(lane) * kPerLane;
+  const int64_t i0 = begin + first;
   const Place p = place(l, begin);
   const uint8_t* got = a.gathered + p.owner * l.record;
   const uint8_t* sent = a.sent + p.owner * l.record;
   const float got_scale = l.scales(got)[p.block], sent_scale = l.scales(sent)[p.block];
-  const int8_t* got_q = l.q(got) + p.index;
-  const int8_t* sent_q = l.q(sent) + p.index;
+  X* __restrict__ x = static_cast<X*>(a.x) + i0;
+  X* __restrict__ last = R == QuantRule::downpour ? static_cast<X*>(a.x_last) + i0 : nullptr;
+  float* __restrict__ c = a.center + i0;
+  float* __restrict__ r = a.residual + i0;
+  const float* __restrict__ keep = a.keep != nullptr ? a.keep + i0 : nullptr;
+  int8_t got_q[kPerLane], sent_q[kPerLane];
+  load_lane<Bits>(got + l.q_offset() + l.q_byte(p.index + first), got_q);
+  load_lane<Bits>(sent + l.q_offset() + l.q_byte(p.index + first), sent_q);
+  float xf[kPerLane], cf[kPerLane], rf[kPerLane], d[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {  // loads first
+    if (first + k >= len) continue;
+    xf[k] = to_float(x[k]);
+    cf[k] = c[k];
+    rf[k] = r[k];
+    d[k] = keep != nullptr ? keep[k] : (R == QuantRule::elastic ? a.alpha * (xf[k] - cf[k]) : xf[k] - to_float(last[k]));
+  }
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    const int64_t e = lane + int64_t(k) * kWarp;
-    if (e >= len) continue;
-    const int64_t i = begin + e;
-    const float d = a.keep != nullptr ? a.keep[i] : rule_difference<X>(R, x, a.center, last, a.alpha, i);
-    const QuantApplied out = quant_apply_element<R>(to_float(x[i]), a.center[i], a.residual[i], d,
-                                                    dequantize(got_q[e], got_scale),
-                                                    dequantize(sent_q[e], sent_scale), reset);
-    a.residual[i] = out.r;
-    a.center[i] = out.c;
-    x[i] = from_float<X>(out.x);
-    if (R == QuantRule::downpour) last[i] = from_float<X>(out.x);
+    if (first + k >= len) continue;
+    const QuantApplied out = quant_apply_element<R>(xf[k], cf[k], rf[k], d[k], dequantize(got_q[k], got_scale),
+                                                    dequantize(sent_q[k], sent_scale), reset);
+    r[k] = out.r;
+    c[k] = out.c;
+    x[k] = from_float<X>(out.x);
+    if (R == QuantRule::downpour) last[k] = from_float<X>(out.x);
   }
 }
 
@@ -274,25 +317,29 @@ unsigned quant_grid(int64_t blocks) {
 
 template <typename A, typename F> void with_rule(const A& a, F&& f) {
   dispatch_dtype(a.x_dtype, [&](auto xt) {
-    if (a.rule == QuantRule::elastic) f(std::integral_constant<int, 0>{}, xt);
-    else f(std::integral_constant<int, 1>{}, xt);
+    with_bits(a.layout.bits, [&](auto bits) {
+      if (a.rule == QuantRule::elastic) f(std::integral_constant<int, 0>{}, xt, bits);
+      else f(std::integral_constant<int, 1>{}, xt, bits);
+    });
   });
 }
 
 void run_special(const QuantizedSendArgs& a, cudaStream_t stream) {
-  with_rule(a, [&](auto rule, auto xt) {
-    quantized_send_kernel<decltype(xt), QuantRule(decltype(rule)::value)>
+  with_rule(a, [&](auto rule, auto xt, auto bits) {
+    quantized_send_kernel<decltype(xt), QuantRule(decltype(rule)::value), decltype(bits)::value>
         <<<quant_grid(a.layout.blocks()), kThreads, 0, stream>>>(a);
   });
 }
 void run_special(const QuantizedApplyArgs& a, cudaStream_t stream) {
-  with_rule(a, [&](auto rule, auto xt) {
-    quantized_apply_kernel<decltype(xt), QuantRule(decltype(rule)::value)>
+  with_rule(a, [&](auto rule, auto xt, auto bits) {
+    quantized_apply_kernel<decltype(xt), QuantRule(decltype(rule)::value), decltype(bits)::value>
         <<<quant_grid(a.layout.blocks()), kThreads, 0, stream>>>(a);
   });
 }
 void run_special(const QuantizedReduceArgs& a, cudaStream_t stream) {
-  quantized_reduce_kernel<<<quant_grid(a.layout.chunk_blocks()), kThreads, 0, stream>>>(a);
+  with_bits(a.layout.bits, [&](auto bits) {
+    quantized_reduce_kernel<decltype(bits)::value><<<quant_grid(a.layout.chunk_blocks()), kThreads, 0, stream>>>(a);
+  });
 }
 void run_special(const PublishRecordsArgs& a, cudaStream_t stream) {
   publish_records_kernel<<<1, kThreads, 0, stream>>>(a);

@@ -87,7 +87,7 @@ def test_kernels_small_records_and_speedups(tmp_path, capsys, monkeypatch):
     r = by_name(records)
     assert set(r) == {"elastic_difference", "sync_apply", "sync", "sync/eager", "sync/compile",
                       "async", "async/eager", "async/compile", "outer_apply", "int8_send", "int8_apply",
-                      "int8_send/eager", "int8_apply/eager", "copy/torch", "copy/native", "copy/memcpy",
+                      "int4_send", "int4_apply", "int2_send", "int2_apply", "int8_send/eager", "int8_apply/eager", "copy/torch", "copy/native", "copy/memcpy",
                       "read/torch", "read/native"}
     # The 8-bit kernels are judged against the copy and read ceilings of the bytes they move.
     for name in ("int8_send", "int8_apply"):

@@ -143,7 +143,7 @@ def test_arguments_of_the_outer_optimizer_are_checked():
         easgd_ext.ElasticAverager(make_params(), mode="async", outer_momentum=0.5)
     with pytest.raises(ValueError, match="delay=1: DiLoCoAverager cannot apply"):
         easgd_ext.DiLoCoAverager(make_params(), tau=4, delay=1)
-    with pytest.raises(ValueError, match="DiLoCoAverager has no 8-bit wire"):
+    with pytest.raises(ValueError, match="DiLoCoAverager has no quantized wire"):
         easgd_ext.DiLoCoAverager(make_params(), comm_dtype=torch.int8)
     # With the pull towards the old center, a delayed outer step is fine.
     easgd_ext.ElasticAverager(make_params(), tau=4, delay=1, outer_momentum=0.5)

@@ -120,12 +120,12 @@ class SyncRule:
 
     ``keep`` (given where the sum is applied steps after the send, ``delay > 0``, by rules that
     allow it: ``supports_delay``) holds, in the wire's dtype, what the send computed for the
-    apply to use then. ``quantized_send``/``quantized_apply`` are the rule's 8-bit wire
-    (``None``: it has none)."""
+    apply to use then. ``quantized_send``/``quantized_apply`` are the rule's quantized wire,
+    ``bits`` (8, 4 or 2) a value (``None``: it has none)."""
 
     supports_delay: bool = False
-    quantizable: ClassVar[bool] = False      # has the 8-bit wire (quantized_send/apply)
-    no_int8: ClassVar[str] = "its 8-bit kernels are not written yet"
+    quantizable: ClassVar[bool] = False      # has the quantized wire (quantized_send/apply)
+    no_int8: ClassVar[str] = "its quantized kernels are not written yet"
 
     def send(self, piece: Piece, wire: torch.Tensor, me_bad: torch.Tensor,
              keep: torch.Tensor | None = None) -> Step | None:
@@ -147,12 +147,13 @@ class SyncRule:
         raise NotImplementedError
 
     def quantized_send(self, piece: Piece, residual: torch.Tensor, records: torch.Tensor,
-                       world: int, me_bad: torch.Tensor, keep: torch.Tensor | None) -> Step | None:
+                       world: int, me_bad: torch.Tensor, keep: torch.Tensor | None,
+                       bits: int = 8) -> Step | None:
         return None
 
     def quantized_apply(self, piece: Piece, residual: torch.Tensor, sent: torch.Tensor,
                         gathered: torch.Tensor, world: int, verdict: Verdict,
-                        keep: torch.Tensor | None) -> Step | None:
+                        keep: torch.Tensor | None, bits: int = 8) -> Step | None:
         return None
 
 
@@ -225,17 +226,19 @@ class ElasticSync(SyncRule):
             guard=verdict.native(), nonfinite=tensor_ref("overflow", verdict.overflow),
             keep=None if keep is None else tensor_ref("keep", keep))
 
-    def quantized_send(self, piece, residual, records, world, me_bad, keep):
+    def quantized_send(self, piece, residual, records, world, me_bad, keep, bits=8):
         return native.prepare.quantized_send(
             tensor_ref("x", piece.x), tensor_ref("center", piece.buffer("center")), None,
             tensor_ref("residual", residual), tensor_ref("records", records), world, self.alpha,
-            nonfinite=tensor_ref("me_bad", me_bad), keep=None if keep is None else tensor_ref("keep", keep))
+            nonfinite=tensor_ref("me_bad", me_bad), keep=None if keep is None else tensor_ref("keep", keep),
+            bits=bits)
 
-    def quantized_apply(self, piece, residual, sent, gathered, world, verdict, keep):
+    def quantized_apply(self, piece, residual, sent, gathered, world, verdict, keep, bits=8):
         return native.prepare.quantized_apply(
             tensor_ref("x", piece.x), tensor_ref("center", piece.buffer("center")), None,
             tensor_ref("residual", residual), tensor_ref("sent", sent), tensor_ref("gathered", gathered),
-            world, self.alpha, guard=verdict.native(), keep=None if keep is None else tensor_ref("keep", keep))
+            world, self.alpha, guard=verdict.native(), keep=None if keep is None else tensor_ref("keep", keep),
+            bits=bits)
 
     def _difference(self, piece: Piece, wire_dtype: torch.dtype) -> torch.Tensor:
         # float32 arithmetic as the kernel does it: alpha * (x - c), rounded once to the wire.
@@ -296,7 +299,7 @@ class OuterSync(ElasticSync):
     center, or with ``pull_to_new`` by ``alpha (x - c_new)`` (``alpha = 1``: reset to it)."""
 
     quantizable = False
-    no_int8 = "the outer step's 8-bit apply is not written yet"
+    no_int8 = "the outer step's quantized apply is not written yet"
 
     def __init__(self, alpha: float, lr: float, mu: float, nesterov: bool, pull_to_new: bool,
                  normalize: bool) -> None:
@@ -394,17 +397,18 @@ class DownpourSync(SyncRule):
         return native.prepare.downpour_push(
             **_refs(x=piece.x, x_last=piece.buffer("x_last"), wire=wire, nonfinite=me_bad))
 
-    def quantized_send(self, piece, residual, records, world, me_bad, keep):
+    def quantized_send(self, piece, residual, records, world, me_bad, keep, bits=8):
         return native.prepare.quantized_send(
             tensor_ref("x", piece.x), None, tensor_ref("x_last", piece.buffer("x_last")),
             tensor_ref("residual", residual), tensor_ref("records", records), world,
-            nonfinite=tensor_ref("me_bad", me_bad))
+            nonfinite=tensor_ref("me_bad", me_bad), bits=bits)
 
-    def quantized_apply(self, piece, residual, sent, gathered, world, verdict, keep):
+    def quantized_apply(self, piece, residual, sent, gathered, world, verdict, keep, bits=8):
         return native.prepare.quantized_apply(
             tensor_ref("x", piece.x), tensor_ref("center", piece.buffer("center")),
             tensor_ref("x_last", piece.buffer("x_last")), tensor_ref("residual", residual),
-            tensor_ref("sent", sent), tensor_ref("gathered", gathered), world, guard=verdict.native())
+            tensor_ref("sent", sent), tensor_ref("gathered", gathered), world, guard=verdict.native(),
+            bits=bits)
 
     def apply(self, piece, reduced, verdict, keep=None):
         return native.prepare.downpour_pull(

@@ -29,7 +29,7 @@ from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_
                        check_delay, check_exchange_timeout, check_fragments, check_lock_timeout,
                        check_mode, check_on_nonfinite,
                        check_outer, check_tau, dtype_name, elastic_rates, kernel_path,
-                       reject_other_mode_arguments)
+                       quant_bits, reject_other_mode_arguments)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
 
@@ -73,11 +73,11 @@ class Averager:
                 reject_other_mode_arguments("sync", {"center": center, "servers": servers,
                                                      "lock_timeout": lock_timeout})
                 config.comm_dtype = check_comm_dtype(comm_dtype)
-                if sharded and config.comm_dtype == torch.int8:
+                if sharded and quant_bits(config.comm_dtype):
                     raise ValueError(
-                        "comm_dtype=torch.int8 with DTensor parameters (a sharded model): the "
-                        "8-bit wire's blocks of 256 values would straddle the local shards; use "
-                        "comm_dtype=torch.bfloat16 (half the bytes of float32)")
+                        f"comm_dtype={config.comm_dtype} with DTensor parameters (a sharded "
+                        "model): the quantized wire's blocks of 256 values would straddle the "
+                        "local shards; use comm_dtype=torch.bfloat16 (half the bytes of float32)")
                 settings["comm_dtype"] = dtype_name(config.comm_dtype)
                 config.fragments = check_fragments(fragments)
                 config.delay = check_delay(delay, config.tau)
@@ -121,9 +121,9 @@ class Averager:
                 raise ValueError(f"delay={config.delay}: {type(self).__name__} cannot apply a sum "
                                  "steps after its send (its pull would discard the steps taken "
                                  "since); use delay=0, or ElasticAverager, whose pull keeps them")
-            if config.comm_dtype == torch.int8 and not algorithm.sync.quantizable:
-                raise ValueError(f"comm_dtype=torch.int8: {type(self).__name__} has no 8-bit "
-                                 f"wire ({algorithm.sync.no_int8}); use torch.bfloat16")
+            if quant_bits(config.comm_dtype) and not algorithm.sync.quantizable:
+                raise ValueError(f"comm_dtype={config.comm_dtype}: {type(self).__name__} has no "
+                                 f"quantized wire ({algorithm.sync.no_int8}); use torch.bfloat16")
             settings.update(algorithm.settings())
             chosen["algorithm"], chosen["params"] = algorithm, params_
             # For a sharded model the layout names each local shard (shape, global offset): the
@@ -610,11 +610,13 @@ class ElasticAverager(Averager):
             same shards in the other replicas, the device mesh's replicate dimension
             (``mesh["replicate"]``, a one-dimensional ``DeviceMesh``, or its group).
         comm_dtype: sync: dtype of ``d`` on the wire: ``None`` (the parameters' dtype),
-            ``torch.float32``, ``torch.bfloat16``, ``torch.float16``, or ``torch.int8``: blocks
-            of 256 values scaled by their absolute maximum, with error feedback (what a worker's
-            8 bits did not carry is added to its next send; the owner of each chunk of the sum
-            keeps its own), exchanged by an all-to-all and an all-gather: about 3.9x fewer
-            bytes than float32 at any world size. ``bucket_cap_mb`` applies to float wires.
+            ``torch.float32``, ``torch.bfloat16``, ``torch.float16``, or a quantized wire,
+            ``torch.int8``, ``torch.int4`` or ``torch.int2`` (levels -127..127, -7..7 or
+            -1..1, two or four packed in a byte): blocks of 256 values scaled by their absolute
+            maximum, with error feedback (what a worker's bits did not carry is added to its
+            next send; the owner of each chunk of the sum keeps its own), exchanged by an
+            all-to-all and an all-gather: about 3.9x, 7.5x or 14x fewer bytes than float32 at
+            any world size. ``bucket_cap_mb`` applies to float wires.
         bucket_cap_mb: sync: all-reduce bucket size (default 25); on CPU tensors a bucket is
             applied as soon as it arrives while later ones are in flight.
         allow_unstable: accept ``beta >= 1``.

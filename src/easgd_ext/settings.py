@@ -32,7 +32,14 @@ ON_NONFINITE = ("reset", "skip", "raise")
 POLICY_CODES = {"skip": 0, "raise": 0, "reset": 1}
 COMM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-               "int8": torch.int8}
+               "int8": torch.int8, "int4": torch.int4, "int2": torch.int2}
+# The quantized wires: bits a value on the wire (block-scaled, with error feedback).
+QUANT_BITS = {torch.int8: 8, torch.int4: 4, torch.int2: 2}
+
+
+def quant_bits(comm_dtype: torch.dtype | None) -> int | None:
+    """Bits a value of a quantized wire (8, 4 or 2), or None for a float wire."""
+    return QUANT_BITS.get(comm_dtype) if comm_dtype is not None else None
 
 
 def _is_number(value: object) -> bool:
@@ -59,8 +66,8 @@ def check_comm_dtype(comm_dtype: object) -> torch.dtype | None:
     if isinstance(comm_dtype, str) and comm_dtype in COMM_DTYPES:
         return COMM_DTYPES[comm_dtype]
     raise ValueError(f"comm_dtype must be None (the parameters' dtype), torch.float32, "
-                     f"torch.bfloat16, torch.float16 or torch.int8 (block-scaled, with error "
-                     f"feedback), got {comm_dtype!r}")
+                     f"torch.bfloat16, torch.float16, or torch.int8, torch.int4 or torch.int2 "
+                     f"(block-scaled, with error feedback), got {comm_dtype!r}")
 
 
 def check_outer(outer_lr: object, outer_momentum: object, nesterov: object) -> tuple[float, float, bool] | None:

@@ -131,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EAMSGD's Nesterov momentum (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32,
                    help="minibatch per worker (default: %(default)s)")
-    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16", "int8"], default=None,
-                   help="wire dtype of the exchanges, --mode sync only; int8: block-scaled with "
-                        "error feedback, not for 'average' (default: the parameters' dtype)")
+    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16", "int8", "int4", "int2"],
+                   default=None,
+                   help="wire dtype of the exchanges, --mode sync only; int8/int4/int2: "
+                        "block-scaled with error feedback, not for 'average' (default: the "
+                        "parameters' dtype)")
     p.add_argument("--fragments", type=int, default=1,
                    help="cut the model into this many fragments, each exchanged every --tau steps "
                         "at its own phase, --mode sync only (default: %(default)s)")
@@ -220,9 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--delay {args.delay} applies to easgd and eamsgd (whose pull keeps the steps "
                 f"taken since the send); leave out {', '.join(sorted(set(args.algos) - {'easgd', 'eamsgd', 'sync-sgd'}))} "
                 "or use --delay 0")
-    if args.comm_dtype == "int8" and "average" in args.algos:
-        p.error("--comm-dtype int8 quantizes differences; 'average' sends the parameters "
-                "themselves: leave it out or use bfloat16")
+    if args.comm_dtype in ("int8", "int4", "int2") and "average" in args.algos:
+        p.error(f"--comm-dtype {args.comm_dtype} quantizes differences; 'average' sends the "
+                "parameters themselves: leave it out or use bfloat16")
     if args.steps is not None and args.epochs is not None:
         p.error("give --steps or --epochs, not both")
     if args.steps is not None and args.steps < 1:

@@ -43,8 +43,8 @@ def check_args(args: argparse.Namespace, world: int) -> str | None:
     if world < 2 * SHARDS or world % SHARDS:
         return (f"--fsdp needs an even number of at least {2 * SHARDS} workers (replicas of "
                 f"{SHARDS} shards each), got {world}")
-    if args.comm_dtype == "int8":
-        return "--fsdp: the 8-bit wire's blocks would straddle the local shards; use bfloat16"
+    if args.comm_dtype in ("int8", "int4", "int2"):
+        return "--fsdp: the quantized wire's blocks would straddle the local shards; use bfloat16"
     return None
 
 

@@ -8,6 +8,7 @@ For each update and each parameter dtype it times the fused kernels:
   outer_apply          the outer optimizer's apply: m = mu m + sum; c += lr (sum + mu m); x -= d
   int8_send            the 8-bit wire's send: v = alpha (x - c) + residual, block-quantized
   int8_apply           its apply: x -= d; c += deq(sum); residual = v - deq(what was sent)
+  int4_*, int2_*       the same at 4 and 2 bits a value (packed two or four to a byte)
 and, for the whole sync and async updates and the 8-bit send and apply, the same update done by:
   eager    torch eager ops on the flat buffers (in place, preallocated temporaries)
   foreach  torch._foreach_* over ResNet-50's 161 parameter tensors (what an optimizer-style
@@ -305,37 +306,41 @@ def bytes_moved(update: str, n: int, dtype: torch.dtype) -> int:
     8-bit wire's records carry one float32 scale per 256 values)."""
     sx = torch.finfo(dtype).bits // 8
     diff, apply = 2 * sx + 4, 3 * sx + 8
-    if update == "int8_send":  # read x, c, residual; write q and the scales
-        return n * (sx + 8 + 1) + n // 64
-    if update == "int8_apply":  # read x, c, residual, q sent, q summed; write x, c, residual
-        return n * (2 * sx + 16 + 2) + n // 32
+    if update.endswith("_send"):  # read x, c, residual; write q (bits / 8 bytes) and the scales
+        return n * (sx + 8) + n * QUANT_WIDTHS[update.split("_")[0]] // 8 + n // 64
+    if update.endswith("_apply") and update != "sync_apply" and update != "outer_apply":
+        # read x, c, residual, q sent, q summed; write x, c, residual
+        return n * (2 * sx + 16) + 2 * n * QUANT_WIDTHS[update.split("_")[0]] // 8 + n // 32
     if update == "outer_apply":  # read x, c, momentum, the sum (x's dtype); write x, c, momentum
         return n * (3 * sx + 16)
     return n * {"elastic_difference": diff, "sync_apply": apply, "sync": diff + apply,
                 "async": 2 * (sx + 4)}[update]
 
 
-UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "outer_apply", "int8_send", "int8_apply")
+QUANT_WIDTHS = {"int8": 8, "int4": 4, "int2": 2}
+UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "outer_apply", "int8_send", "int8_apply",
+           "int4_send", "int4_apply", "int2_send", "int2_apply")
 
 
-def int8_launches(x: torch.Tensor, c: torch.Tensor) -> tuple[Any, Any, list[torch.Tensor]]:
-    """The 8-bit wire's send and apply over x and c (one rank: the records it sends are the sum
-    it applies), prepared once; and the buffers they point into (kept alive by the caller)."""
+def quantized_launches(x: torch.Tensor, c: torch.Tensor, bits: int = 8) -> tuple[Any, Any, list[torch.Tensor]]:
+    """The quantized wire's send and apply (``bits`` a value) over x and c (one rank: the records
+    it sends are the sum it applies), prepared once; and the buffers they point into (kept
+    alive by the caller)."""
     n = x.numel()
-    _, record = native.prepare.quant_layout(n, 1)
+    _, record = native.prepare.quant_layout(n, 1, bits)
     residual = torch.zeros(n, device=x.device)
     sent = torch.zeros(record, dtype=torch.uint8, device=x.device)
     gathered = torch.zeros(record, dtype=torch.uint8, device=x.device)
     status = torch.zeros(4, device=x.device)
     send = native.prepare.quantized_send(tensor_ref("x", x), tensor_ref("center", c), None,
                                          tensor_ref("residual", residual), tensor_ref("records", sent),
-                                         1, ALPHA, nonfinite=tensor_ref("me_bad", status[0:1]))
+                                         1, ALPHA, nonfinite=tensor_ref("me_bad", status[0:1]), bits=bits)
     native.run([send], stream_of(x.device), num_threads())
     gathered.copy_(sent)
     guard = native.prepare.Guard(tensor_ref("bad_ranks", status[1:2]), tensor_ref("me_bad", status[0:1]), 0, 1)
     apply = native.prepare.quantized_apply(tensor_ref("x", x), tensor_ref("center", c), None,
                                            tensor_ref("residual", residual), tensor_ref("sent", sent),
-                                           tensor_ref("gathered", gathered), 1, ALPHA, guard=guard)
+                                           tensor_ref("gathered", gathered), 1, ALPHA, guard=guard, bits=bits)
     return send, apply, [residual, sent, gathered, status]
 
 
@@ -358,10 +363,13 @@ def run_case(n: int, dtype: torch.dtype, device: torch.device, reps: int,
     }
     momentum = torch.zeros_like(c)
     fns["outer_apply"] = lambda: ops.outer_apply(x, c, momentum, w, ALPHA, 0.7, 0.9, 1.0, 0.0)
-    send8, apply8, keep_alive = int8_launches(x, c)
     stream = stream_of(device)
-    fns["int8_send"] = lambda: native.run([send8], stream, num_threads())
-    fns["int8_apply"] = lambda: native.run([apply8], stream, num_threads())
+    keep_alive = []
+    for wire, bits in QUANT_WIDTHS.items():
+        send_q, apply_q, buffers = quantized_launches(x, c, bits)
+        keep_alive += buffers
+        fns[f"{wire}_send"] = lambda launch=send_q: native.run([launch], stream, num_threads())
+        fns[f"{wire}_apply"] = lambda launch=apply_q: native.run([launch], stream, num_threads())
     if n >= QUANT_BLOCK:  # the eager peers do whole blocks only
         p8 = int8_peer_buffers(n, device)
         fns["int8_send/eager"] = lambda: eager_int8_send(x, c, p8["r"], p8["q_sent"], p8["s_sent"], t,

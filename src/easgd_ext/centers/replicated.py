@@ -35,11 +35,11 @@ import torch
 from .. import _dist
 from ..algorithms import Algorithm, SyncRule
 from ..flat_params import FlatGroup, check_saved
-from ..settings import POLICY_CODES
+from ..settings import POLICY_CODES, quant_bits
 from ..stats import outcome_of
 from .base import Center, CenterConfig, ExchangeRecord
 from .fragments import FragmentPlan, due, plan_fragments
-from .wires import FloatWire, Int8Wire, Wire
+from .wires import FloatWire, QuantizedWire, Wire
 
 
 class ExchangeError(RuntimeError):
@@ -79,7 +79,7 @@ class ReplicatedCenter(Center):
         self.workers = comm.world_size
         self.tau, self.delay = config.tau, config.delay
         rule: SyncRule = algorithm.sync
-        int8 = config.comm_dtype == torch.int8
+        bits = quant_bits(config.comm_dtype)
         policy = POLICY_CODES[config.on_nonfinite]
         # Saved beside the center: the rule's own (an outer momentum) and the 8-bit residuals.
         self._residuals: dict[str, list[torch.Tensor]] = {
@@ -91,12 +91,12 @@ class ReplicatedCenter(Center):
                 g.buffers[name] = torch.zeros(g.numel, device=g.device)
                 self._residuals[name].append(g.buffers[name])
             algorithm.init_buffers(g)
-            if int8:  # what the 8-bit wire has not delivered yet, fed back into the next send
+            if bits:  # what the quantized wire has not delivered yet, fed back into the next send
                 g.buffers["residual"] = torch.zeros(g.numel, device=g.device)
                 self._residuals["residual"].append(g.buffers["residual"])
         self.plans: list[FragmentPlan] = plan_fragments(groups, config.fragments, self.tau)
         self.wires: list[Wire] = [
-            Int8Wire(p, rule, comm, policy, self.delay > 0, self._residuals) if int8 else
+            QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits) if bits else
             FloatWire(p, rule, comm, config.comm_dtype, config.bucket_bytes, policy,
                       self.delay > 0, config.kernels == "torch", config.verdict_groups)
             for p in self.plans]

@@ -1,10 +1,10 @@
 """How one fragment of the synchronous exchange goes over the network: in the parameters' dtype
-(or bfloat16/float16) as an all-reduce, or 8-bit with error feedback as an all-to-all and an
-all-gather. Each wire prepares its buffers and steps once, then runs in three phases that the
+(or bfloat16/float16) as an all-reduce, or quantized (8, 4 or 2 bits a value) with error feedback
+as an all-to-all and an all-gather. Each wire prepares its buffers and steps once, then runs in three phases that the
 replicated center schedules:
 
 ``start``    the rule's send steps and the first collective, launched, not waited for;
-``advance``  (8-bit only) the first collective completed, the owner's sum re-quantized and the
+``advance``  (quantized only) the first collective completed, the owner's sum re-quantized and the
              second collective launched;
 ``finish``   every collective completed (waiting at most ``exchange_timeout`` where the host
              waits), then the apply steps, which read the exchange's verdict on the device.
@@ -164,14 +164,15 @@ def _plain_wait(work: Any) -> None:
     work.wait()
 
 
-class Int8Wire(Wire):
-    """Block-scaled int8 with error feedback (see csrc/quantize.h): each piece's ``d +
-    residual`` quantized into one record per owner rank; an all-to-all brings each owner its
-    chunk from every rank; the owner sums them in float32 with its own residual, re-quantizes,
-    and an all-gather brings every rank every owner's record, so all apply the same bytes."""
+class QuantizedWire(Wire):
+    """Block-scaled levels of ``bits`` (8, 4 or 2) with error feedback (see csrc/quantize.h):
+    each piece's ``d + residual`` quantized into one record per owner rank; an all-to-all
+    brings each owner its chunk from every rank; the owner sums them in float32 with its own
+    residual, re-quantizes, and an all-gather brings every rank every owner's record, so all
+    apply the same bytes."""
 
     def __init__(self, plan: FragmentPlan, rule: SyncRule, comm: _dist.Comm, policy: int,
-                 delay: bool, residuals: dict[str, list[torch.Tensor]]) -> None:
+                 delay: bool, residuals: dict[str, list[torch.Tensor]], bits: int = 8) -> None:
         self.status = _status_vectors(plan)
         world = comm.world_size
         self._prepare, self._reduce, self._apply = Program(), Program(), Program()
@@ -182,12 +183,12 @@ class Int8Wire(Wire):
         sends, publishes = [], []
         for piece in plan.pieces:
             if len(piece.segments()) != 1:  # the averager refuses this first, naming comm_dtype
-                raise ValueError("the 8-bit wire quantizes contiguous runs of parameters; its "
+                raise ValueError("the quantized wire quantizes contiguous runs of parameters; its "
                                  "blocks would straddle local shards")
             device = piece.group.device
             status = self.status[device]
             n = piece.end - piece.start
-            chunk, record = native.prepare.quant_layout(n, world)
+            chunk, record = native.prepare.quant_layout(n, world, bits)
             b = {"send": torch.zeros(world * record, dtype=torch.uint8, device=device),
                  "received": torch.zeros(world * record, dtype=torch.uint8, device=device),
                  "own": torch.zeros(record, dtype=torch.uint8, device=device),
@@ -200,15 +201,16 @@ class Int8Wire(Wire):
             self.pieces.append(b)
             me_bad = status[ME_BAD:ME_BAD + 1]
             residual = piece.buffer("residual")
-            sends.append((device, rule.quantized_send(piece, residual, b["send"], world, me_bad, keep)))
+            sends.append((device, rule.quantized_send(piece, residual, b["send"], world, me_bad, keep,
+                                                      bits)))
             publishes.append((device, native.prepare.publish_records(
-                tensor_ref("records", b["send"]), n, world, tensor_ref("me_bad", me_bad))))
+                tensor_ref("records", b["send"]), n, world, tensor_ref("me_bad", me_bad), bits=bits)))
             self._reduce.add(device, native.prepare.quantized_reduce(
                 tensor_ref("received", b["received"]), tensor_ref("own", b["own"]),
-                tensor_ref("server_residual", b["server_residual"]), n, world, policy))
+                tensor_ref("server_residual", b["server_residual"]), n, world, policy, bits=bits))
             verdict = _verdict(b["gathered"][:1], status, policy, world)
             self._apply.add(device, rule.quantized_apply(piece, residual, b["send"], b["gathered"],
-                                                         world, verdict, keep))
+                                                         world, verdict, keep, bits))
             record_bytes += record
         for device, step in sends + publishes:
             self._prepare.add(device, step)
