@@ -219,7 +219,7 @@ void bind_prepare(py::module_& p) {
   }, py::arg("wire"), py::arg("header"), py::arg("me_bad"),
   "header[0] = me_bad[0]; if set, wire = 0 (a diverged rank sends nothing).");
 
-  // ---- the 8-bit wire -------------------------------------------------------------------------
+  // ---- the quantized wires (8, 4 or 2 bits a value) ---------------------------------------------
   p.def("quant_layout", [](int64_t n, int world, int bits) {
     if (n < 0 || world < 1) throw py::value_error("quant_layout needs n >= 0 and world >= 1");
     const QuantLayout l = layout_of(n, world, bits);
@@ -282,7 +282,7 @@ void bind_prepare(py::module_& p) {
 
   p.def("quantized_apply", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref sent, Ref gathered, int world,
                               double alpha, const GuardRefs* guard, OptRef keep, int bits) {
-    if (center == nullptr) throw py::value_error("the 8-bit apply needs the center");
+    if (center == nullptr) throw py::value_error("the quantized apply needs the center");
     std::vector<const TensorRef*> data{&x, &residual, center};
     if (x_last) data.push_back(x_last);
     if (keep) data.push_back(keep);

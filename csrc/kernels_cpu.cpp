@@ -89,7 +89,7 @@ void publish_flag(const PublishFlagArgs& a, int64_t n) {
 }
 
 
-// ---- the 8-bit wire (quantize.h): block kernels, one block of kQuantBlock elements per step ----
+// ---- the quantized wires (quantize.h): block kernels, one block of kQuantBlock elements per step
 
 // A block's levels into its record: one byte each at 8 bits, packed below (the tail of a
 // block beyond the piece packs zeros, inside the owner's padded chunk).

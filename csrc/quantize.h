@@ -81,7 +81,7 @@ struct QuantLayout {
 };
 
 // Packing of `Bits`-wide values: `kPerByte` a byte. get() reads value j of a packed run;
-// pack() writes `count` values (a multiple of kPerByte) from int8 levels.
+// byte() packs kPerByte int8 levels into one byte.
 template <int Bits>
 struct Packing {
   static constexpr int kPerByte = 8 / Bits;
@@ -120,7 +120,7 @@ struct BlockScale {
   float scale = 0.f, inv = 0.f;
 };
 
-EASGD_HD BlockScale block_scale(float absmax, float levels = 127.f) {
+EASGD_HD BlockScale block_scale(float absmax, float levels) {
   BlockScale s;
   if (absmax >= kQuantTiny && absmax <= 3.4028234663852886e38f) {  // finite and not tiny (NaN fails)
     s.inv = levels / absmax;
@@ -138,7 +138,7 @@ EASGD_HD float round_half_even(float v) {
 }
 
 // q for v; a NaN (a block with a non-finite value: the sender is withdrawn anyway) becomes 0.
-EASGD_HD int8_t quantize(float v, float inv, float levels = 127.f) {
+EASGD_HD int8_t quantize(float v, float inv, float levels) {
   float t = round_half_even(v * inv);
   t = t > levels ? levels : t;
   t = t < -levels ? -levels : t;

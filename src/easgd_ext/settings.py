@@ -35,6 +35,7 @@ COMM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torc
                "int8": torch.int8, "int4": torch.int4, "int2": torch.int2}
 # The quantized wires: bits a value on the wire (block-scaled, with error feedback).
 QUANT_BITS = {torch.int8: 8, torch.int4: 4, torch.int2: 2}
+QUANT_NAMES = tuple(name for name, dtype in COMM_DTYPES.items() if dtype in QUANT_BITS)  # int8, int4, int2
 
 
 def quant_bits(comm_dtype: torch.dtype | None) -> int | None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data
 from ._launch import backend_for, join_group, launcher_rank_world, run_workers
+from .settings import QUANT_NAMES
 
 ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
 ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")  # the paper's asynchronous methods
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EAMSGD's Nesterov momentum (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32,
                    help="minibatch per worker (default: %(default)s)")
-    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16", "int8", "int4", "int2"],
+    p.add_argument("--comm-dtype", choices=["float32", "bfloat16", "float16", *QUANT_NAMES],
                    default=None,
                    help="wire dtype of the exchanges, --mode sync only; int8/int4/int2: "
                         "block-scaled with error feedback, not for 'average' (default: the "
@@ -222,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--delay {args.delay} applies to easgd and eamsgd (whose pull keeps the steps "
                 f"taken since the send); leave out {', '.join(sorted(set(args.algos) - {'easgd', 'eamsgd', 'sync-sgd'}))} "
                 "or use --delay 0")
-    if args.comm_dtype in ("int8", "int4", "int2") and "average" in args.algos:
+    if args.comm_dtype in QUANT_NAMES and "average" in args.algos:
         p.error(f"--comm-dtype {args.comm_dtype} quantizes differences; 'average' sends the "
                 "parameters themselves: leave it out or use bfloat16")
     if args.steps is not None and args.epochs is not None:

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
 from ._launch import join_group, run_workers
+from .settings import QUANT_NAMES
 
 SHARDS = 2
 FSDP_STEPS = 200  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
@@ -43,7 +44,7 @@ def check_args(args: argparse.Namespace, world: int) -> str | None:
     if world < 2 * SHARDS or world % SHARDS:
         return (f"--fsdp needs an even number of at least {2 * SHARDS} workers (replicas of "
                 f"{SHARDS} shards each), got {world}")
-    if args.comm_dtype in ("int8", "int4", "int2"):
+    if args.comm_dtype in QUANT_NAMES:
         return "--fsdp: the quantized wire's blocks would straddle the local shards; use bfloat16"
     return None
 

@@ -48,6 +48,7 @@ import easgd_ext
 from easgd_ext import ops
 from easgd_ext._native import native, num_threads, stream_of, tensor_ref
 from easgd_ext.ops.reference import QUANT_BLOCK
+from easgd_ext.settings import COMM_DTYPES, QUANT_NAMES, quant_bits
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedup, speedups
 from .report import write_records
@@ -306,20 +307,22 @@ def bytes_moved(update: str, n: int, dtype: torch.dtype) -> int:
     8-bit wire's records carry one float32 scale per 256 values)."""
     sx = torch.finfo(dtype).bits // 8
     diff, apply = 2 * sx + 4, 3 * sx + 8
-    if update.endswith("_send"):  # read x, c, residual; write q (bits / 8 bytes) and the scales
-        return n * (sx + 8) + n * QUANT_WIDTHS[update.split("_")[0]] // 8 + n // 64
-    if update.endswith("_apply") and update != "sync_apply" and update != "outer_apply":
-        # read x, c, residual, q sent, q summed; write x, c, residual
-        return n * (2 * sx + 16) + 2 * n * QUANT_WIDTHS[update.split("_")[0]] // 8 + n // 32
+    wire, _, part = update.partition("_")
+    if wire in QUANT_WIDTHS:
+        q = n * QUANT_WIDTHS[wire] // 8  # the values' bytes
+        if part == "send":  # read x, c, residual; write q and the scales
+            return n * (sx + 8) + q + n // 64
+        # apply: read x, c, residual, q sent, q summed (and their scales); write x, c, residual
+        return n * (2 * sx + 16) + 2 * q + n // 32
     if update == "outer_apply":  # read x, c, momentum, the sum (x's dtype); write x, c, momentum
         return n * (3 * sx + 16)
     return n * {"elastic_difference": diff, "sync_apply": apply, "sync": diff + apply,
                 "async": 2 * (sx + 4)}[update]
 
 
-QUANT_WIDTHS = {"int8": 8, "int4": 4, "int2": 2}
-UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "outer_apply", "int8_send", "int8_apply",
-           "int4_send", "int4_apply", "int2_send", "int2_apply")
+QUANT_WIDTHS = {name: quant_bits(COMM_DTYPES[name]) for name in QUANT_NAMES}  # int8: 8, ...
+UPDATES = ("elastic_difference", "sync_apply", "sync", "async", "outer_apply",
+           *(f"{wire}_{part}" for wire in QUANT_WIDTHS for part in ("send", "apply")))
 
 
 def quantized_launches(x: torch.Tensor, c: torch.Tensor, bits: int = 8) -> tuple[Any, Any, list[torch.Tensor]]:
