@@ -38,6 +38,15 @@ QUANT_BITS = {torch.int8: 8, torch.int4: 4, torch.int2: 2}
 QUANT_NAMES = tuple(name for name, dtype in COMM_DTYPES.items() if dtype in QUANT_BITS)  # int8, int4, int2
 
 
+# Gloo's quantized wire moves each piece in collectives of at most this many bytes per peer.
+# One large message each way fills a slow link's queue, the ACKs of the other direction wait
+# behind it, and the all-to-all + all-gather reach ~50-60% of the link; in 64 KiB pieces
+# (ProcessGroupGloo runs two at a time) they reach 90-95% at 100 Mbit/s (bench link). NCCL
+# pipelines its own chunks: there a piece goes whole.
+GLOO_WIRE_CHUNK_BYTES = 64 * 1024
+QUANT_BLOCK = 256  # elements sharing one scale on the quantized wire (csrc/quantize.h)
+
+
 def quant_bits(comm_dtype: torch.dtype | None) -> int | None:
     """Bits a value of a quantized wire (8, 4 or 2), or None for a float wire."""
     return QUANT_BITS.get(comm_dtype) if comm_dtype is not None else None

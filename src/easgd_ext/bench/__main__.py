@@ -1,4 +1,4 @@
-"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp,link} [options]: the benchmarks shipped with the package.
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
               ceiling (torch copy_, the native copy kernel, memcpy) timed with them
@@ -13,6 +13,9 @@
     fsdp      a sharded model's exchange (FSDP2 DTensor shards) against the replicated one at
               equal model size: bytes and center memory per rank, time; --hierarchy: EASGD
               across nodes with DDP inside them, three ways
+    link      the exchange on a slow link (root): ranks in network namespaces, links shaped
+              with tbf; DDP, PeriodicModelAverager, every averager and wire, streamed or not,
+              and the raw collectives against the link rate
 
 Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
 prints a short table and writes its records with --json PATH. Every ratio is a speedup over a
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp")
+COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp", "link")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from .async_comm import main as run
     elif argv[0] == "simulate":
         from .simulate_speed import main as run
+    elif argv[0] == "link":
+        from .link import main as run
     elif argv[0] == "fsdp":
         from .fsdp import main as run
     else:

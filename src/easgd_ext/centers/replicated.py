@@ -35,7 +35,7 @@ import torch
 from .. import _dist
 from ..algorithms import Algorithm, SyncRule
 from ..flat_params import FlatGroup, check_saved
-from ..settings import POLICY_CODES, quant_bits
+from ..settings import GLOO_WIRE_CHUNK_BYTES, POLICY_CODES, quant_bits
 from ..stats import outcome_of
 from .base import Center, CenterConfig, ExchangeRecord
 from .fragments import FragmentPlan, due, plan_fragments
@@ -95,8 +95,14 @@ class ReplicatedCenter(Center):
                 g.buffers["residual"] = torch.zeros(g.numel, device=g.device)
                 self._residuals["residual"].append(g.buffers["residual"])
         self.plans: list[FragmentPlan] = plan_fragments(groups, config.fragments, self.tau)
+        # Gloo (CPU tensors, or CUDA tensors staged through the host): the host waits for the
+        # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
+        self._cuda = groups[0].device.type == "cuda"
+        self._host_waits = comm.distributed and (
+            groups[0].device.type == "cpu" or comm.backend() != "nccl")
+        chunk = GLOO_WIRE_CHUNK_BYTES if self._host_waits else None
         self.wires: list[Wire] = [
-            QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits) if bits else
+            QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits, chunk) if bits else
             FloatWire(p, rule, comm, config.comm_dtype, config.bucket_bytes, policy,
                       self.delay > 0, config.kernels == "torch", config.verdict_groups)
             for p in self.plans]
@@ -104,11 +110,6 @@ class ReplicatedCenter(Center):
         self._send_phases = {p.offset % self.tau for p in self.plans}
         self._host_status = [{d: s.numpy() for d, s in w.status.items() if d.type == "cpu"}
                              for w in self.wires]
-        # Gloo (CPU tensors, or CUDA tensors staged through the host): the host waits for the
-        # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
-        self._cuda = groups[0].device.type == "cuda"
-        self._host_waits = comm.distributed and (
-            groups[0].device.type == "cpu" or comm.backend() != "nccl")
         # The last exchanges' collectives, kept until the next ones. Gloo's worker thread drops
         # its reference to a finished collective a moment after wait() returns; if that were the
         # last reference, the thread would release the tensors' Python objects itself, and at

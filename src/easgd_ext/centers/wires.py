@@ -24,6 +24,7 @@ from .. import _dist
 from .._native import native, tensor_ref
 from ..algorithms import Piece, SyncRule, Verdict
 from ..flat_params import ALIGN_ELEMENTS, bucket_ranges
+from ..settings import QUANT_BLOCK
 from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
 from .fragments import FragmentPlan
 from .program import Program
@@ -172,7 +173,8 @@ class QuantizedWire(Wire):
     apply the same bytes."""
 
     def __init__(self, plan: FragmentPlan, rule: SyncRule, comm: _dist.Comm, policy: int,
-                 delay: bool, residuals: dict[str, list[torch.Tensor]], bits: int = 8) -> None:
+                 delay: bool, residuals: dict[str, list[torch.Tensor]], bits: int,
+                 chunk_bytes: int | None = None) -> None:
         self.status = _status_vectors(plan)
         world = comm.world_size
         self._prepare, self._reduce, self._apply = Program(), Program(), Program()
@@ -181,7 +183,7 @@ class QuantizedWire(Wire):
         self.pieces: list[dict[str, torch.Tensor]] = []
         record_bytes = 0
         sends, publishes = [], []
-        for piece in plan.pieces:
+        for piece in split_pieces(plan.pieces, world, bits, chunk_bytes):
             if len(piece.segments()) != 1:  # the averager refuses this first, naming comm_dtype
                 raise ValueError("the quantized wire quantizes contiguous runs of parameters; its "
                                  "blocks would straddle local shards")
@@ -244,6 +246,19 @@ class QuantizedWire(Wire):
 
     def finish(self):
         self._apply()
+
+
+def split_pieces(pieces: tuple[Piece, ...], world: int, bits: int,
+                 chunk_bytes: int | None) -> list[Piece]:
+    """``pieces`` cut so that each one's record (what one peer receives of it) is about
+    ``chunk_bytes`` (None: whole): each cut is a quantized unit of its own, in whole blocks
+    per owner, so the collectives move it in messages a slow link's queue absorbs."""
+    if chunk_bytes is None:
+        return list(pieces)
+    unit = QUANT_BLOCK * world  # every owner's chunk whole blocks
+    step = max(unit, chunk_bytes * (8 // bits) * world // unit * unit)
+    return [p.sub(lo, min(lo + step, p.end - p.start))
+            for p in pieces for lo in range(0, p.end - p.start, step)]
 
 
 def _segments(piece: Piece, lo: int, hi: int) -> list[tuple[Piece, int, int]]:
