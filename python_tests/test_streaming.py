@@ -535,3 +535,28 @@ def second_gpu_outcomes() -> dict:
 def test_outcomes_of_parameters_on_a_second_gpu_are_read_on_its_stream():
     out = second_gpu_outcomes()
     assert out["exchanges"] == 1 and out["skipped"] == 1 and out["seconds"] > 0
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or not easgd_ext.build_info()["cuda"],
+        reason="needs a CUDA GPU and easgd_ext built with CUDA"))])
+def test_a_flushed_fragment_is_reported_as_itself_when_exchange_resends_it(device):
+    # The skipped fragment in flight is completed by exchange(), which then sends it again:
+    # its record must still say "skipped" (on CUDA the status is read later, after the re-send
+    # has zeroed the wire's own vector).
+    params = [torch.nn.Parameter(torch.randn(4096, device=device))]
+    avg = easgd_ext.ElasticAverager(params, tau=2, fragments=2, delay=1, on_nonfinite="skip")
+    ends = [0, 4095]  # one element in each fragment
+    with torch.no_grad():
+        saved = params[0][ends].clone()
+        params[0][ends] = float("nan")  # the fragment that leaves now is not finite
+    avg.step()  # one fragment leaves
+    with torch.no_grad():
+        params[0][ends] = saved
+    avg.exchange()  # completes it (skipped), then both fragments afresh (applied)
+    stats = avg.stats
+    assert stats.skipped_exchanges == 1
+    assert stats.exchanges == 2
+    assert torch.isfinite(params[0]).all()

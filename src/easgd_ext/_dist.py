@@ -40,6 +40,21 @@ class Comm:
     def backend(self) -> str:
         return dist.get_backend(self.group)
 
+    def backend_for(self, device: torch.device) -> str:
+        """The backend this group runs collectives of ``device`` tensors on ("nccl", "gloo"):
+        a group of one backend uses it for every device; one made with several, or by
+        ``init_process_group()`` without a backend, the one its configuration names for the
+        device's type (``"cpu:gloo,cuda:nccl"``), which ``get_backend`` does not tell."""
+        config = str(dist.get_backend_config(self.group))
+        table = dict(part.split(":", 1) for part in config.split(",") if ":" in part)
+        return table.get(device.type, self.backend())
+
+    def host_waits(self, device: torch.device) -> bool:
+        """Whether the host must wait for this group's collectives on ``device`` tensors (Gloo,
+        or any backend but NCCL; CUDA tensors through Gloo are staged through the host); NCCL
+        only enqueues them on the stream."""
+        return self.distributed and (device.type == "cpu" or self.backend_for(device) != "nccl")
+
     def all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
         return dist.all_reduce(t, group=self.group, async_op=async_op)
 

@@ -319,9 +319,9 @@ class Averager:
             raise RuntimeError(f"{name}(mode='async') cannot be captured in a CUDA graph: its "
                                "exchange takes locks and copies on the host; capture the "
                                "synchronous exchange only")
-        if self._comm.distributed and (self._groups[0].device.type == "cpu" or
-                                       self._comm.backend() != "nccl"):
-            raise RuntimeError(f"{name} over {self._comm.backend()} "
+        device = self._groups[0].device
+        if self._comm.host_waits(device):
+            raise RuntimeError(f"{name} over {self._comm.backend_for(device)} "
                                "cannot be captured in a CUDA graph: the host waits for its "
                                "collectives; capture it in an NCCL group")
         if self._settings.get("delay") or self._center.in_flight or work != self._center.exchange:

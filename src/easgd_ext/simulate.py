@@ -92,6 +92,9 @@ class SimulatedComm(Comm):
     def backend(self) -> str:
         return "simulated"
 
+    def backend_for(self, device: torch.device) -> str:
+        return "simulated"
+
     def all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
         total = self._meet(t, _sum_in_rank_order)
         t.copy_(total)

@@ -98,8 +98,7 @@ class ReplicatedCenter(Center):
         # Gloo (CPU tensors, or CUDA tensors staged through the host): the host waits for the
         # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
         self._cuda = groups[0].device.type == "cuda"
-        self._host_waits = comm.distributed and (
-            groups[0].device.type == "cpu" or comm.backend() != "nccl")
+        self._host_waits = comm.host_waits(groups[0].device)
         chunk = GLOO_WIRE_CHUNK_BYTES if self._host_waits else None
         self.wires: list[Wire] = [
             QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits, chunk) if bits else
@@ -233,7 +232,9 @@ class ReplicatedCenter(Center):
             host = self._host_status[f.fragment][device]
             return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited,
                                   outcome=outcome_of(f.sent_at, host, self._skips_on_bad))
-        return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited, status=status)
+        # A copy, in stream order after this fragment's apply: the wire's own vector is zeroed
+        # by its next send (a flushed fragment re-sent by exchange()) before the record is read.
+        return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited, status=status.clone())
 
     def _failure(self, clock: int, exc: Exception) -> ExchangeError:
         silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
