@@ -47,8 +47,12 @@ def test_the_quick_form_measures_every_variant_and_counts_the_bytes_the_averager
     assert records["local"]["sent_bytes_per_step"] < 10_000  # nothing but the group's chatter
     # What the interfaces counted is what bytes_per_step() said (frames carry their headers,
     # one per GSO segment: a fraction of a percent).
-    for name in ("easgd_fp32", "easgd_int8", "stream_int8", "raw_fp32", "raw_int8"):
+    for name in ("easgd_fp32", "easgd_int8", "raw_fp32", "raw_int8"):
         assert 0.99 <= records[name]["wire_vs_expected"] <= 1.05, (name, records[name])
+    # A streamed exchange has a fragment in flight at each edge of a window: its bytes may
+    # fall on either side, up to one fragment's share of the window's.
+    slack = 1 / records["stream_int8"]["fragments"]
+    assert 0.99 - slack <= records["stream_int8"]["wire_vs_expected"] <= 1.05 + slack
     int8, fp32 = records["easgd_int8"], records["easgd_fp32"]
     assert int8["sent_bytes_per_step"] < 0.3 * fp32["sent_bytes_per_step"]
     assert records["raw_int8"]["link_share"] > 0 and records["stream_int8"]["fragments"] == 8

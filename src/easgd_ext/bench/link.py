@@ -246,7 +246,9 @@ def summarize(name: str, windows: list[dict[str, float]], args: argparse.Namespa
               numel: int, expected: float | None) -> dict:
     steps = [w["step"] for w in windows]
     median, low, high = spread(steps)
-    sent = statistics.median(w["sent"] for w in windows)
+    # Over all windows: a streamed exchange's bytes straddle each window's edges.
+    total_steps = sum(w["steps"] for w in windows)
+    sent = sum(w["sent"] * w["steps"] for w in windows) / total_steps
     record = {
         "name": name, "device": "cpu", "numel": numel, "dtype": "float32", "seconds": median,
         "GBps": None, "ratios": {}, "min_seconds": low, "max_seconds": high,
@@ -254,7 +256,7 @@ def summarize(name: str, windows: list[dict[str, float]], args: argparse.Namespa
         "blocked_seconds_per_window": statistics.median(w["blocked"] for w in windows),
         "waited_seconds_per_window": statistics.median(w["waited"] for w in windows),
         "sent_bytes_per_step": sent,
-        "received_bytes_per_step": statistics.median(w["received"] for w in windows),
+        "received_bytes_per_step": sum(w["received"] * w["steps"] for w in windows) / total_steps,
         "expected_bytes_per_step": expected,
         "wire_vs_expected": sent / expected if expected else None,
         "window_steps": windows[0]["steps"], "windows": len(windows), "tau": args.tau,
