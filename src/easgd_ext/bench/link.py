@@ -24,8 +24,8 @@ Reported per variant: median step time over the windows and its spread, the rati
 ddp, pma and local (peer time / ours, > 1 = faster), "blocked": seconds the call after
 opt.step() blocked the loop per window, "waited": the part of it spent waiting for collectives
 (stats.wait_seconds), and the bytes each rank sent per step as the interface counters saw them
-(frames: with Ethernet/IP/TCP headers, ~3.5% over the payload at MTU 1500, plus the ACKs of
-what it received) against bytes_per_step(). raw_* report the share of the link rate their
+(frames: with their Ethernet/IP/TCP headers, one set per GSO segment, plus the ACKs of what
+it received; measured 0.2-5% over the payload) against bytes_per_step(). raw_* report the share of the link rate their
 payload used.
 
     python -m easgd_ext.bench link                              # world 2, 100mbit, ResNet-18
