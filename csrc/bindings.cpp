@@ -156,19 +156,20 @@ void bind_prepare(py::module_& p) {
 
   p.def("outer_apply", [](Ref x, Ref center, Ref momentum, Ref reduced, double alpha, double lr, double mu,
                           double nesterov, double pull_to_new, double normalize, const GuardRefs* guard,
-                          OptRef nonfinite, OptRef keep) {
+                          OptRef nonfinite, OptRef keep, std::optional<double> pull) {
     const Call c = keep ? Call({&x, &center, &momentum, &reduced, keep}) : Call({&x, &center, &momentum, &reduced});
     const int flags = (nesterov != 0 ? kNesterov : 0) | (pull_to_new != 0 ? kPullNew : 0) |
                       (normalize != 0 ? kNormalize : 0);
     return c.launch(OuterApplyArgs{c.param(x), c.center(center), c.center(momentum), c.param(reduced),
                                    finite_scalar("alpha", alpha), finite_scalar("lr", lr), finite_scalar("mu", mu),
                                    flags, c.guard(guard, reduced), c.flag(nonfinite),
-                                   keep ? c.like(*keep, reduced) : Buf{}}, x.numel);
+                                   keep ? c.like(*keep, reduced) : Buf{},
+                                   finite_scalar("pull", pull.value_or(alpha))}, x.numel);
   }, py::arg("x"), py::arg("center"), py::arg("momentum"), py::arg("reduced"), py::arg("alpha"), py::arg("lr"),
   py::arg("mu"), py::arg("nesterov"), py::arg("pull_to_new"), py::arg("normalize") = 0.0, guard_arg(),
-  nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
+  nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr), py::arg("pull") = py::none(),
   "An outer (Nesterov) momentum step on the center from the all-reduced elastic differences; x "
-  "pulled towards the old center, or the new one.");
+  "pulled towards the old center, or by `pull` (default alpha) towards the new one.");
 
   p.def("async_exchange", [](Ref x, Ref center, double alpha) {
     const Call c({&x, &center});
@@ -230,7 +231,11 @@ void bind_prepare(py::module_& p) {
 
   p.def("quantized_send", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref records, int world, double alpha,
                              OptRef nonfinite, OptRef keep, int bits) {
-    if ((center == nullptr) == (x_last == nullptr)) throw py::value_error("give center (EASGD) or x_last (DOWNPOUR)");
+    if (center != nullptr && x_last != nullptr) {
+      throw py::value_error("give center (EASGD), x_last (DOWNPOUR) or neither (x is the contribution)");
+    }
+    const bool given = center == nullptr && x_last == nullptr;
+    if (given && x.dtype != "float32") throw py::type_error("x, the contribution, must be float32, got " + x.dtype);
     std::vector<const TensorRef*> data{&x, &residual};
     if (center) data.push_back(center);
     if (x_last) data.push_back(x_last);
@@ -245,13 +250,14 @@ void bind_prepare(py::module_& p) {
     if (keep) a.keep = c.center(*keep).as<float>();
     a.records = bytes_pointer(records, world * l.record, c.exec(), data);
     a.layout = l;
-    a.rule = center ? QuantRule::elastic : QuantRule::downpour;
+    a.rule = center ? QuantRule::elastic : x_last ? QuantRule::downpour : QuantRule::given;
     a.alpha = finite_scalar("alpha", alpha);
     a.nonfinite = c.flag(nonfinite);
     return c.launch(a, x.numel);
   }, py::arg("x"), py::arg("center"), py::arg("x_last"), py::arg("residual"), py::arg("records"), py::arg("world"),
   py::arg("alpha") = 1.0, nonfinite_arg(), py::arg("keep") = static_cast<OptRef>(nullptr), py::arg("bits") = 8,
-  "v = d + residual (d = alpha (x - center), or x - x_last), block-quantized into the world records.");
+  "v = d + residual (d = alpha (x - center), x - x_last, or x itself with neither), block-quantized into "
+  "the world records.");
 
   p.def("publish_records", [](Ref records, int64_t n, int world, Ref me_bad, int bits) {
     const QuantLayout l = layout_of(n, world, bits);
@@ -282,22 +288,27 @@ void bind_prepare(py::module_& p) {
 
   p.def("quantized_apply", [](Ref x, OptRef center, OptRef x_last, Ref residual, Ref sent, Ref gathered, int world,
                               double alpha, const GuardRefs* guard, OptRef keep, int bits) {
-    if (center == nullptr) throw py::value_error("the quantized apply needs the center");
-    std::vector<const TensorRef*> data{&x, &residual, center};
+    const bool given = center == nullptr;  // x receives the de-quantized sum; d is keep
+    if (given && (x_last != nullptr || keep == nullptr)) {
+      throw py::value_error("without a center, give keep (the contribution as sent) and no x_last");
+    }
+    if (given && x.dtype != "float32") throw py::type_error("x, the sum's buffer, must be float32, got " + x.dtype);
+    std::vector<const TensorRef*> data{&x, &residual};
+    if (center) data.push_back(center);
     if (x_last) data.push_back(x_last);
     if (keep) data.push_back(keep);
     const Call c(data);
     const QuantLayout l = layout_of(x.numel, world, bits);
     QuantizedApplyArgs a;
     a.x = c.param(x).ptr; a.x_dtype = float_dtype(x);
-    a.center = c.center(*center).as<float>();
+    if (center) a.center = c.center(*center).as<float>();
     if (x_last) a.x_last = c.like(*x_last, x).ptr;
     a.residual = c.center(residual).as<float>();
     if (keep) a.keep = c.center(*keep).as<float>();
     a.sent = bytes_pointer(sent, world * l.record, c.exec(), data);
     a.gathered = bytes_pointer(gathered, world * l.record, c.exec(), data);
     a.layout = l;
-    a.rule = x_last ? QuantRule::downpour : QuantRule::elastic;
+    a.rule = given ? QuantRule::given : x_last ? QuantRule::downpour : QuantRule::elastic;
     a.alpha = finite_scalar("alpha", alpha);
     if (guard != nullptr) {
       a.me_bad = c.flag(&guard->me_bad);
@@ -309,7 +320,7 @@ void bind_prepare(py::module_& p) {
   py::arg("world"), py::arg("alpha") = 1.0, guard_arg(), py::arg("keep") = static_cast<OptRef>(nullptr),
   py::arg("bits") = 8,
   "S = deq(gathered); residual += d - deq(sent); EASGD: x -= d, center += S; DOWNPOUR: center += S, "
-  "x = x_last = center. Guarded by the count in the gathered header.");
+  "x = x_last = center; no center: x = S (d = keep). Guarded by the count in the gathered header.");
 
   p.def("zero", [](Ref t) {
     const Call c({&t});

@@ -196,14 +196,16 @@ template <typename X, typename W, bool Keep = false> struct SyncApply {
 // After the all-reduce of d = alpha (x - c) (ElasticDifference): g = sum (times world / healthy
 // ranks with kNormalize, the mean's correction when flagged ranks sent nothing); m = mu m + g;
 // c += lr (Nesterov: g + mu m; else m); x -= d (the pull of EASGD, towards the old center) or,
-// with kPullNew, x -= alpha (x - c_new) (alpha = 1: x = c_new exactly, DiLoCo's reset). With
-// mu = 0 and lr = 1 it stores bit for bit what SyncApply stores. A non-finite sum element leaves
-// x, c and m alone there; a reset rank takes the new center.
+// with kPullNew, x -= pull (x - c_new) (pull = 1: x = c_new exactly, DiLoCo's reset). With
+// kPullNew and a delayed apply (Keep: d as sent k steps ago), x -= pull (d - (c_new - c)): the
+// worker keeps the progress it made since the send and moves by pull times the center's move
+// it has not seen. With mu = 0 and lr = 1 it stores bit for bit what SyncApply stores. A
+// non-finite sum element leaves x, c and m alone there; a reset rank takes the new center.
 enum OuterFlags : int { kNesterov = 1, kPullNew = 2, kNormalize = 4 };
 
 template <typename X, typename W, bool Keep = false> struct OuterApply {
   X* x; float* c; float* m; const W* reduced; float alpha, lr, mu; int flags; Guard guard;
-  float* nonfinite; const W* keep = nullptr;
+  float* nonfinite; const W* keep = nullptr; float pull = 1.f;
 
   template <int V> struct Regs { Vec<X, V> x; Vec<float, V> c; Vec<float, V> m; Vec<W, V> s; Vec<W, V> d; };
   EASGD_HD Decision decide() const {
@@ -223,7 +225,7 @@ template <typename X, typename W, bool Keep = false> struct OuterApply {
     // Both sides of every choice computed and selected by masks: no branch in the loop, so
     // the CPU loops vectorize (the choices are the same for a whole launch).
     const bool nesterov = (flags & kNesterov) != 0, pull_new = (flags & kPullNew) != 0;
-    const bool full_pull = alpha == 1.f;
+    const bool full_pull = pull == 1.f;
     bool bad = false;
     EASGD_UNROLL for (int k = 0; k < V; ++k) {
       const float xf = to_float(r.x.v[k]);
@@ -239,7 +241,9 @@ template <typename X, typename W, bool Keep = false> struct OuterApply {
       float d;
       if constexpr (Keep) d = to_float(r.d.v[k]);
       else d = to_float(from_float<W>(alpha * (xf - cf)));
-      const float towards_new = select(full_pull, c_new, xf - alpha * (xf - c_new));
+      float towards_new;
+      if constexpr (Keep) towards_new = xf - pull * (d - (c_new - cf));
+      else towards_new = select(full_pull, c_new, xf - pull * (xf - c_new));
       const float pulled = select(pull_new, towards_new, xf - d);
       r.x.v[k] = from_float<X>(select(dec.reset, c_out, select(skip, xf, pulled)));
       r.c.v[k] = c_out;

@@ -61,13 +61,13 @@ struct SyncApplyArgs {
 
 struct OuterApplyArgs {
   Buf x, center, momentum, reduced; float alpha = 0.f, lr = 1.f, mu = 0.f; int flags = 0; Guard guard;
-  float* nonfinite = nullptr; Buf keep;
+  float* nonfinite = nullptr; Buf keep; float pull = 1.f;
   DType x_dtype() const { return x.dtype; }
   DType wire_dtype() const { return reduced.dtype; }
   bool kept() const { return keep.ptr != nullptr; }
   template <typename X, typename W, bool Keep> auto functor() const {
     return OuterApply<X, W, Keep>{x.as<X>(), center.as<float>(), momentum.as<float>(), reduced.as<W>(), alpha,
-                                  lr, mu, flags, guard, nonfinite, keep.as<W>()};
+                                  lr, mu, flags, guard, nonfinite, keep.as<W>(), pull};
   }
 };
 

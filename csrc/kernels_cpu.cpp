@@ -159,7 +159,8 @@ bool quantized_send(const QuantizedSendArgs& a, int num_threads) {
     for (int64_t k = 0; k < len; ++k) {
       float d;
       if constexpr (R == QuantRule::elastic) d = a.alpha * (to_float(xb[k]) - cb[k]);
-      else d = to_float(xb[k]) - to_float(lb[k]);
+      else if constexpr (R == QuantRule::downpour) d = to_float(xb[k]) - to_float(lb[k]);
+      else d = to_float(xb[k]);
       if constexpr (Keep) kb[k] = d;
       v[k] = d + rb[k];
       const uint32_t bits = abs_bits(v[k]);
@@ -266,14 +267,24 @@ void quantized_apply(const QuantizedApplyArgs& a, int num_threads) {
       got_q = got_levels;
       sent_q = sent_levels;
     }
+    float* __restrict__ rb = residual + begin;
+    const float* __restrict__ kb = Keep ? keep + begin : nullptr;
+    if constexpr (R == QuantRule::given) {  // the sum into x (float32) for the rule's own apply
+      if constexpr (Keep) {
+        float* __restrict__ sb = static_cast<float*>(a.x) + begin;
+        for (int64_t k = 0; k < len; ++k) {
+          rb[k] = select(reset, rb[k], (kb[k] + rb[k]) - dequantize(sent_q[k], sent_scale));
+          sb[k] = dequantize(got_q[k], got_scale);
+        }
+      }
+      continue;
+    }
     // Distinct buffers (the bindings check): restrict lets the compiler vectorize. A 16-bit x
     // goes through float scratch (one loop per conversion): with 16-bit, 8-bit and 32-bit
     // values in one loop GCC vectorizes nothing.
     X* __restrict__ xb = x + begin;
     X* __restrict__ lb = R == QuantRule::downpour ? last + begin : nullptr;
     float* __restrict__ cb = center + begin;
-    float* __restrict__ rb = residual + begin;
-    const float* __restrict__ kb = Keep ? keep + begin : nullptr;
     float xf[kQuantBlock], lf[kQuantBlock], xn[kQuantBlock];
     for (int64_t k = 0; k < len; ++k) xf[k] = to_float(xb[k]);
     if constexpr (R == QuantRule::downpour && !Keep) {
@@ -309,7 +320,8 @@ template <typename A, typename F> void for_rule(const A& a, F&& f) {
       });
     };
     if (a.rule == QuantRule::elastic) with_keep(std::integral_constant<int, 0>{});
-    else with_keep(std::integral_constant<int, 1>{});
+    else if (a.rule == QuantRule::downpour) with_keep(std::integral_constant<int, 1>{});
+    else with_keep(std::integral_constant<int, 2>{});
   });
 }
 

@@ -181,14 +181,15 @@ __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendA
   for (int k = 0; k < kPerLane; ++k) {  // loads first
     const bool in = first + k < len;
     xf[k] = in ? to_float(x[k]) : 0.f;
-    other[k] = in ? (R == QuantRule::elastic ? c[k] : to_float(last[k])) : 0.f;
+    other[k] = in && R != QuantRule::given ? (R == QuantRule::elastic ? c[k] : to_float(last[k])) : 0.f;
     rf[k] = in ? r[k] : 0.f;
   }
   float v[kPerLane];
   uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    const float d = R == QuantRule::elastic ? a.alpha * (xf[k] - other[k]) : xf[k] - other[k];
+    const float d = R == QuantRule::elastic ? a.alpha * (xf[k] - other[k])
+                    : R == QuantRule::downpour ? xf[k] - other[k] : xf[k];
     if (a.keep != nullptr && first + k < len) a.keep[begin + first + k] = d;
     v[k] = first + k < len ? d + rf[k] : 0.f;
     m = max(m, abs_bits(v[k]));
@@ -282,12 +283,29 @@ __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedAppl
   const float got_scale = l.scales(got)[p.block], sent_scale = l.scales(sent)[p.block];
   X* __restrict__ x = static_cast<X*>(a.x) + i0;
   X* __restrict__ last = R == QuantRule::downpour ? static_cast<X*>(a.x_last) + i0 : nullptr;
-  float* __restrict__ c = a.center + i0;
   float* __restrict__ r = a.residual + i0;
   const float* __restrict__ keep = a.keep != nullptr ? a.keep + i0 : nullptr;
   int8_t got_q[kPerLane], sent_q[kPerLane];
   load_lane<Bits>(got + l.q_offset() + l.q_byte(p.index + first), got_q);
   load_lane<Bits>(sent + l.q_offset() + l.q_byte(p.index + first), sent_q);
+  if constexpr (R == QuantRule::given) {  // the sum into x (float32) for the rule's own apply
+    float kf[kPerLane], rf[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {  // loads first
+      if (first + k >= len) continue;
+      kf[k] = keep[k];
+      rf[k] = r[k];
+    }
+    float* __restrict__ s = reinterpret_cast<float*>(x);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      if (first + k >= len) continue;
+      r[k] = select(reset, rf[k], (kf[k] + rf[k]) - dequantize(sent_q[k], sent_scale));
+      s[k] = dequantize(got_q[k], got_scale);
+    }
+    return;
+  }
+  float* __restrict__ c = a.center + i0;
   float xf[kPerLane], cf[kPerLane], rf[kPerLane], d[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {  // loads first
@@ -319,7 +337,8 @@ template <typename A, typename F> void with_rule(const A& a, F&& f) {
   dispatch_dtype(a.x_dtype, [&](auto xt) {
     with_bits(a.layout.bits, [&](auto bits) {
       if (a.rule == QuantRule::elastic) f(std::integral_constant<int, 0>{}, xt, bits);
-      else f(std::integral_constant<int, 1>{}, xt, bits);
+      else if (a.rule == QuantRule::downpour) f(std::integral_constant<int, 1>{}, xt, bits);
+      else f(std::integral_constant<int, 2>{}, xt, bits);
     });
   });
 }

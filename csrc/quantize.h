@@ -154,12 +154,16 @@ EASGD_HD int8_t quantize_level(float v, float inv) {
   return quantize(v, inv, quant_clamp(Bits));
 }
 
-// What an 8-bit exchange sends and takes, by rule: EASGD's d = alpha (x - c) (x then loses d),
-// or DOWNPOUR's v = x - x_last (x and x_last then take the new center).
-enum class QuantRule : int { elastic = 0, downpour = 1 };
+// Where a quantized exchange's contribution comes from. `given`: any rule's, computed by the rule
+// itself into a float32 buffer (x); the apply then de-quantizes the owners' sum into that buffer
+// (x again) for the rule's own apply, and feeds the residual back from keep (the contribution as
+// sent). `elastic` and `downpour` are fused specializations of it for two rules, which compute
+// and apply in the same pass: EASGD's d = alpha (x - c) (x then loses d), DOWNPOUR's
+// v = x - x_last (x and x_last then take the new center).
+enum class QuantRule : int { elastic = 0, downpour = 1, given = 2 };
 
 // Sends (per block): v = d + residual; quantize into record (owner, block); d kept for a
-// delayed apply where `keep` is given. Reports a non-finite v.
+// delayed apply where `keep` is given. Reports a non-finite v. `given`: d = x (float32).
 struct QuantizedSendArgs {
   const void* x = nullptr; DType x_dtype = DType::f32;
   const float* center = nullptr;       // elastic
@@ -193,7 +197,8 @@ struct QuantizedReduceArgs {
 
 // Applies (per element): S = deq(gathered); d = keep or recomputed; the worker's residual
 // becomes d + residual - deq(what it sent); EASGD: x -= d, c += S; DOWNPOUR: c += S,
-// x = x_last = c. Guarded by the verdict in the gathered header like the float apply.
+// x = x_last = c; `given`: x (float32) = S, d = keep, no center. Guarded by the verdict in the
+// gathered header like the float apply.
 struct QuantizedApplyArgs {
   void* x = nullptr; DType x_dtype = DType::f32;
   float* center = nullptr;

@@ -39,7 +39,8 @@ def run(rank: int, world: int, make: str, kwargs: dict, steps: int, path: str = 
         local_step(params, rank, t)
         avg.step()
     out = {"x": avg.flat_parameters()[0].clone(), "center": avg.center_state()[0].clone(),
-           "state": avg.state_dict()}
+           "state": avg.state_dict(),
+           "plans": [(p.offset, [(q.start, q.end) for q in p.pieces]) for p in avg._center.plans]}
     os.environ.pop(KERNELS_ENV)
     return out
 
@@ -99,9 +100,70 @@ def test_diloco_matches_a_float64_reference_to_float32_rounding(nesterov):
         assert ((out["x"].double() - workers[rank]).abs() <= 2e-5 * scale).all()
 
 
+def streaming_diloco_reference(world: int, steps: int, plans: list, delay: int, mix: float,
+                               lr: float, mu: float):
+    """Streaming DiLoCo (Douillard et al., 2025) in float64, as this package defines its merge:
+    fragment j is sent at its phase t (each worker's values then, ``sent``); at t + delay the
+    pseudo-gradient ``theta - mean_i sent_i`` takes an outer Nesterov step, and each worker
+    becomes ``mix x + (1 - mix) (theta_new + x - sent)``: the new center plus the progress it
+    made since its send, mixed with itself."""
+    from easgd_ext.flat_params import flatten
+
+    def noise(rank: int, t: int) -> torch.Tensor:
+        zeros = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+        flat = flatten(zeros)[0].flat
+        local_step(zeros, rank, t)
+        return flat.double()
+
+    theta = flatten(make_params())[0].flat.double()
+    workers = [theta.clone() for _ in range(world)]
+    velocity = torch.zeros_like(theta)
+    pending: list = []
+
+    def complete(t: int) -> None:
+        for item in [p for p in pending if p[0] <= t]:
+            _, ranges, sent = item
+            for k, (a, b) in enumerate(ranges):
+                delta = theta[a:b] - sum(sent[r][k] for r in range(world)) / world
+                velocity[a:b] = mu * velocity[a:b] + delta
+                new = theta[a:b] - lr * (delta + mu * velocity[a:b])
+                for r in range(world):
+                    x = workers[r][a:b]
+                    workers[r][a:b] = mix * x + (1 - mix) * (new + x - sent[r][k])
+                theta[a:b] = new
+            pending.remove(item)
+
+    for t in range(1, steps + 1):
+        for rank in range(world):
+            workers[rank] += noise(rank, t)
+        complete(t)
+        for offset, ranges in plans:
+            if (t - offset) % TAU == 0:
+                pending.append((t + delay, ranges, [[workers[r][a:b].clone() for a, b in ranges]
+                                                    for r in range(world)]))
+        complete(t)
+    return workers, theta
+
+
+@pytest.mark.parametrize("fragments,delay,mix", [(1, 0, 0.5), (3, 1, 0.0), (3, 2, 0.5), (1, 2, 0.0)])
+def test_streaming_diloco_matches_a_float64_reference(fragments, delay, mix):
+    world, steps, lr, mu = 3, 20, 0.7, 0.9
+    kwargs = {"fragments": fragments, "delay": delay, "fragment_update_alpha": mix}
+    outs = values(run_ranks(world, run, "diloco", kwargs, steps))
+    workers, theta = streaming_diloco_reference(world, steps, outs[0]["plans"], delay, mix, lr, mu)
+    for rank, out in enumerate(outs):
+        assert torch.equal(out["center"], outs[0]["center"])
+        scale = theta.abs() + 1
+        assert ((out["center"].double() - theta).abs() <= 2e-5 * scale).all()
+        assert ((out["x"].double() - workers[rank]).abs() <= 2e-5 * scale).all()
+    assert outs[0]["state"]["settings"].get("fragment_update_alpha", 0.0) == mix
+
+
 @pytest.mark.parametrize("make,kwargs", [
     ("elastic", {"outer_lr": 0.8, "outer_momentum": 0.5, "nesterov": True}),
     ("diloco", {}),
+    ("diloco", {"fragments": 3, "delay": 2, "fragment_update_alpha": 0.25}),
+    ("diloco", {"fragment_update_alpha": 0.25}),
 ])
 def test_the_outer_kernel_equals_its_torch_path_bit_for_bit(make, kwargs):
     first, second = (make, kwargs, 14, "fused"), (make, kwargs, 14, "torch")
@@ -141,9 +203,12 @@ def test_arguments_of_the_outer_optimizer_are_checked():
         easgd_ext.DiLoCoAverager(make_params(), mode="async")
     with pytest.raises(ValueError, match="ElasticAverager has no mode='async': an outer optimizer"):
         easgd_ext.ElasticAverager(make_params(), mode="async", outer_momentum=0.5)
-    with pytest.raises(ValueError, match="delay=1: DiLoCoAverager cannot apply"):
-        easgd_ext.DiLoCoAverager(make_params(), tau=4, delay=1)
-    with pytest.raises(ValueError, match="DiLoCoAverager has no quantized wire"):
-        easgd_ext.DiLoCoAverager(make_params(), comm_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"fragment_update_alpha must be in \[0, 1\]"):
+        easgd_ext.DiLoCoAverager(make_params(), fragment_update_alpha=1.5)
+    with pytest.raises(TypeError, match="fragment_update_alpha must be a real number, got str"):
+        easgd_ext.DiLoCoAverager(make_params(), fragment_update_alpha="0.5")
+    with pytest.raises(ValueError, match=r"delay must be in \[0, tau\) = \[0, 4\)"):
+        easgd_ext.DiLoCoAverager(make_params(), tau=4, delay=4)
+    easgd_ext.DiLoCoAverager(make_params(), tau=4, delay=1)  # Streaming DiLoCo's overlap
     # With the pull towards the old center, a delayed outer step is fine.
     easgd_ext.ElasticAverager(make_params(), tau=4, delay=1, outer_momentum=0.5)

@@ -274,8 +274,9 @@ def test_byte_buffers_are_checked():
     with pytest.raises(TypeError, match="records must be uint8"):
         native.prepare.quantized_send(tensor_ref("x", x), tensor_ref("center", c), None, tensor_ref("residual", r),
                                       tensor_ref("records", torch.zeros(2 * record)), 2, 0.3)
-    with pytest.raises(ValueError, match="give center"):
-        native.prepare.quantized_send(tensor_ref("x", x), None, None, tensor_ref("residual", r),
+    with pytest.raises(ValueError, match="give center .EASGD., x_last .DOWNPOUR. or neither"):
+        native.prepare.quantized_send(tensor_ref("x", x), tensor_ref("center", c), tensor_ref("x_last", x),
+                                      tensor_ref("residual", r),
                                       tensor_ref("records", torch.zeros(2 * record, dtype=torch.uint8)), 2, 0.3)
 
 

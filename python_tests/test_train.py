@@ -30,7 +30,7 @@ from easgd_ext import data, train
     (["--data-root", "/tmp"], "--data-root applies to --dataset cifar10"),
     (["--fragments", "0"], "--fragments must be at least 1"),
     (["--delay", "4"], "--delay must be in [0, --tau) = [0, 4)"),
-    (["--delay", "1", "--algo", "downpour"], "--delay 1 applies to easgd and eamsgd"),
+    (["--delay", "1", "--algo", "downpour"], "--delay 1 applies to easgd, eamsgd and diloco"),
     (["--comm-dtype", "int8", "--algo", "average"], "'average' sends the parameters"),
     (["--mode", "async", "--comm-dtype", "bfloat16"], "--comm-dtype applies to --mode sync"),
 ])
@@ -208,6 +208,17 @@ def test_simulated_workers_train_in_one_process(tmp_path, capsys):
     # two fragments every tau = 4 steps; sync-sgd all-reduces its gradients every step
     assert results["eamsgd"]["exchanges"] == 2 * 40 // 4 and results["sync-sgd"]["exchanges"] == 40
     assert "3 workers (sync)" in capsys.readouterr().out
+
+
+def test_streaming_diloco_on_the_4bit_wire_trains_on_request(tmp_path):
+    assert "diloco" not in train.parse_args([]).algos  # the default set is the paper's methods
+    out = tmp_path / "diloco.json"
+    assert train.main(["--simulate", "--workers", "2", "--algo", "diloco", "--steps", "40",
+                       "--eval-every", "20", "--fragments", "2", "--delay", "1", "--comm-dtype", "int4",
+                       "--json", str(out), "--plot", str(tmp_path / "d.png")]) == 0
+    result = json.loads(out.read_text())["results"][0]
+    assert result["algo"] == "diloco" and result["exchanges"] == 2 * 40 // 4
+    assert result["test_error"][-1] < 0.8  # it learned (chance is 0.9)
 
 
 def test_simulate_is_sync_only():

@@ -120,12 +120,17 @@ class SyncRule:
 
     ``keep`` (given where the sum is applied steps after the send, ``delay > 0``, by rules that
     allow it: ``supports_delay``) holds, in the wire's dtype, what the send computed for the
-    apply to use then. ``quantized_send``/``quantized_apply`` are the rule's quantized wire,
-    ``bits`` (8, 4 or 2) a value (``None``: it has none)."""
+    apply to use then.
+
+    The quantized wires (8, 4 or 2 bits a value, with error feedback) carry any rule whose
+    contribution is a difference (``quantizable``): the wire quantizes what ``send`` writes into
+    a float32 buffer, and hands ``apply`` the de-quantized sum. ``quantized_send`` and
+    ``quantized_apply`` are optional fused kernels doing all of it in one pass (``None``: the
+    rule has none, and the wire goes around its float steps)."""
 
     supports_delay: bool = False
-    quantizable: ClassVar[bool] = False      # has the quantized wire (quantized_send/apply)
-    no_int8: ClassVar[str] = "its quantized kernels are not written yet"
+    quantizable: ClassVar[bool] = True       # its contribution is a difference the wire may quantize
+    no_int8: ClassVar[str] = ""              # why not, where it is not
 
     def send(self, piece: Piece, wire: torch.Tensor, me_bad: torch.Tensor,
              keep: torch.Tensor | None = None) -> Step | None:
@@ -296,17 +301,26 @@ class OuterSync(ElasticSync):
     """EASGD's wire, ``d = alpha (x - c)``; then an outer (Nesterov) momentum step on the center
     from the sum: ``g = sum`` (``normalize``: over the ranks that sent), ``m = mu m + g``,
     ``c += lr (g + mu m)`` (Nesterov) or ``lr m``; the worker pulled by ``d`` towards the old
-    center, or with ``pull_to_new`` by ``alpha (x - c_new)`` (``alpha = 1``: reset to it)."""
+    center, or with ``pull_to_new`` by ``pull (x - c_new)`` (``pull = 1``: reset to it). A
+    delayed apply with ``pull_to_new`` keeps the worker's progress since the send: ``x -= pull
+    (d - (c_new - c))``, the part of the center's move the worker has not made."""
 
-    quantizable = False
-    no_int8 = "the outer step's quantized apply is not written yet"
+    supports_delay = True
 
     def __init__(self, alpha: float, lr: float, mu: float, nesterov: bool, pull_to_new: bool,
-                 normalize: bool) -> None:
+                 normalize: bool, pull: float | None = None) -> None:
         super().__init__(alpha)
         self.lr, self.mu, self.nesterov = lr, mu, nesterov
         self.pull_to_new, self.normalize = pull_to_new, normalize
-        self.supports_delay = not pull_to_new  # a reset to the new center discards later steps
+        self.pull = alpha if pull is None else pull
+
+    # EASGD's fused quantized kernels apply EASGD's step: the quantized wires go around this
+    # rule's float send and apply instead.
+    def quantized_send(self, piece, residual, records, world, me_bad, keep, bits=8):
+        return None
+
+    def quantized_apply(self, piece, residual, sent, gathered, world, verdict, keep, bits=8):
+        return None
 
     def apply(self, piece, reduced, verdict, keep=None):
         return native.prepare.outer_apply(
@@ -315,7 +329,7 @@ class OuterSync(ElasticSync):
             nesterov=float(self.nesterov), pull_to_new=float(self.pull_to_new),
             normalize=float(self.normalize), guard=verdict.native(),
             nonfinite=tensor_ref("overflow", verdict.overflow),
-            keep=None if keep is None else tensor_ref("keep", keep))
+            keep=None if keep is None else tensor_ref("keep", keep), pull=self.pull)
 
     def apply_torch(self, piece, reduced, verdict, keep=None):
         x, c, m = piece.x, piece.buffer("center"), piece.buffer("momentum")
@@ -332,8 +346,10 @@ class OuterSync(ElasticSync):
         m_new = self.mu * m + g
         step = g + self.mu * m_new if self.nesterov else m_new
         c_new = c + self.lr * step
-        if self.pull_to_new:
-            pulled = c_new if self.alpha == 1.0 else xf - self.alpha * (xf - c_new)
+        if self.pull_to_new and keep is not None:
+            pulled = xf - self.pull * (keep.float() - (c_new - c))
+        elif self.pull_to_new:
+            pulled = c_new if self.pull == 1.0 else xf - self.pull * (xf - c_new)
         else:
             d = (keep if keep is not None else self._difference(piece, reduced.dtype)).float()
             pulled = xf - d
@@ -370,21 +386,27 @@ class DiLoCo(Algorithm):
     """DiLoCo (Douillard et al., 2023): every tau steps the pseudo-gradient ``center - mean_i
     x_i``, an outer (Nesterov) momentum step on the center, every worker reset to the new
     center. The elastic family's other corner: EASGD's wire with ``alpha = 1`` and the outer
-    step scaled by ``1 / p``, every worker pulled all the way to the new center."""
+    step scaled by ``1 / p``, every worker pulled all the way to the new center, or with
+    ``update_alpha = a`` to ``a x + (1 - a) c_new`` (Streaming DiLoCo's mixing)."""
 
     name = "diloco"
     center_buffers = ("momentum",)
     sync_only = "DiLoCo averages every worker's pseudo-gradient; use mode='sync'"
 
-    def __init__(self, workers: int, outer_lr: float, outer_momentum: float, nesterov: bool) -> None:
+    def __init__(self, workers: int, outer_lr: float, outer_momentum: float, nesterov: bool,
+                 update_alpha: float = 0.0) -> None:
         self.outer_lr, self.outer_momentum, self.nesterov = outer_lr, outer_momentum, nesterov
+        self.update_alpha = update_alpha
         # sum_i (x_i - c) = -p (c - mean x): the outer step on the mean is lr / p on the sum
         self.sync = OuterSync(1.0, outer_lr / workers, outer_momentum, nesterov, pull_to_new=True,
-                              normalize=True)
+                              normalize=True, pull=1.0 - update_alpha)
 
     def settings(self) -> dict[str, Any]:
-        return {"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
-                "nesterov": self.nesterov}
+        settings = {"outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                    "nesterov": self.nesterov}
+        if self.update_alpha:  # absent at 0: checkpoints from before it existed still match
+            settings["fragment_update_alpha"] = self.update_alpha
+        return settings
 
 
 # ---- DOWNPOUR ------------------------------------------------------------------------------------
@@ -472,8 +494,9 @@ class Downpour(Algorithm):
 class AveragingSync(SyncRule):
     """``x`` on the wire; then ``x = sum / healthy ranks``."""
 
-    no_int8 = ("8 bits quantize differences; averaging sends the parameters themselves, which "
-               "8 bits cannot carry")
+    quantizable = False
+    no_int8 = ("the quantized wires carry differences; averaging sends the parameters themselves, "
+               "which 8 bits and fewer cannot carry")
 
     def send(self, piece, wire, me_bad, keep=None):
         return native.prepare.average_send(**_refs(x=piece.x, wire=wire, nonfinite=me_bad))

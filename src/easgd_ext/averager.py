@@ -27,9 +27,8 @@ from .state import check_counter, check_finite_buffers, check_stats
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
                        DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
                        check_delay, check_exchange_timeout, check_fragments, check_lock_timeout,
-                       check_mode, check_on_nonfinite,
-                       check_outer, check_tau, dtype_name, elastic_rates, kernel_path,
-                       quant_bits, reject_other_mode_arguments)
+                       check_mode, check_on_nonfinite, check_outer, check_tau, check_update_alpha,
+                       dtype_name, elastic_rates, kernel_path, quant_bits, reject_other_mode_arguments)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
 
@@ -120,7 +119,8 @@ class Averager:
             if config.delay and not algorithm.sync.supports_delay:
                 raise ValueError(f"delay={config.delay}: {type(self).__name__} cannot apply a sum "
                                  "steps after its send (its pull would discard the steps taken "
-                                 "since); use delay=0, or ElasticAverager, whose pull keeps them")
+                                 "since); use delay=0, or ElasticAverager or DiLoCoAverager, "
+                                 "whose pulls keep them")
             if quant_bits(config.comm_dtype) and not algorithm.sync.quantizable:
                 raise ValueError(f"comm_dtype={config.comm_dtype}: {type(self).__name__} has no "
                                  f"quantized wire ({algorithm.sync.no_int8}); use torch.bfloat16")
@@ -745,11 +745,22 @@ class DiLoCoAverager(Averager):
     ``outer_momentum=0.9``, Nesterov, an inner AdamW, ``tau = 500``.
 
     It is the corner of :class:`ElasticAverager`'s outer-optimizer family where the workers are
-    pulled all the way to the new center (the same fused kernels). Synchronous only; no
-    ``delay`` (the reset would discard the steps taken since the send) and no 8-bit wire yet.
-    Other arguments are those of :class:`ElasticAverager`; a worker that diverged sends
-    nothing and the mean is over the others (``on_nonfinite="reset"``). The momentum is float32
-    beside the center and saved in ``state_dict()``.
+    pulled all the way to the new center (the same fused kernels). Synchronous only. Every wire:
+    float, bfloat16/float16, and int8/int4/int2 with error feedback. Other arguments are those
+    of :class:`ElasticAverager`; a worker that diverged sends nothing and the mean is over the
+    others (``on_nonfinite="reset"``). The momentum is float32 beside the center and saved in
+    ``state_dict()``.
+
+    Streaming DiLoCo (Douillard et al., 2025): ``fragments=F`` sends one fragment of the model
+    every ``tau / F`` steps; ``delay=k`` (``0 <= k < tau``) applies a fragment's outer step k
+    steps after its send, its collective overlapping the k local steps in between.
+    ``fragment_update_alpha=a`` (``0 <= a <= 1``) mixes the worker in: at the apply, with ``x``
+    the worker now, ``x_sent`` what it sent and ``c_new`` the new center,
+    ``x <- a x + (1 - a) (c_new + x - x_sent)``. Without a delay (``x = x_sent``) that is
+    torchft's ``fragment_update_alpha`` exactly (``a = 0``: every worker reset to the center).
+    With a delay ours differs: the progress ``x - x_sent`` made during the k steps is kept,
+    where torchft (``fragment_sync_delay``) mixes ``a x + (1 - a) c_new`` and so discards it at
+    ``a = 0``.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, outer_lr: float = 0.7,
@@ -757,9 +768,10 @@ class DiLoCoAverager(Averager):
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
                  bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
-                 delay: int = 0) -> None:
+                 delay: int = 0, fragment_update_alpha: float = 0.0) -> None:
         lr, mu, nesterov_ = check_outer(outer_lr, outer_momentum, nesterov) or (outer_lr, outer_momentum, nesterov)
-        super().__init__(params, lambda workers: DiLoCo(workers, lr, mu, nesterov_), tau=tau,
+        mix = check_update_alpha(fragment_update_alpha)
+        super().__init__(params, lambda workers: DiLoCo(workers, lr, mu, nesterov_, mix), tau=tau,
                          mode=mode, process_group=process_group, comm_dtype=comm_dtype,
                          bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
                          lock_timeout=None, on_nonfinite=on_nonfinite,

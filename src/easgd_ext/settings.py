@@ -96,6 +96,16 @@ def check_outer(outer_lr: object, outer_momentum: object, nesterov: object) -> t
     return None if (lr, mu, nesterov) == (1.0, 0.0, False) else (lr, mu, nesterov)
 
 
+def check_update_alpha(value: object) -> float:
+    """DiLoCo's ``fragment_update_alpha``: the worker's own weight when it takes the new center."""
+    if not _is_number(value):
+        raise TypeError(f"fragment_update_alpha must be a real number, got {type(value).__name__}")
+    if not 0 <= float(value) <= 1:  # type: ignore[arg-type]
+        raise ValueError(f"fragment_update_alpha must be in [0, 1] (the worker's weight against the "
+                         f"new center), got {value}")
+    return float(value)  # type: ignore[arg-type]
+
+
 def check_fragments(fragments: object) -> int:
     if isinstance(fragments, bool) or not isinstance(fragments, int):
         raise TypeError(f"fragments must be an int (parts of the model exchanged in turn), got "

@@ -31,11 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data
+from . import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data
 from ._launch import backend_for, join_group, launcher_rank_world, run_workers
 from .settings import QUANT_NAMES
 
-ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
+DEFAULT_ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
+ALGORITHMS = (*DEFAULT_ALGORITHMS, "diloco")  # DiLoCo (outer Nesterov step, lr 0.7): on request
+DELAYED = {"easgd", "eamsgd", "diloco", "sync-sgd"}  # their pull keeps the steps since the send
 ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")  # the paper's asynchronous methods
 DEFAULT_STEPS = 1000
 ASYNC_NOTE = "async: the center is in shared memory, nothing crosses a network"
@@ -110,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--algo", nargs="+", default=None,
                    help=f"one or more, separated by spaces or commas, from {', '.join(ALGORITHMS)} "
-                        f"(default: all of them; with --mode async: {', '.join(ASYNC_ALGORITHMS)})")
+                        f"(default: {', '.join(DEFAULT_ALGORITHMS)}; with --mode async: "
+                        f"{', '.join(ASYNC_ALGORITHMS)})")
     p.add_argument("--mode", choices=["sync", "async"], default="sync",
                    help="sync: all workers exchange together; async: each worker exchanges with "
                         "a shared-memory center on its own clock (one machine) (default: "
@@ -181,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     offered = ASYNC_ALGORITHMS if args.mode == "async" else ALGORITHMS
-    given = args.algo if args.algo is not None else list(offered)
+    given = args.algo if args.algo is not None else [a for a in offered if a in DEFAULT_ALGORITHMS]
     algos = [a.strip() for item in given for a in item.split(",") if a.strip()]
     sync_only = [a for a in algos if a in ALGORITHMS and a not in offered]
     if sync_only:
@@ -219,9 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--fragments must be at least 1, got {args.fragments}")
     if not 0 <= args.delay < args.tau:
         p.error(f"--delay must be in [0, --tau) = [0, {args.tau}), got {args.delay}")
-    if args.delay and set(args.algos) - {"easgd", "eamsgd", "sync-sgd"}:
-        p.error(f"--delay {args.delay} applies to easgd and eamsgd (whose pull keeps the steps "
-                f"taken since the send); leave out {', '.join(sorted(set(args.algos) - {'easgd', 'eamsgd', 'sync-sgd'}))} "
+    if args.delay and set(args.algos) - DELAYED:
+        p.error(f"--delay {args.delay} applies to easgd, eamsgd and diloco (whose pulls keep the "
+                f"steps taken since the send); leave out {', '.join(sorted(set(args.algos) - DELAYED))} "
                 "or use --delay 0")
     if args.comm_dtype in QUANT_NAMES and "average" in args.algos:
         p.error(f"--comm-dtype {args.comm_dtype} quantizes differences; 'average' sends the "
@@ -273,14 +276,16 @@ def steps_for(args: argparse.Namespace, train_size: int, world: int) -> int:
 
 
 def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace
-                  ) -> ElasticAverager | DownpourAverager | PeriodicAverager | None:
+                  ) -> ElasticAverager | DownpourAverager | PeriodicAverager | DiLoCoAverager | None:
     """The averager of ``algo``; ``None`` for sync-sgd, which averages gradients instead."""
     common: dict = {"tau": args.tau, "mode": args.mode}
     if args.mode == "sync":
         common["comm_dtype"] = args.comm_dtype
         common["fragments"] = args.fragments
-        if algo in ("easgd", "eamsgd"):
+        if algo in DELAYED:
             common["delay"] = args.delay
+    if algo == "diloco":
+        return DiLoCoAverager(model.parameters(), **common)
     if algo in ("easgd", "eamsgd"):
         return ElasticAverager(model.parameters(), beta=args.beta,
                                allow_unstable=args.allow_unstable, **common)
@@ -396,10 +401,13 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
         opts = [optimizer(m.parameters()) for m in models]
         grads_bytes = 2 * (world - 1) * 4 * sum(p.numel() for p in models[0].parameters()) // world
     else:
-        name = {"easgd": "easgd", "eamsgd": "easgd", "downpour": "downpour", "average": "average"}[algo]
+        name = {"easgd": "easgd", "eamsgd": "easgd", "downpour": "downpour", "average": "average",
+                "diloco": "diloco"}[algo]
         kwargs: dict[str, Any] = {"tau": args.tau, "comm_dtype": args.comm_dtype, "fragments": args.fragments}
         if name == "easgd":
-            kwargs.update(beta=args.beta, allow_unstable=args.allow_unstable, delay=args.delay)
+            kwargs.update(beta=args.beta, allow_unstable=args.allow_unstable)
+        if algo in DELAYED:
+            kwargs["delay"] = args.delay
         sim = simulate.Workers(lambda: data.make_model(args.dataset), world, averager=name,
                                make_optimizer=optimizer, device=device, **kwargs)
         models, opts = sim.models, sim.optimizers

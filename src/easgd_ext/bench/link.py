@@ -15,7 +15,10 @@ warm-up window of --tau steps, then --windows measured windows; it is freed befo
   stream_<wire>_d2  delay=2: a quantized wire's two collectives each get a step (over Gloo the
                 host starts the all-gather when it has reduced what the all-to-all brought,
                 at the step after the send; with delay=1 it then waits for it at once)
-  downpour_int8, periodic_fp32, diloco_fp32: the other averagers, one exchange every tau steps
+  downpour_int8, periodic_fp32, diloco_fp32, diloco_int8, diloco_int4: the other averagers,
+                one exchange every tau steps
+  sdiloco_<wire>[_d2]  Streaming DiLoCo: DiLoCoAverager with fragments=--fragments and delay
+                1 (or 2)
   raw_<wire>    the collectives alone, on the same bytes as that wire's whole exchange (fp32:
                 a ring all_reduce; int8/int4/int2: the all_to_all and all_gather of the records,
                 in pieces as the wire sends them over Gloo); raw_<wire>_whole: each record in
@@ -63,8 +66,9 @@ WIRES = ("fp32", "bf16", "int8", "int4", "int2")
 VARIANTS = ("local", "ddp", "pma", *(f"easgd_{w}" for w in WIRES),
             *(f"stream_{w}" for w in ("fp32", "int8", "int4", "int2")),
             *(f"stream_{w}_d2" for w in ("int8", "int4", "int2")),
-            "downpour_int8", "periodic_fp32", "diloco_fp32", "raw_fp32", "raw_int8",
-            "raw_int8_whole")
+            "downpour_int8", "periodic_fp32", "diloco_fp32", "diloco_int8", "diloco_int4",
+            "sdiloco_int8", "sdiloco_int4_d2", "raw_fp32", "raw_int8", "raw_int8_whole")
+STREAMED = ("stream_", "sdiloco_")
 RAW = ("raw_fp32", *(f"raw_{w}{whole}" for w in ("int8", "int4", "int2") for whole in ("", "_whole")))
 QUICK = {"rate": "1gbit", "world": 2, "windows": 1, "ddp_steps": 1,
          "variants": "local,easgd_fp32,easgd_int8,stream_int8,raw_fp32,raw_int8"}
@@ -93,6 +97,9 @@ def build_averager(name: str, params: Any, args: argparse.Namespace) -> Any:
         return easgd_ext.PeriodicAverager(params, tau=args.tau, comm_dtype=comm_dtype)
     if kind == "diloco":
         return easgd_ext.DiLoCoAverager(params, tau=args.tau, comm_dtype=comm_dtype)
+    if kind == "sdiloco":
+        return easgd_ext.DiLoCoAverager(params, tau=args.tau, comm_dtype=comm_dtype,
+                                        fragments=args.fragments, delay=stream_delay(name))
     raise ValueError(f"unknown variant {name!r}")
 
 
@@ -262,8 +269,8 @@ def summarize(name: str, windows: list[dict[str, float]], args: argparse.Namespa
         "window_steps": windows[0]["steps"], "windows": len(windows), "tau": args.tau,
         "world_size": world, "rate": args.rate, "rate_bits": args.rate_bits,
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
-        "fragments": args.fragments if name.startswith("stream_") else 1,
-        "delay": stream_delay(name) if name.startswith("stream_") else 0,
+        "fragments": args.fragments if name.startswith(STREAMED) else 1,
+        "delay": stream_delay(name) if name.startswith(STREAMED) else 0,
     }
     return record
 
@@ -317,7 +324,7 @@ def add_ratios(records: list[dict]) -> None:
     by_name = {r["name"]: r for r in records}
     fp32 = by_name.get("easgd_fp32")
     for r in records:
-        if fp32 and r["name"].startswith(("easgd_", "stream_")) and fp32["blocked_seconds_per_window"]:
+        if fp32 and r["name"].startswith(("easgd_", *STREAMED)) and fp32["blocked_seconds_per_window"]:
             r["blocked_vs_easgd_fp32"] = r["blocked_seconds_per_window"] / fp32["blocked_seconds_per_window"]
         if "local" in by_name and not r["name"].startswith("raw_"):
             r["vs_local_step"] = r["seconds"] / by_name["local"]["seconds"]
@@ -349,7 +356,7 @@ def print_table(records: list[dict]) -> None:
     if "blocked_vs_easgd_fp32" in by_name.get("easgd_int8", {}):
         lines.append(f"easgd_int8 blocks {by_name['easgd_int8']['blocked_vs_easgd_fp32']:.2f}x as "
                      "long per window as easgd_fp32")
-    streamed = [r for r in records if r["name"].startswith("stream_") and "vs_local_step" in r]
+    streamed = [r for r in records if r["name"].startswith(STREAMED) and "vs_local_step" in r]
     if streamed:
         best = min(streamed, key=lambda r: r["seconds"])
         lines.append(f"best streamed wire: {best['name']} at {best['vs_local_step']:.2f}x the local step")

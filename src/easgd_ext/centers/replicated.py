@@ -101,7 +101,8 @@ class ReplicatedCenter(Center):
         self._host_waits = comm.host_waits(groups[0].device)
         chunk = GLOO_WIRE_CHUNK_BYTES if self._host_waits else None
         self.wires: list[Wire] = [
-            QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits, chunk) if bits else
+            QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits, chunk,
+                          config.kernels == "torch") if bits else
             FloatWire(p, rule, comm, config.comm_dtype, config.bucket_bytes, policy,
                       self.delay > 0, config.kernels == "torch", config.verdict_groups)
             for p in self.plans]

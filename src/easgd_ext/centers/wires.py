@@ -26,6 +26,7 @@ from ..algorithms import Piece, SyncRule, Verdict
 from ..flat_params import ALIGN_ELEMENTS, bucket_ranges
 from ..settings import QUANT_BLOCK
 from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
+from . import quantize_torch
 from .fragments import FragmentPlan
 from .program import Program
 
@@ -167,14 +168,20 @@ def _plain_wait(work: Any) -> None:
 
 class QuantizedWire(Wire):
     """Block-scaled levels of ``bits`` (8, 4 or 2) with error feedback (see csrc/quantize.h):
-    each piece's ``d + residual`` quantized into one record per owner rank; an all-to-all
-    brings each owner its chunk from every rank; the owner sums them in float32 with its own
-    residual, re-quantizes, and an all-gather brings every rank every owner's record, so all
-    apply the same bytes."""
+    each piece's ``contribution + residual`` quantized into one record per owner rank; an
+    all-to-all brings each owner its chunk from every rank; the owner sums them in float32 with
+    its own residual, re-quantizes, and an all-gather brings every rank every owner's record, so
+    all apply the same bytes.
+
+    Any rule rides it: the rule writes its contribution (its float send) into a float32 buffer,
+    the wire quantizes, reduces and de-quantizes it, and the rule applies the sum (its float
+    apply). A rule with fused quantized kernels (``quantized_send``/``quantized_apply``: EASGD,
+    DOWNPOUR) does all of it in one pass instead; ``torch_path`` runs every step in torch ops
+    (:mod:`.quantize_torch`)."""
 
     def __init__(self, plan: FragmentPlan, rule: SyncRule, comm: _dist.Comm, policy: int,
                  delay: bool, residuals: dict[str, list[torch.Tensor]], bits: int,
-                 chunk_bytes: int | None = None) -> None:
+                 chunk_bytes: int | None = None, torch_path: bool = False) -> None:
         self.status = _status_vectors(plan)
         world = comm.world_size
         self._prepare, self._reduce, self._apply = Program(), Program(), Program()
@@ -190,35 +197,73 @@ class QuantizedWire(Wire):
             device = piece.group.device
             status = self.status[device]
             n = piece.end - piece.start
-            chunk, record = native.prepare.quant_layout(n, world, bits)
-            b = {"send": torch.zeros(world * record, dtype=torch.uint8, device=device),
-                 "received": torch.zeros(world * record, dtype=torch.uint8, device=device),
-                 "own": torch.zeros(record, dtype=torch.uint8, device=device),
-                 "gathered": torch.zeros(world * record, dtype=torch.uint8, device=device),
-                 "server_residual": torch.zeros(chunk, device=device)}
+            layout = quantize_torch.Layout(n, world, bits)
+            b = {"send": torch.zeros(world * layout.record, dtype=torch.uint8, device=device),
+                 "received": torch.zeros(world * layout.record, dtype=torch.uint8, device=device),
+                 "own": torch.zeros(layout.record, dtype=torch.uint8, device=device),
+                 "gathered": torch.zeros(world * layout.record, dtype=torch.uint8, device=device),
+                 "server_residual": torch.zeros(layout.chunk, device=device)}
             residuals["server_residual"].append(b["server_residual"])
-            keep = torch.zeros(n, device=device) if delay else None
-            if keep is not None:
-                b["keep"] = keep
             self.pieces.append(b)
             me_bad = status[ME_BAD:ME_BAD + 1]
             residual = piece.buffer("residual")
-            sends.append((device, rule.quantized_send(piece, residual, b["send"], world, me_bad, keep,
-                                                      bits)))
-            publishes.append((device, native.prepare.publish_records(
-                tensor_ref("records", b["send"]), n, world, tensor_ref("me_bad", me_bad), bits=bits)))
-            self._reduce.add(device, native.prepare.quantized_reduce(
-                tensor_ref("received", b["received"]), tensor_ref("own", b["own"]),
-                tensor_ref("server_residual", b["server_residual"]), n, world, policy, bits=bits))
-            verdict = _verdict(b["gathered"][:1], status, policy, world)
-            self._apply.add(device, rule.quantized_apply(piece, residual, b["send"], b["gathered"],
-                                                         world, verdict, keep, bits))
-            record_bytes += record
+            keep = torch.zeros(n, device=device) if delay else None
+            fused = None if torch_path else rule.quantized_send(piece, residual, b["send"], world, me_bad,
+                                                                  keep, bits)
+            if fused is not None:
+                if keep is not None:
+                    b["keep"] = keep
+                sends.append((device, fused))
+                verdict = _verdict(b["gathered"][:1], status, policy, world)
+                self._apply.add(device, rule.quantized_apply(piece, residual, b["send"], b["gathered"],
+                                                             world, verdict, keep, bits))
+            else:
+                self._generic(piece, b, rule, layout, residual, me_bad, status, policy, delay, torch_path,
+                              sends)
+            if torch_path:
+                publishes.append((device, torch_step(quantize_torch.publish, b["send"], layout, me_bad)))
+                self._reduce.add(device, torch_step(quantize_torch.reduce, b["received"], b["own"],
+                                                    b["server_residual"], layout, policy))
+            else:
+                publishes.append((device, native.prepare.publish_records(
+                    tensor_ref("records", b["send"]), n, world, tensor_ref("me_bad", me_bad), bits=bits)))
+                self._reduce.add(device, native.prepare.quantized_reduce(
+                    tensor_ref("received", b["received"]), tensor_ref("own", b["own"]),
+                    tensor_ref("server_residual", b["server_residual"]), n, world, policy, bits=bits))
+            record_bytes += layout.record
         for device, step in sends + publishes:
             self._prepare.add(device, step)
         # all-to-all: (p - 1) records out; all-gather: this rank's record to p - 1 ranks.
         self.bytes_sent = 2 * (world - 1) * record_bytes if comm.distributed else 0
         self._local = not comm.distributed
+
+    def _generic(self, piece: Piece, b: dict[str, torch.Tensor], rule: SyncRule, layout: "quantize_torch.Layout",
+                 residual: torch.Tensor, me_bad: torch.Tensor, status: torch.Tensor, policy: int, delay: bool,
+                 torch_path: bool, sends: list[tuple[torch.device, Any]]) -> None:
+        """The wire around the rule's float send and apply: the contribution (kept as sent, for
+        the residual and a delayed apply) and the de-quantized sum in float32 buffers."""
+        device, n, world, bits = piece.group.device, layout.n, layout.world, layout.bits
+        contribution, summed = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        # Held here: a native launch keeps only the buffers' addresses. "keep" is saved while
+        # the fragment is in flight; the sum is written and read within the apply.
+        b["keep" if delay else "contribution"], b["summed"] = contribution, summed
+        sends.append((device, _send(rule, piece, contribution, me_bad, None, torch_path)))
+        # The float apply reads the verdict from the gathered header's float32 flag.
+        verdict = _verdict(b["gathered"][:4].view(torch.float32), status, policy, world)
+        if torch_path:
+            sends.append((device, torch_step(quantize_torch.send, contribution, residual, b["send"], layout,
+                                             me_bad)))
+            self._apply.add(device, torch_step(quantize_torch.apply, summed, residual, contribution, b["send"],
+                                               b["gathered"], layout, policy, me_bad))
+        else:
+            sends.append((device, native.prepare.quantized_send(
+                tensor_ref("x", contribution), None, None, tensor_ref("residual", residual),
+                tensor_ref("records", b["send"]), world, nonfinite=tensor_ref("me_bad", me_bad), bits=bits)))
+            self._apply.add(device, native.prepare.quantized_apply(
+                tensor_ref("x", summed), None, None, tensor_ref("residual", residual), tensor_ref("sent", b["send"]),
+                tensor_ref("gathered", b["gathered"]), world, guard=verdict.native(),
+                keep=tensor_ref("keep", contribution), bits=bits))
+        self._apply.add(device, _apply(rule, piece, summed, verdict, contribution if delay else None, torch_path))
 
     def start(self, comm, capturing, wait=None):
         self._prepare()
