@@ -60,20 +60,28 @@ def test_no_outer_momentum_is_easgd_bit_for_bit():
         assert "momentum" in b["state"]["buffers"]
 
 
+def noise(rank: int, t: int) -> torch.Tensor:
+    """Worker ``rank``'s local step ``t`` in float64, in the averager's flat layout."""
+    from easgd_ext.flat_params import flatten
+
+    zeros = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    flat = flatten(zeros)[0].flat
+    local_step(zeros, rank, t)
+    return flat.double()
+
+
+def flat_start() -> torch.Tensor:
+    from easgd_ext.flat_params import flatten
+
+    return flatten(make_params())[0].flat.double()
+
+
 def diloco_reference(world: int, steps: int, lr: float, mu: float, nesterov: bool):
     """Douillard et al. (2023), Algorithm 1, in float64: each worker starts from the center
     theta, takes its inner steps; every tau steps delta = theta - mean_i theta_i, the outer
     optimizer (SGD with Nesterov momentum) steps theta with delta as its gradient, and every
     worker restarts from the new theta."""
-    from easgd_ext.flat_params import flatten
-
-    def noise(rank: int, t: int) -> torch.Tensor:
-        zeros = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-        flat = flatten(zeros)[0].flat
-        local_step(zeros, rank, t)
-        return flat.double()
-
-    theta = flatten(make_params())[0].flat.double()
+    theta = flat_start()
     workers = [theta.clone() for _ in range(world)]
     velocity = torch.zeros_like(theta)
     for t in range(1, steps + 1):
@@ -107,15 +115,7 @@ def streaming_diloco_reference(world: int, steps: int, plans: list, delay: int, 
     pseudo-gradient ``theta - mean_i sent_i`` takes an outer Nesterov step, and each worker
     becomes ``mix x + (1 - mix) (theta_new + x - sent)``: the new center plus the progress it
     made since its send, mixed with itself."""
-    from easgd_ext.flat_params import flatten
-
-    def noise(rank: int, t: int) -> torch.Tensor:
-        zeros = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
-        flat = flatten(zeros)[0].flat
-        local_step(zeros, rank, t)
-        return flat.double()
-
-    theta = flatten(make_params())[0].flat.double()
+    theta = flat_start()
     workers = [theta.clone() for _ in range(world)]
     velocity = torch.zeros_like(theta)
     pending: list = []
