@@ -197,9 +197,9 @@ template <typename X, typename W, bool Keep = false> struct SyncApply {
 // ranks with kNormalize, the mean's correction when flagged ranks sent nothing); m = mu m + g;
 // c += lr (Nesterov: g + mu m; else m); x -= d (the pull of EASGD, towards the old center) or,
 // with kPullNew, x -= pull (x - c_new) (pull = 1: x = c_new exactly, DiLoCo's reset). With
-// kPullNew and a delayed apply (Keep: d as sent k steps ago), x -= pull (d - (c_new - c)): the
-// worker keeps the progress it made since the send and moves by pull times the center's move
-// it has not seen. With mu = 0 and lr = 1 it stores bit for bit what SyncApply stores. A
+// kPullNew and a delayed apply (Keep: d as sent k steps ago, x_sent - c at alpha = 1, the only
+// alpha kPullNew is used with), x -= pull (d - (c_new - c)): the worker keeps the progress it
+// made since the send and moves by pull times the center's move it has not seen. With mu = 0 and lr = 1 it stores bit for bit what SyncApply stores. A
 // non-finite sum element leaves x, c and m alone there; a reset rank takes the new center.
 enum OuterFlags : int { kNesterov = 1, kPullNew = 2, kNormalize = 4 };
 

@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedAppl
       kf[k] = keep[k];
       rf[k] = r[k];
     }
-    float* __restrict__ s = reinterpret_cast<float*>(x);
+    float* __restrict__ s = static_cast<float*>(a.x) + i0;  // x is the float32 sum buffer here
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       if (first + k >= len) continue;

@@ -164,6 +164,7 @@ def test_streaming_diloco_matches_a_float64_reference(fragments, delay, mix):
     ("diloco", {}),
     ("diloco", {"fragments": 3, "delay": 2, "fragment_update_alpha": 0.25}),
     ("diloco", {"fragment_update_alpha": 0.25}),
+    ("diloco", {"fragment_update_alpha": 1e-9}),  # 1 - a rounds to 1.0 in float32: a full pull in both
 ])
 def test_the_outer_kernel_equals_its_torch_path_bit_for_bit(make, kwargs):
     first, second = (make, kwargs, 14, "fused"), (make, kwargs, 14, "torch")

@@ -303,7 +303,8 @@ class OuterSync(ElasticSync):
     ``c += lr (g + mu m)`` (Nesterov) or ``lr m``; the worker pulled by ``d`` towards the old
     center, or with ``pull_to_new`` by ``pull (x - c_new)`` (``pull = 1``: reset to it). A
     delayed apply with ``pull_to_new`` keeps the worker's progress since the send: ``x -= pull
-    (d - (c_new - c))``, the part of the center's move the worker has not made."""
+    (d - (c_new - c))``, the part of the center's move the worker has not made (this reads
+    ``d`` as ``x_sent - c``: ``pull_to_new`` needs ``alpha = 1``, DiLoCo's wire)."""
 
     supports_delay = True
 
@@ -312,7 +313,10 @@ class OuterSync(ElasticSync):
         super().__init__(alpha)
         self.lr, self.mu, self.nesterov = lr, mu, nesterov
         self.pull_to_new, self.normalize = pull_to_new, normalize
-        self.pull = alpha if pull is None else pull
+        if pull_to_new and alpha != 1.0:
+            raise ValueError(f"pull_to_new sends d = x - c: alpha must be 1, got {alpha}")
+        # float32, as the kernel holds it: its "pull == 1" test and the torch path's then agree
+        self.pull = torch.tensor(alpha if pull is None else pull, dtype=torch.float32).item()
 
     # EASGD's fused quantized kernels apply EASGD's step: the quantized wires go around this
     # rule's float send and apply instead.

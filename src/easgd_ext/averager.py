@@ -745,7 +745,8 @@ class DiLoCoAverager(Averager):
     ``outer_momentum=0.9``, Nesterov, an inner AdamW, ``tau = 500``.
 
     It is the corner of :class:`ElasticAverager`'s outer-optimizer family where the workers are
-    pulled all the way to the new center (the same fused kernels). Synchronous only. Every wire:
+    pulled all the way to the new center (the same fused kernels; with
+    ``fragment_update_alpha`` part of the way, below). Synchronous only. Every wire:
     float, bfloat16/float16, and int8/int4/int2 with error feedback. Other arguments are those
     of :class:`ElasticAverager`; a worker that diverged sends nothing and the mean is over the
     others (``on_nonfinite="reset"``). The momentum is float32 beside the center and saved in
