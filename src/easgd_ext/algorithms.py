@@ -210,12 +210,12 @@ class Algorithm:
 
 
 # ---- EASGD ---------------------------------------------------------------------------------------
-class ElasticSync(SyncRule):
-    """``d = alpha (x - c)`` on the wire; then ``x -= d``, ``c += sum``. With a delay, ``d`` as
-    sent is kept: x has moved on by then, and loses exactly what it sent."""
+class ElasticDifferenceSend(SyncRule):
+    """The send of the elastic family: ``d = alpha (x - c)`` on the wire (and, with a delay, in
+    ``keep``: x has moved on by the apply, and loses exactly what it sent). Its rules differ in
+    how they apply the sum."""
 
     supports_delay = True
-    quantizable = True
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
@@ -224,6 +224,20 @@ class ElasticSync(SyncRule):
         return native.prepare.elastic_difference(
             **_refs(x=piece.x, center=piece.buffer("center"), wire=wire, nonfinite=me_bad),
             alpha=self.alpha, keep=None if keep is None else tensor_ref("keep", keep))
+
+    def _difference(self, piece: Piece, wire_dtype: torch.dtype) -> torch.Tensor:
+        # float32 arithmetic as the kernel does it: alpha * (x - c), rounded once to the wire.
+        return ((piece.x.float() - piece.buffer("center")) * self.alpha).to(wire_dtype)
+
+    def send_torch(self, piece, wire, me_bad, keep=None):
+        wire.copy_(self._difference(piece, wire.dtype))
+        if keep is not None:
+            keep.copy_(wire)
+        flag_nonfinite(me_bad, wire)
+
+
+class ElasticSync(ElasticDifferenceSend):
+    """EASGD: ``d`` on the wire; then ``x -= d``, ``c += sum``. Its quantized wire is fused."""
 
     def apply(self, piece, reduced, verdict, keep=None):
         return native.prepare.sync_apply(
@@ -244,16 +258,6 @@ class ElasticSync(SyncRule):
             tensor_ref("residual", residual), tensor_ref("sent", sent), tensor_ref("gathered", gathered),
             world, self.alpha, guard=verdict.native(), keep=None if keep is None else tensor_ref("keep", keep),
             bits=bits)
-
-    def _difference(self, piece: Piece, wire_dtype: torch.dtype) -> torch.Tensor:
-        # float32 arithmetic as the kernel does it: alpha * (x - c), rounded once to the wire.
-        return ((piece.x.float() - piece.buffer("center")) * self.alpha).to(wire_dtype)
-
-    def send_torch(self, piece, wire, me_bad, keep=None):
-        wire.copy_(self._difference(piece, wire.dtype))
-        if keep is not None:
-            keep.copy_(wire)
-        flag_nonfinite(me_bad, wire)
 
     def apply_torch(self, piece, reduced, verdict, keep=None):
         x, c = piece.x, piece.buffer("center")
@@ -297,7 +301,7 @@ class Elastic(Algorithm):
 
 
 # ---- an outer optimizer on the center -------------------------------------------------------------
-class OuterSync(ElasticSync):
+class OuterSync(ElasticDifferenceSend):
     """EASGD's wire, ``d = alpha (x - c)``; then an outer (Nesterov) momentum step on the center
     from the sum: ``g = sum`` (``normalize``: over the ranks that sent), ``m = mu m + g``,
     ``c += lr (g + mu m)`` (Nesterov) or ``lr m``; the worker pulled by ``d`` towards the old
@@ -305,8 +309,6 @@ class OuterSync(ElasticSync):
     delayed apply with ``pull_to_new`` keeps the worker's progress since the send: ``x -= pull
     (d - (c_new - c))``, the part of the center's move the worker has not made (this reads
     ``d`` as ``x_sent - c``: ``pull_to_new`` needs ``alpha = 1``, DiLoCo's wire)."""
-
-    supports_delay = True
 
     def __init__(self, alpha: float, lr: float, mu: float, nesterov: bool, pull_to_new: bool,
                  normalize: bool, pull: float | None = None) -> None:
@@ -317,14 +319,6 @@ class OuterSync(ElasticSync):
             raise ValueError(f"pull_to_new sends d = x - c: alpha must be 1, got {alpha}")
         # float32, as the kernel holds it: its "pull == 1" test and the torch path's then agree
         self.pull = torch.tensor(alpha if pull is None else pull, dtype=torch.float32).item()
-
-    # EASGD's fused quantized kernels apply EASGD's step: the quantized wires go around this
-    # rule's float send and apply instead.
-    def quantized_send(self, piece, residual, records, world, me_bad, keep, bits=8):
-        return None
-
-    def quantized_apply(self, piece, residual, sent, gathered, world, verdict, keep, bits=8):
-        return None
 
     def apply(self, piece, reduced, verdict, keep=None):
         return native.prepare.outer_apply(
@@ -416,8 +410,6 @@ class DiLoCo(Algorithm):
 # ---- DOWNPOUR ------------------------------------------------------------------------------------
 class DownpourSync(SyncRule):
     """``v = x - x_last`` on the wire; then ``c += sum``, ``x = x_last = c``."""
-
-    quantizable = True
 
     def send(self, piece, wire, me_bad, keep=None):
         return native.prepare.downpour_push(

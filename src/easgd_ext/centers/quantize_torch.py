@@ -2,8 +2,9 @@
 
 Each function writes the same bytes and floats as its native kernel (``csrc/quantize.h``): the
 records' layout, block scales, round-half-to-even levels, packing and the float32 order of every
-sum, with no host read (verdicts and flags stay tensors on the device). The tests hold the two to
-each other bit for bit.
+sum, with no host read (verdicts and flags stay tensors on the device). The block quantizer,
+packing and layout are :mod:`easgd_ext.ops.reference`'s exact float32 functions; this module
+assembles the records and the sums from them. The tests hold it to the kernels bit for bit.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import flag_nonfinite
-from ..settings import QUANT_BLOCK
+from ..ops import reference as ref
+from ..ops.reference import HEADER_BYTES
+from ..settings import POLICY_CODES, QUANT_BLOCK
 
-HEADER_BYTES = 64          # a record's header: the float32 flag at byte 0, padded
-QUANT_TINY = 2.0 ** -100   # a block whose maximum is below it sends zeros
-FLOAT32_MAX = 3.4028234663852886e38
-POLICY_SKIP, POLICY_RESET = 0, 1
+POLICY_SKIP, POLICY_RESET = POLICY_CODES["skip"], POLICY_CODES["reset"]
 
 
 class Layout:
@@ -25,55 +25,9 @@ class Layout:
 
     def __init__(self, n: int, world: int, bits: int) -> None:
         self.n, self.world, self.bits = n, world, bits
-        per_owner = -(-n // world)
-        self.chunk = -(-max(per_owner, 1) // QUANT_BLOCK) * QUANT_BLOCK
+        self.chunk, self.record = ref.quant_layout(n, world, bits)
         self.blocks = self.chunk // QUANT_BLOCK  # per owner
-        scales = -(-(self.blocks * 4) // HEADER_BYTES) * HEADER_BYTES
-        self.q_offset = HEADER_BYTES + scales
-        self.record = self.q_offset + self.chunk * bits // 8
-
-    def levels(self) -> tuple[float, float]:
-        """(L, C): a block's maximum spans L scales; levels are clamped to -C..C."""
-        clamp = float((1 << (self.bits - 1)) - 1)
-        return (2.0 if self.bits == 2 else clamp), clamp
-
-
-def _quantize(v: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``v`` (whole blocks) -> (int8 levels, float32 scale per block)."""
-    levels, clamp = layout.levels()
-    blocks = v.reshape(-1, QUANT_BLOCK)
-    m = blocks.abs().amax(dim=1)  # a NaN wins: that block's scale is 0
-    usable = (m >= QUANT_TINY) & (m <= FLOAT32_MAX)
-    safe = torch.where(usable, m, torch.ones_like(m))
-    # Tensor by tensor: a Python number over a tensor is computed as number * (1 / tensor),
-    # which rounds twice and moves ties off their levels.
-    level_count = torch.full_like(m, levels)
-    inv = torch.where(usable, level_count / safe, torch.zeros_like(m))
-    scale = torch.where(usable, safe / level_count, torch.zeros_like(m))
-    t = torch.round(blocks * inv[:, None]).clamp(-clamp, clamp)  # half to even, as rintf
-    return torch.nan_to_num(t, nan=0.0).to(torch.int8).reshape(-1), scale
-
-
-def _dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (q.float().reshape(-1, QUANT_BLOCK) * scale[:, None]).reshape(-1)
-
-
-def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return q.view(torch.uint8)
-    per = 8 // bits
-    fields = (q.to(torch.int32) & ((1 << bits) - 1)).reshape(-1, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
-    return (fields << shifts).sum(dim=1).to(torch.uint8)
-
-
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return packed.reshape(-1).view(torch.int8)
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-    fields = (packed.reshape(-1).to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
-    return torch.where(fields >= (1 << (bits - 1)), fields - (1 << bits), fields).reshape(-1).to(torch.int8)
+        self.q_offset = self.record - self.chunk * bits // 8
 
 
 def _rows(records: torch.Tensor, layout: Layout, rows: int) -> torch.Tensor:
@@ -88,13 +42,14 @@ def _write(rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, layout: Lay
     """Levels and scales into records (one row per owner); the headers are left alone."""
     count = rows.shape[0]
     rows[:, HEADER_BYTES:HEADER_BYTES + 4 * layout.blocks] = scale.reshape(count, layout.blocks).view(torch.uint8)
-    rows[:, layout.q_offset:] = _pack(q, layout.bits).reshape(count, -1)
+    rows[:, layout.q_offset:] = ref.pack_levels(q, layout.bits).reshape(count, -1)
 
 
 def _read(rows: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The de-quantized values of records (owner after owner)."""
     scale = rows[:, HEADER_BYTES:HEADER_BYTES + 4 * layout.blocks].contiguous().view(torch.float32)
-    return _dequantize(_unpack(rows[:, layout.q_offset:].contiguous(), layout.bits), scale.reshape(-1))
+    return ref.dequantize_blocks(ref.unpack_levels(rows[:, layout.q_offset:].contiguous(), layout.bits),
+                                 scale.reshape(-1))
 
 
 def send(contribution: torch.Tensor, residual: torch.Tensor, records: torch.Tensor, layout: Layout,
@@ -104,7 +59,7 @@ def send(contribution: torch.Tensor, residual: torch.Tensor, records: torch.Tens
     v = torch.zeros(layout.world * layout.chunk, device=contribution.device)
     v[:layout.n] = contribution + residual
     flag_nonfinite(me_bad, v)
-    q, scale = _quantize(v, layout)
+    q, scale = ref.quantize_blocks(v, layout.bits)
     _write(_rows(records, layout, layout.world), q, scale, layout)
 
 
@@ -129,12 +84,12 @@ def reduce(received: torch.Tensor, own: torch.Tensor, server_residual: torch.Ten
         bad = bad + flags[w]
         s = s + _read(rows[w:w + 1], layout)
     s = s + server_residual
-    q, scale = _quantize(s, layout)
+    q, scale = ref.quantize_blocks(s, layout.bits)
     own_rows = _rows(own, layout, 1)
     own_rows[:, :4] = bad.view(torch.uint8)
     _write(own_rows, q, scale, layout)
     keeps = (bad != 0) if policy == POLICY_SKIP else torch.zeros_like(bad, dtype=torch.bool)
-    server_residual.copy_(torch.where(keeps, server_residual, s - _dequantize(q, scale)))
+    server_residual.copy_(torch.where(keeps, server_residual, s - ref.dequantize_blocks(q, scale)))
 
 
 def apply(summed: torch.Tensor, residual: torch.Tensor, contribution: torch.Tensor, sent: torch.Tensor,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..settings import QUANT_BLOCK
+
 __all__ = [
     "elastic_difference",
     "sync_apply",
@@ -85,9 +87,9 @@ def average_apply(x: Tensor, reduced: Tensor, scale: float) -> dict[str, Tensor]
 
 # ---- the quantized wires (csrc/quantize.h): 8, 4 or 2 bits a value --------------------------------
 # The quantizer is exact: its float32 steps (one rounding each, no FMA) are reproduced here with
-# float32 tensor ops, so kernels and reference agree bit for bit; the sums over ranks are checked
-# against float64 with a tolerance by the tests.
-QUANT_BLOCK = 256
+# float32 tensor ops on the tensors' own device, so kernels and reference agree bit for bit (the
+# torch-level wire, easgd_ext.centers.quantize_torch, runs these same functions); the sums over
+# ranks are checked against float64 with a tolerance by the tests.
 HEADER_BYTES = 64
 QUANT_TINY = 2.0 ** -100
 
@@ -115,9 +117,12 @@ def quantize_blocks(v: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     block): with ``L`` = :func:`quant_levels` and ``C`` = :func:`quant_clamp`, ``scale = m /
     L``, ``q = clamp(rint(v * (L / m)), -C, C)`` with ``m`` the block's absolute maximum; a
     block whose maximum is below 2^-100 or not finite (an Inf or a NaN in it) sends zeros."""
-    levels = torch.tensor(float(quant_levels(bits)))
     blocks = v.float().reshape(-1, QUANT_BLOCK)
     m = blocks.abs().amax(dim=1)  # a NaN wins the max: that block sends zeros
+    # Tensor by tensor on one device: a number (or a CPU scalar) over a tensor is computed as
+    # number * (1 / tensor), and on CUDA a tensor over one as tensor * (1 / number), which
+    # round twice and move ties off their levels.
+    levels = torch.full_like(m, float(quant_levels(bits)))
     usable = (m >= QUANT_TINY) & torch.isfinite(m)
     one = torch.ones_like(m)
     inv = torch.where(usable, levels / torch.where(usable, m, one), torch.zeros_like(m))
@@ -135,16 +140,17 @@ def pack_levels(q: Tensor, bits: int) -> Tensor:
         return q.view(torch.uint8)
     per = 8 // bits
     fields = (q.to(torch.int32) & ((1 << bits) - 1)).reshape(-1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
     return (fields << shifts).sum(dim=1).to(torch.uint8)
 
 
 def unpack_levels(packed: Tensor, bits: int) -> Tensor:
     """The inverse of :func:`pack_levels`: int8 levels, sign-extended."""
+    packed = packed.reshape(-1)
     if bits == 8:
         return packed.view(torch.int8)
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     fields = (packed.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
     signed = torch.where(fields >= (1 << (bits - 1)), fields - (1 << bits), fields)
     return signed.reshape(-1).to(torch.int8)
