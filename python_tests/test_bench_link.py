@@ -57,6 +57,9 @@ def test_the_quick_form_measures_every_variant_and_counts_the_bytes_the_averager
     assert int8["sent_bytes_per_step"] < 0.3 * fp32["sent_bytes_per_step"]
     assert records["raw_int8"]["link_share"] > 0 and records["stream_int8"]["fragments"] == 8
     assert "x local" in done.stdout and "link" in done.stdout
+    for name, r in records.items():  # the ranks' own work is on the machine's CPUs
+        assert r["cpu_seconds_per_step"] > 0 and 0 < r["machine_busy"] <= 1, (name, r)
+    assert records["local"]["cpu_seconds_per_step"] > 0.2 * records["local"]["seconds"]
 
 
 @needs_root
@@ -95,3 +98,23 @@ def test_without_root_it_says_so_in_one_line_and_exits_non_zero(monkeypatch, cap
     assert link.main(["--quick"]) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == ["bench link: needs root (network namespaces and tc); run it as root or with sudo"]
+
+
+def test_the_machine_cpu_counter_sees_a_busy_thread():
+    busy0, total0 = netns.machine_cpu_jiffies()
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    busy1, total1 = netns.machine_cpu_jiffies()
+    assert total1 > total0 and busy1 - busy0 >= 0.5 * (total1 - total0) / os.cpu_count()
+
+
+def test_a_bad_chunk_size_is_a_usage_error(monkeypatch, capsys):
+    from easgd_ext.bench import link
+
+    with pytest.raises(SystemExit):
+        link.parse(["--gloo-chunk-kib", "2"])
+    monkeypatch.setenv("EASGD_EXT_GLOO_CHUNK_BYTES", "lots")
+    with pytest.raises(SystemExit):
+        link.parse([])
+    assert "EASGD_EXT_GLOO_CHUNK_BYTES must be a whole number of bytes" in capsys.readouterr().err

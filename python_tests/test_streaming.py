@@ -232,28 +232,49 @@ def test_error_feedback_keeps_the_cumulative_sum_within_one_quantization_step():
 
 
 # ---- bytes and arguments -------------------------------------------------------------------------
-def bytes_per_exchange(rank: int, world: int, comm: str | None) -> int:
+def bytes_per_exchange(rank: int, world: int, comm: str | None, chunk: int | None = None) -> int:
+    if chunk is not None:
+        os.environ["EASGD_EXT_GLOO_CHUNK_BYTES"] = str(chunk)
     params = [torch.nn.Parameter(torch.randn(1_000_000))]
     avg = easgd_ext.ElasticAverager(params, tau=1, comm_dtype=comm)
     avg.exchange()
     return avg.stats.bytes_sent
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_the_quantized_wires_send_a_quarter_an_eighth_a_sixteenth_of_the_float32_bytes(world):
+@pytest.mark.parametrize("world,chunk", [(2, None), (4, None), (2, 1 << 20)])
+def test_the_quantized_wires_send_a_quarter_an_eighth_a_sixteenth_of_the_float32_bytes(world, chunk):
     fp32 = values(run_ranks(world, bytes_per_exchange, None))[0]
     assert fp32 == 2 * (world - 1) * (4 * (1_000_000 + 64)) // world  # a ring all-reduce
     for comm, bits in (("int8", 8), ("int4", 4), ("int2", 2)):
-        sent = values(run_ranks(world, bytes_per_exchange, comm))[0]
+        sent = values(run_ranks(world, bytes_per_exchange, comm, chunk))[0]
         # Over Gloo the wire cuts the buffer into quantized units whose values take
-        # GLOO_WIRE_CHUNK_BYTES per peer (whole blocks per owner), each with its own record.
+        # GLOO_WIRE_CHUNK_BYTES (or EASGD_EXT_GLOO_CHUNK_BYTES) per peer (whole blocks per
+        # owner), each with its own record.
         unit = ref.QUANT_BLOCK * world
-        cut = GLOO_WIRE_CHUNK_BYTES * (8 // bits) * world // unit * unit
+        cut = (chunk or GLOO_WIRE_CHUNK_BYTES) * (8 // bits) * world // unit * unit
         lengths = [min(cut, 1_000_000 - lo) for lo in range(0, 1_000_000, cut)]
         records = sum(ref.quant_layout(n, world, bits)[1] for n in lengths)
         assert sent == 2 * (world - 1) * records  # all-to-all out, all-gather out
         # the values' bits plus 4 bytes of scale per 256 values (and the padding)
         assert sent <= (bits / 32 + 1 / 256 + 0.002) * fp32
+
+
+def build_with_chunk(rank: int, world: int, chunks: list[str]) -> str:
+    os.environ["EASGD_EXT_GLOO_CHUNK_BYTES"] = chunks[rank]
+    try:
+        easgd_ext.ElasticAverager([torch.nn.Parameter(torch.randn(4096))], tau=1, comm_dtype=torch.int4)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return "built"
+
+
+def test_the_gloo_piece_size_must_be_valid_and_alike_on_every_rank():
+    # different pieces would pair one rank's all_to_all with another's of another size
+    said = values(run_ranks(2, build_with_chunk, ["65536", "1048576"]))
+    assert all("ranks disagree: gloo_chunk_bytes" in s and "65536" in s for s in said), said
+    said = values(run_ranks(2, build_with_chunk, ["65536", "64k"]))
+    assert all("EASGD_EXT_GLOO_CHUNK_BYTES must be a whole number of bytes" in s for s in said), said
+    assert values(run_ranks(2, build_with_chunk, ["1048576", "1048576"])) == ["built", "built"]
 
 
 def test_arguments_of_the_streamed_exchange_are_checked():

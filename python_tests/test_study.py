@@ -55,3 +55,41 @@ def test_bad_arguments_are_usage_errors(tmp_path):
         study.main(["--seeds", "0"])
     with pytest.raises(SystemExit):
         study.main(["--json", str(tmp_path / "missing" / "x.json")])
+    for bad in (["--workers", "1"], ["--taus", "0"], ["--methods", "adam"], ["--wires", "int3"],
+                ["--tasks", "lm", "--methods", "downpour"]):  # the lm task has no downpour
+        with pytest.raises(SystemExit):
+            study.main(bad)
+
+
+def test_wires_give_each_difference_method_its_own_rows_and_bytes(tmp_path, capsys):
+    out = tmp_path / "study.json"
+    assert study.main(["--quick", "--tasks", "digits", "--methods", "easgd", "local-sgd",
+                       "--wires", "float32", "int4", "--json", str(out), "--plot-dir", str(tmp_path)]) == 0
+    task = json.loads(out.read_text())["tasks"]["digits"]
+    runs = {study.label(r): r for r in task["runs"]}
+    assert set(runs) == {"easgd", "easgd int4", "local-sgd"}  # averaging sends parameters: float only
+    assert runs["easgd int4"]["lr"] == runs["easgd"]["lr"]  # tuned once, on the float wire
+    assert runs["easgd int4"]["rounds"] == runs["easgd"]["rounds"]
+    # 4 bits and a float32 scale per block against 32 bits: between 6x and 8x fewer bytes
+    ratio = runs["easgd"]["mb_sent"][-1] / runs["easgd int4"]["mb_sent"][-1]
+    assert 6 < ratio < 8, ratio
+    assert "easgd int4" in capsys.readouterr().out
+
+
+def test_a_wire_reaches_the_averager_and_is_refused_where_there_is_no_difference():
+    name, kwargs = study.averager_for("diloco", 8, "int2")
+    assert name == "diloco" and kwargs["comm_dtype"] == torch.int2 and kwargs["tau"] == 8
+    assert "comm_dtype" not in study.averager_for("diloco", 8)[1]
+    for method in study.FLOAT_ONLY:
+        with pytest.raises(ValueError, match=f"{method!r} has no int8 wire"):
+            study.averager_for(method, 8, "int8")
+    with pytest.raises(ValueError, match="unknown wire 'int3'"):
+        study.averager_for("easgd", 8, "int3")
+    assert study.wires_for("sync-sgd", ("int8", "int4")) == ("float32",)
+
+
+def test_summary_keeps_wires_apart():
+    runs = [{"method": "easgd", "wire": wire, "workers": 4, "tau": 16, "final": 0.1, "rounds": [10],
+             "mb_sent": [1.0], "lr": 0.05, "diverged": False} for wire in ("float32", "int8", "int8")]
+    rows = study.summarize({"runs": runs})
+    assert [(r["method"], r["seeds"]) for r in rows] == [("easgd", 1), ("easgd int8", 2)]

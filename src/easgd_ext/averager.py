@@ -28,7 +28,8 @@ from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_
                        DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
                        check_delay, check_exchange_timeout, check_fragments, check_lock_timeout,
                        check_mode, check_on_nonfinite, check_outer, check_tau, check_update_alpha,
-                       dtype_name, elastic_rates, kernel_path, quant_bits, reject_other_mode_arguments)
+                       dtype_name, elastic_rates, gloo_wire_chunk_bytes, kernel_path, quant_bits,
+                       reject_other_mode_arguments)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
 
@@ -89,6 +90,8 @@ class Averager:
                     DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * 2**20)
                 config.exchange_timeout = check_exchange_timeout(
                     DEFAULT_EXCHANGE_TIMEOUT if exchange_timeout is None else exchange_timeout)
+                if quant_bits(config.comm_dtype):  # its pieces must be cut alike on every rank
+                    config.gloo_chunk_bytes = chosen["gloo_chunk_bytes"] = gloo_wire_chunk_bytes()
                 workers = comm.world_size
             else:
                 reject_other_mode_arguments("async", {
@@ -129,7 +132,9 @@ class Averager:
             # For a sharded model the layout names each local shard (shape, global offset): the
             # ranks of the group must hold the same ones.
             return {"algorithm": algorithm.name, "settings": settings,
-                    "layout": shards_of(params_) if sharded else layout_of(params_)}
+                    "layout": shards_of(params_) if sharded else layout_of(params_),
+                    # not a setting of the state: a resumed job may cut its pieces otherwise
+                    "gloo_chunk_bytes": chosen.get("gloo_chunk_bytes")}
 
         try:
             agreed = _dist.agree(comm, build)

@@ -41,9 +41,13 @@ QUANT_NAMES = tuple(name for name, dtype in COMM_DTYPES.items() if dtype in QUAN
 # Gloo's quantized wire moves each piece in collectives of at most this many bytes per peer.
 # One large message each way fills a slow link's queue, the ACKs of the other direction wait
 # behind it, and the all-to-all + all-gather reach ~50-60% of the link; in 64 KiB pieces
-# (ProcessGroupGloo runs two at a time) they reach 90-95% at 100 Mbit/s (bench link). NCCL
-# pipelines its own chunks: there a piece goes whole.
+# (ProcessGroupGloo runs two at a time) they reach 90-95% at 100 Mbit/s (bench link). Each
+# collective costs the host ~0.2-0.4 ms of CPU, though: at 1 Gbit/s 64 KiB pieces leave the
+# pattern CPU-bound at ~60% of the link, 256 KiB-1 MiB pieces reach 87-96%. So the size is the
+# user's to set for a fast link (EASGD_EXT_GLOO_CHUNK_BYTES, the same on every rank: the ranks
+# check). NCCL pipelines its own chunks: there a piece goes whole.
 GLOO_WIRE_CHUNK_BYTES = 64 * 1024
+GLOO_CHUNK_ENV = "EASGD_EXT_GLOO_CHUNK_BYTES"
 QUANT_BLOCK = 256  # elements sharing one scale on the quantized wire (csrc/quantize.h)
 
 
@@ -157,6 +161,20 @@ def kernel_path() -> str:
     if value not in KERNEL_PATHS:
         raise ValueError(f"{KERNELS_ENV} must be 'fused' or 'torch', got {value!r}")
     return value
+
+
+def gloo_wire_chunk_bytes() -> int:
+    """The quantized wire's piece per peer over Gloo, as ``EASGD_EXT_GLOO_CHUNK_BYTES`` asks
+    (default 64 KiB: the right size up to a few hundred Mbit/s; 1 MiB at 1 Gbit/s and above)."""
+    value = os.environ.get(GLOO_CHUNK_ENV, "") or str(GLOO_WIRE_CHUNK_BYTES)
+    try:
+        chunk = int(value)
+    except ValueError:
+        chunk = 0
+    if chunk < 4096:
+        raise ValueError(f"{GLOO_CHUNK_ENV} must be a whole number of bytes of at least 4096 "
+                         f"(e.g. 1048576 for a 1 Gbit/s link), got {value!r}")
+    return chunk
 
 
 def check_on_nonfinite(value: object) -> str:

@@ -5,6 +5,8 @@ averagers and kernels as a distributed run).
     python -m easgd_ext.study                      # the default grid: ~1 hour on a 2-core CPU
     python -m easgd_ext.study --quick              # the pipeline end to end in under a minute
     python -m easgd_ext.study --device cuda --full # the larger grid, for a GPU
+    python -m easgd_ext.study --tasks lm --methods easgd diloco --wires float32 int8 int4 int2 \
+        --workers 4 --taus 16                      # the compressed wires against the float one
 
 Methods: sync-sgd (the gradient all-reduced every step), local-sgd (periodic averaging),
 downpour, easgd, eamsgd (EASGD with Nesterov momentum in the local steps), diloco (outer
@@ -18,6 +20,11 @@ its validation result at one setting (the tuning seed), then every (p, tau) runs
 the table reports the final result's mean and spread over seeds, with the communication rounds
 and the bytes each worker sent (ring all-reduce accounting), and a PNG per task plots the final
 result against tau and the curves against bytes sent.
+
+``--wires`` runs every method that sends a difference (all but sync-sgd and local-sgd) once per
+wire (``comm_dtype``: float32, bfloat16, float16, int8, int4, int2; the low-bit ones with error
+feedback), each with the learning rate tuned on the float32 wire: the table's rows are then
+"easgd int4" and so on, and their bytes are what the compressed wire sends.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,10 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from . import data, simulate
+from .settings import COMM_DTYPES
 
 METHODS = ("sync-sgd", "local-sgd", "downpour", "easgd", "eamsgd", "diloco", "easgd-outer")
 LM_METHODS = ("sync-sgd", "local-sgd", "easgd", "easgd-outer", "diloco")
 EASGD_OUTER = {"outer_lr": 0.5, "outer_momentum": 0.9, "nesterov": True}
+WIRES = ("float32", "bfloat16", "float16", "int8", "int4", "int2")
+FLOAT_ONLY = ("sync-sgd", "local-sgd")  # an in-memory gradient mean; averaging sends parameters
 
 
 # ---- tasks ------------------------------------------------------------------------------------------
@@ -117,6 +127,7 @@ class Run:
     tau: int
     lr: float
     seed: int
+    wire: str = "float32"
     final: float = math.nan
     steps: list[int] = field(default_factory=list)
     rounds: list[int] = field(default_factory=list)
@@ -126,8 +137,30 @@ class Run:
     diverged: bool = False
 
 
-def averager_for(method: str, tau: int) -> tuple[str | None, dict[str, Any]]:
-    """(simulate's averager name, its arguments) for a method; ``None`` for sync-sgd."""
+def label(run: dict) -> str:
+    """A run's row in the table: its method, and its wire when that is not float32."""
+    wire = run.get("wire", "float32")
+    return run["method"] if wire == "float32" else f"{run['method']} {wire}"
+
+
+def wires_for(method: str, wires: tuple[str, ...]) -> tuple[str, ...]:
+    """The wires a method runs with: the float32 one only for those that send no difference."""
+    return ("float32",) if method in FLOAT_ONLY else wires
+
+
+def averager_for(method: str, tau: int, wire: str = "float32") -> tuple[str | None, dict[str, Any]]:
+    """(simulate's averager name, its arguments) for a method on a wire; ``None`` for sync-sgd."""
+    if wire not in WIRES:
+        raise ValueError(f"unknown wire {wire!r}; choose from {', '.join(WIRES)}")
+    if wire != "float32" and method in FLOAT_ONLY:
+        raise ValueError(f"method {method!r} has no {wire} wire: it sends no difference")
+    name, kwargs = _averager_for(method, tau)
+    if wire != "float32":
+        kwargs["comm_dtype"] = COMM_DTYPES[wire]
+    return name, kwargs
+
+
+def _averager_for(method: str, tau: int) -> tuple[str | None, dict[str, Any]]:
     if method == "sync-sgd":
         return None, {}
     if method == "local-sgd":
@@ -148,12 +181,13 @@ def ring_bytes(numel: int, world: int) -> int:
 
 
 def run_one(task: Task, method: str, workers: int, tau: int, lr: float, seed: int, steps: int,
-            eval_every: int, device: torch.device, final: bool) -> Run:
-    """``steps`` local steps of ``workers`` simulated workers; the center's metric every
-    ``eval_every`` steps (validation, or with ``final`` the final split at the end)."""
+            eval_every: int, device: torch.device, final: bool, wire: str = "float32") -> Run:
+    """``steps`` local steps of ``workers`` simulated workers exchanging over ``wire``; the
+    center's metric every ``eval_every`` steps (validation, or with ``final`` the final split at
+    the end)."""
     torch.manual_seed(seed)
-    name, kwargs = averager_for(method, tau)
-    record = Run(task.name, method, workers, tau, lr, seed)
+    name, kwargs = averager_for(method, tau, wire)
+    record = Run(task.name, method, workers, tau, lr, seed, wire)
     start = time.perf_counter()
     streams = [task.batches(k, seed) for k in range(workers)]
     sim = None
@@ -242,6 +276,7 @@ class Grid:
     lm_bytes: int
     methods: dict[str, tuple[str, ...]] | None = None
     lrs: dict[str, tuple[float, ...]] | None = None
+    wires: tuple[str, ...] = ("float32",)
 
 
 GRIDS = {
@@ -278,16 +313,18 @@ def run_study(tasks: list[str], grid: Grid, device: torch.device, progress: Any 
         runs: list[Run] = []
         for method in methods:
             taus = grid.taus if method != "sync-sgd" else grid.taus[:1]  # sync-sgd has no tau
-            for p in grid.workers:
-                for tau in taus:
-                    for seed in range(1, grid.seeds + 1):
-                        r = run_one(task, method, p, tau, best[method], seed, steps, every, device,
-                                    final=True)
-                        runs.append(r)
-                        if progress:
-                            progress(f"{task_name} {method} p={p} tau={tau} seed={seed}: "
-                                     f"{r.final:.4f} ({r.seconds:.1f} s)")
+            for wire in wires_for(method, grid.wires):
+                for p in grid.workers:
+                    for tau in taus:
+                        for seed in range(1, grid.seeds + 1):
+                            r = run_one(task, method, p, tau, best[method], seed, steps, every,
+                                        device, final=True, wire=wire)
+                            runs.append(r)
+                            if progress:
+                                progress(f"{task_name} {label(asdict(r))} p={p} tau={tau} "
+                                         f"seed={seed}: {r.final:.4f} ({r.seconds:.1f} s)")
         out["tasks"][task_name] = {"metric": task.metric, "steps": steps, "lrs": list(lrs),
+                                   "wires": list(grid.wires),
                                    "tuning": {m: {str(k): v for k, v in t.items()} for m, t in tuning.items()},
                                    "chosen_lr": best, "tune_at": list(grid.tune_at),
                                    "runs": [asdict(r) for r in runs]}
@@ -302,11 +339,11 @@ def summarize(task: dict) -> list[dict]:
     rounds and MB sent per worker."""
     groups: dict[tuple[str, int, int], list[dict]] = {}
     for r in task["runs"]:
-        groups.setdefault((r["method"], r["workers"], r["tau"]), []).append(r)
+        groups.setdefault((label(r), r["workers"], r["tau"]), []).append(r)
     rows = []
     for (method, p, tau), rs in groups.items():
         finals = [r["final"] for r in rs]
-        rows.append({"method": method, "workers": p, "tau": "-" if method == "sync-sgd" else tau,
+        rows.append({"method": method, "workers": p, "tau": "-" if rs[0]["method"] == "sync-sgd" else tau,
                      "mean": statistics.fmean(finals), "std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
                      "seeds": len(rs), "rounds": rs[0]["rounds"][-1], "mb_sent": rs[0]["mb_sent"][-1],
                      "lr": rs[0]["lr"], "diverged": sum(r["diverged"] for r in rs)})
@@ -318,10 +355,10 @@ def print_tables(result: dict) -> None:
         print(f"\n{name}: final {task['metric']} (mean +- std over seeds), {task['steps']} local "
               f"steps per worker; inner lr chosen from {task['lrs']} at p={task['tune_at'][0]}, "
               f"tau={task['tune_at'][1]} (tuning seed 0, validation split)")
-        print(f"{'method':<13}{'p':>3}{'tau':>5}{task['metric']:>16}{'rounds':>8}{'MB/worker':>11}{'lr':>8}")
+        print(f"{'method':<18}{'p':>3}{'tau':>5}{task['metric']:>16}{'rounds':>8}{'MB/worker':>11}{'lr':>8}")
         for row in summarize(task):
             note = f"  ({row['diverged']} diverged)" if row["diverged"] else ""
-            print(f"{row['method']:<13}{row['workers']:>3}{row['tau']:>5}"
+            print(f"{row['method']:<18}{row['workers']:>3}{row['tau']:>5}"
                   f"{row['mean']:>9.4f} +-{row['std']:.4f}{row['rounds']:>8}{row['mb_sent']:>11.2f}"
                   f"{row['lr']:>8g}{note}")
 
@@ -363,8 +400,8 @@ def plot(result: dict, folder: Path) -> list[Path]:
         taus = sorted({r["tau"] for r in task["runs"]})
         p_max, tau_mid = max(ps), taus[len(taus) // 2]
         for m in methods:
-            runs = [r for r in task["runs"] if r["method"] == m and r["workers"] == p_max
-                    and (r["tau"] == tau_mid or m == "sync-sgd")]
+            runs = [r for r in task["runs"] if label(r) == m and r["workers"] == p_max
+                    and (r["tau"] == tau_mid or r["method"] == "sync-sgd")]
             if runs:
                 r = runs[0]
                 right.plot([max(v, 1e-3) for v in r["mb_sent"]], r["metric"], color=colors[m], label=m,
@@ -394,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on the CPU (default 1: the simulated workers' small "
                              "models run fastest on one thread each)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help=f"only these methods (of {', '.join(METHODS)}; the lm task has "
+                             f"{', '.join(LM_METHODS)}); default: every method of each task")
+    parser.add_argument("--wires", nargs="+", choices=WIRES, default=None,
+                        help="run each method that sends a difference once per wire (default: float32)")
+    parser.add_argument("--workers", nargs="+", type=int, default=None, help="the p of the grid")
+    parser.add_argument("--taus", nargs="+", type=int, default=None, help="the tau of the grid")
     parser.add_argument("--json", type=Path, default=None, help="write every run's curves here")
     parser.add_argument("--plot-dir", type=Path, default=Path("."), help="where the PNGs go (default: .)")
     args = parser.parse_args(argv)
@@ -406,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         parser.error(f"--json {args.json}: folder {args.json.parent} does not exist")
     grid = GRIDS["quick" if args.quick else "full" if args.full else "default"]
-    if args.seeds is not None:
-        grid.seeds = args.seeds
+    grid = _with_options(parser, grid, args)
     device = torch.device(args.device)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -433,6 +476,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"json: {args.json}")
     print(f"study took {result['seconds']:.0f} s")
     return 0
+
+
+def _with_options(parser: argparse.ArgumentParser, grid: Grid, args: argparse.Namespace) -> Grid:
+    """The grid with the command line's overrides (a copy: the named grids stay as written)."""
+    grid = replace(grid)
+    if args.seeds is not None:
+        grid.seeds = args.seeds
+    for name, values in (("--workers", args.workers), ("--taus", args.taus)):
+        if values is not None and min(values) < 1:
+            parser.error(f"{name} must be at least 1, got {min(values)}")
+    if args.workers is not None:
+        if min(args.workers) < 2:
+            parser.error(f"--workers must be at least 2 (one worker has nothing to average), got {min(args.workers)}")
+        grid.workers = tuple(args.workers)
+        grid.tune_at = (args.workers[0], grid.tune_at[1])
+    if args.taus is not None:
+        grid.taus = tuple(args.taus)
+        grid.tune_at = (grid.tune_at[0], args.taus[0])
+    if args.wires is not None:
+        grid.wires = tuple(dict.fromkeys(args.wires))
+    if args.methods is not None:
+        known = {"digits": METHODS, "lm": LM_METHODS}
+        chosen = {task: tuple(m for m in args.methods if m in known[task]) for task in args.tasks}
+        unknown = [m for m in args.methods if not any(m in known[t] for t in args.tasks)]
+        if unknown:
+            parser.error(f"--methods: {', '.join(unknown)} is not a method of "
+                         f"{' or '.join(args.tasks)}; choose from {', '.join(METHODS)}")
+        empty = [task for task, ms in chosen.items() if not ms]
+        if empty:
+            parser.error(f"--methods: none of them is a method of task {empty[0]!r}")
+        grid.methods = chosen
+    return grid
 
 
 if __name__ == "__main__":

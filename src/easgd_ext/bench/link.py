@@ -28,13 +28,16 @@ ddp, pma and local (peer time / ours, > 1 = faster), "blocked": seconds the call
 opt.step() blocked the loop per window, "waited": the part of it spent waiting for collectives
 (stats.wait_seconds), and the bytes each rank sent per step as the interface counters saw them
 (frames: with their Ethernet/IP/TCP headers, one set per GSO segment, plus the ACKs of what
-it received; measured 0.2-5% over the payload) against bytes_per_step(). raw_* report the share of the link rate their
-payload used.
+it received; measured 0.2-5% over the payload) against bytes_per_step(), rank 0's process CPU
+time per step (compute and Gloo threads) and the share of the machine's CPUs busy (the kernel's
+network processing included: where it is near 100%, the exchange's cost is CPU, not link).
+raw_* report the share of the link rate their payload used.
 
     python -m easgd_ext.bench link                              # world 2, 100mbit, ResNet-18
     python -m easgd_ext.bench link --rate 1gbit --world 4 --json link.json
     python -m easgd_ext.bench link --variants local,easgd_int8,stream_int2,raw_int8
     python -m easgd_ext.bench link --quick                      # a short check, ~1 minute
+    python -m easgd_ext.bench link --rate 1gbit --gloo-chunk-kib 1024  # larger pieces, fast link
 """
 
 from __future__ import annotations
@@ -56,10 +59,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from easgd_ext.settings import GLOO_WIRE_CHUNK_BYTES
+from easgd_ext.settings import GLOO_CHUNK_ENV, gloo_wire_chunk_bytes
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
-from .netns import RANK_IFACE, ShapedNetwork, interface_bytes, rate_bits, unavailable
+from .netns import RANK_IFACE, ShapedNetwork, interface_bytes, machine_cpu_jiffies, rate_bits, unavailable
 from .report import warn_if_noisy, write_records
 
 WIRES = ("fp32", "bf16", "int8", "int4", "int2")
@@ -123,7 +126,9 @@ def exchange_bytes(wire: str, params: list[torch.nn.Parameter], args: argparse.N
 
 class Meter:
     """Times one variant's windows: step time, the time the call after opt.step() blocked,
-    the host's wait for collectives, and the interface's byte counters."""
+    the host's wait for collectives, the interface's byte counters, the CPU time this rank's
+    process used (its compute and its Gloo threads) and the share of the machine's CPUs that
+    were busy (every rank and the kernel's network processing)."""
 
     def __init__(self, after: Callable[[], object] | None, averager: Any = None) -> None:
         self.after, self.averager = after, averager
@@ -132,6 +137,8 @@ class Meter:
     def window(self, steps: int, step: Callable[[], None]) -> None:
         waited0 = self.averager.stats.wait_seconds if self.averager is not None else 0.0
         sent0, received0 = interface_bytes()
+        busy0, ticks0 = machine_cpu_jiffies()
+        cpu0 = time.process_time()
         blocked = 0.0
         start = time.perf_counter()
         for _ in range(steps):
@@ -141,10 +148,14 @@ class Meter:
                 self.after()
                 blocked += time.perf_counter() - t
         seconds = time.perf_counter() - start
+        cpu = time.process_time() - cpu0
+        busy1, ticks1 = machine_cpu_jiffies()
         sent1, received1 = interface_bytes()
         waited = (self.averager.stats.wait_seconds - waited0) if self.averager is not None else 0.0
         self.windows.append({"step": seconds / steps, "blocked": blocked, "waited": waited,
                              "sent": (sent1 - sent0) / steps, "received": (received1 - received0) / steps,
+                             "cpu": cpu / steps,
+                             "busy": (busy1 - busy0) / (ticks1 - ticks0) if ticks1 > ticks0 else None,
                              "steps": steps})
 
 
@@ -218,10 +229,10 @@ def run_raw(name: str, base: torch.nn.Module, args: argparse.Namespace, world: i
     else:
         # The quantized wire sends (p - 1) records in its all_to_all and (p - 1) in its
         # all_gather: a record is total / (2 (p - 1)) bytes. Over Gloo it moves them in
-        # collectives of GLOO_WIRE_CHUNK_BYTES per peer (two run at a time); raw_<wire>_whole
+        # collectives of gloo_wire_chunk_bytes() per peer (two run at a time); raw_<wire>_whole
         # sends each record whole, in one all_to_all and one all_gather.
         record = total // (2 * (world - 1))
-        cut = record if whole else GLOO_WIRE_CHUNK_BYTES
+        cut = record if whole else gloo_wire_chunk_bytes()
         sizes = [min(cut, record - lo) for lo in range(0, record, cut)]
         sends = [torch.randint(0, 255, (world * n,), dtype=torch.uint8) for n in sizes]
         received = [torch.empty_like(t) for t in sends]
@@ -263,6 +274,8 @@ def summarize(name: str, windows: list[dict[str, float]], args: argparse.Namespa
         "blocked_seconds_per_window": statistics.median(w["blocked"] for w in windows),
         "waited_seconds_per_window": statistics.median(w["waited"] for w in windows),
         "sent_bytes_per_step": sent,
+        "cpu_seconds_per_step": statistics.median(w["cpu"] for w in windows),
+        "machine_busy": _median_known([w["busy"] for w in windows]),
         "received_bytes_per_step": sum(w["received"] * w["steps"] for w in windows) / total_steps,
         "expected_bytes_per_step": expected,
         "wire_vs_expected": sent / expected if expected else None,
@@ -271,8 +284,14 @@ def summarize(name: str, windows: list[dict[str, float]], args: argparse.Namespa
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
         "fragments": args.fragments if name.startswith(STREAMED) else 1,
         "delay": stream_delay(name) if name.startswith(STREAMED) else 0,
+        "gloo_chunk_bytes": gloo_wire_chunk_bytes(),
     }
     return record
+
+
+def _median_known(xs: list[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]
+    return statistics.median(known) if known else None
 
 
 def worker(rank: int, args: argparse.Namespace) -> int:
@@ -334,11 +353,13 @@ def print_table(records: list[dict]) -> None:
     r0 = records[0]
     print(f"\n{r0['model']}, batch {r0['batch']}, {r0['image_size']}px, world {r0['world_size']}, "
           f"{r0['rate']} links (tbf, both directions), tau {r0['tau']}, {r0['numel']:,} parameters; "
-          f"median of {r0['windows']} windows per variant (spread: (max - min) / median)")
+          f"median of {r0['windows']} windows per variant (spread: (max - min) / median); "
+          f"quantized pieces of {r0['gloo_chunk_bytes'] // 1024} KiB per peer")
     print(f"{RATIO_LINE}; x local: step time / the local step's; blocked/waited: ms per window "
-          "of tau steps; sent: bytes per step per rank on the interface / bytes_per_step()")
+          "of tau steps; sent: bytes per step per rank on the interface / bytes_per_step(); "
+          "cpu: rank 0's process CPU ms per step; busy: the machine's CPUs busy")
     print(f"{'variant':<15}{'step ms':>9}{'spread':>8}{'x local':>8}{'vs ddp':>8}{'vs pma':>8}"
-          f"{'blocked':>9}{'waited':>8}{'sent MB':>9}{'/expected':>10}{'link':>7}")
+          f"{'blocked':>9}{'waited':>8}{'sent MB':>9}{'/expected':>10}{'link':>7}{'cpu':>7}{'busy':>6}")
     for r in records:
         blocked = r["blocked_seconds_per_window"]
         share = r.get("link_share")
@@ -350,7 +371,9 @@ def print_table(records: list[dict]) -> None:
               f"{'-' if blocked is None else format(blocked * 1e3, '.0f'):>9}"
               f"{r['waited_seconds_per_window'] * 1e3:>8.0f}{r['sent_bytes_per_step'] / 1e6:>9.2f}"
               f"{'-' if ratio is None else format(ratio, '.3f'):>10}"
-              f"{'-' if share is None else format(share, '.0%'):>7}{note}")
+              f"{'-' if share is None else format(share, '.0%'):>7}"
+              f"{r['cpu_seconds_per_step'] * 1e3:>7.0f}"
+              f"{'-' if r['machine_busy'] is None else format(r['machine_busy'], '.0%'):>6}{note}")
     by_name = {r["name"]: r for r in records}
     lines = []
     if "blocked_vs_easgd_fp32" in by_name.get("easgd_int8", {}):
@@ -383,6 +406,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ddp-steps", type=count, default=2, help="ddp's steps per window")
     parser.add_argument("--threads", type=count, default=None,
                         help="torch threads per rank (default: the CPUs shared among the ranks)")
+    parser.add_argument("--gloo-chunk-kib", type=count, default=None,
+                        help="the quantized wire's piece per peer over Gloo, in KiB (sets "
+                             f"{GLOO_CHUNK_ENV} for the ranks; default 64: right up to a few "
+                             "hundred Mbit/s; 1024 at 1 Gbit/s)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=count, default=1800,
@@ -411,6 +438,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                      f"{', '.join(VARIANTS)}, {', '.join(r for r in RAW if r not in VARIANTS)}")
     if args.world < 2:
         parser.error("--world: a link needs 2 or more ranks")
+    if args.gloo_chunk_kib is not None and args.gloo_chunk_kib < 4:
+        parser.error(f"--gloo-chunk-kib must be at least 4, got {args.gloo_chunk_kib}")
+    if args.gloo_chunk_kib is None:
+        try:
+            gloo_wire_chunk_bytes()
+        except ValueError as e:
+            parser.error(str(e))
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // args.world)
     return args
@@ -423,6 +457,8 @@ def launch(args: argparse.Namespace) -> list[dict] | None:
         out = os.path.join(tmp, "records.json")
         port = 20000 + os.getpid() % 20000
         env = dict(os.environ, GLOO_SOCKET_IFNAME=RANK_IFACE, PYTHONUNBUFFERED="1")
+        if args.gloo_chunk_kib is not None:
+            env[GLOO_CHUNK_ENV] = str(args.gloo_chunk_kib * 1024)
         forwarded = [a for a in (sys.argv[1:] if args.argv is None else args.argv) if a != "--quick"]
         procs = []
         try:

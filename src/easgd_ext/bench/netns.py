@@ -161,3 +161,13 @@ def interface_bytes(iface: str = RANK_IFACE) -> tuple[int, int]:
     (frames with their Ethernet/IP/TCP headers)."""
     stats = Path("/sys/class/net") / iface / "statistics"
     return int((stats / "tx_bytes").read_text()), int((stats / "rx_bytes").read_text())
+
+
+def machine_cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU of the machine since boot, from /proc/stat (not
+    namespaced: the ranks, their Gloo threads and the kernel's network processing, softirqs
+    included, all count)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user
+    return total - idle, total

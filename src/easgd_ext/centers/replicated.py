@@ -35,7 +35,7 @@ import torch
 from .. import _dist
 from ..algorithms import Algorithm, SyncRule
 from ..flat_params import FlatGroup, check_saved
-from ..settings import GLOO_WIRE_CHUNK_BYTES, POLICY_CODES, quant_bits
+from ..settings import POLICY_CODES, quant_bits
 from ..stats import outcome_of
 from .base import Center, CenterConfig, ExchangeRecord
 from .fragments import FragmentPlan, due, plan_fragments
@@ -99,7 +99,7 @@ class ReplicatedCenter(Center):
         # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
         self._cuda = groups[0].device.type == "cuda"
         self._host_waits = comm.host_waits(groups[0].device)
-        chunk = GLOO_WIRE_CHUNK_BYTES if self._host_waits else None
+        chunk = config.gloo_chunk_bytes if self._host_waits else None
         self.wires: list[Wire] = [
             QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits, chunk,
                           config.kernels == "torch") if bits else
