@@ -5,6 +5,7 @@ construction-time agreement that turns a local mistake into the same error on ev
 from __future__ import annotations
 
 import collections
+import json
 import os
 import pickle
 import sys
@@ -345,3 +346,96 @@ def describe_silent(silent: list[int] | None) -> str:
         return "every rank reported the failure"
     return (f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} did not take part "
             "(dead, frozen, or no longer calling step()/exchange())")
+
+
+# ---- going on without the ranks that failed (on_failure="continue") -----------------------------
+@dataclass(frozen=True)
+class Survivors:
+    """What the ranks that took part agreed on after a failed exchange: the group's global
+    ranks that go on, the clock they go on from (the most advanced one's) and the rank whose
+    center every survivor takes (that most advanced rank: a collective that completed on some
+    ranks before the failure was applied there)."""
+    ranks: list[int]
+    clock: int
+    source: int
+
+
+def group_ranks(comm: Comm) -> list[int]:
+    """The global ranks of ``comm``'s group, in group rank order."""
+    return dist.get_process_group_ranks(comm.group) if comm.distributed else [0]
+
+
+def _reform_prefix(comm: Comm) -> str:
+    # One namespace per membership: a group only shrinks, so each is used once.
+    return f"easgd_ext/reform/{'-'.join(map(str, dist.get_process_group_ranks(comm.group)))}/"
+
+
+def peers_reforming(comm: Comm, timeout: float = 2.0) -> bool:
+    """Whether another rank of the group has already reported a failed exchange and is
+    waiting to go on without the failed ranks (so this rank's collective will not complete
+    either). ``False`` where the store does not answer within ``timeout``."""
+    try:
+        base = dist.distributed_c10d._get_default_store()
+        ranks = dist.get_process_group_ranks(comm.group)
+    except Exception:  # noqa: BLE001 -- no store: nothing to learn from it
+        return False
+    prefix = _reform_prefix(comm) + "alive/"
+    found: dict[str, bool] = {}
+
+    def look() -> None:
+        store = base.clone()
+        found["any"] = any(store.check([prefix + str(r)]) for r in ranks)
+
+    probe = threading.Thread(target=look, name="easgd_ext-reform-look", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return found.get("any", False)
+
+
+def agree_on_survivors(comm: Comm, clock: int, settle: float, limit: float) -> Survivors | None:
+    """After a failed exchange: every rank that can still reach the process group's store
+    writes that it is alive (with its clock); once no new rank has appeared for ``settle``
+    seconds (or every rank has, or ``limit`` seconds have passed) the first rank to decide
+    writes the membership, atomically (``compare_set``), and every survivor reads that one
+    decision. ``None`` where the store does not answer (its host may be a rank that died: under
+    env:// that is rank 0), as :func:`unresponsive_ranks` handles it: on a daemon thread, waited
+    for ``limit`` + 1 s at most."""
+    try:
+        base = dist.distributed_c10d._get_default_store()
+        ranks = dist.get_process_group_ranks(comm.group)
+    except Exception:  # noqa: BLE001 -- no store: the caller reports the failure as it was
+        return None
+    prefix = _reform_prefix(comm)
+    me = ranks[comm.rank]
+    found: dict[str, Any] = {}
+
+    def decide() -> None:
+        try:
+            store = base.clone()
+            store.set(f"{prefix}alive/{me}", str(clock))
+            start = changed = time.monotonic()
+            present: list[int] = []
+            while True:
+                now_present = [r for r in ranks if store.check([f"{prefix}alive/{r}"])]
+                now = time.monotonic()
+                if now_present != present:
+                    present, changed = now_present, now
+                if len(present) == len(ranks) or now - changed >= settle or now - start >= limit:
+                    break
+                if store.check([prefix + "members"]):
+                    break  # another rank has decided: take its decision
+                time.sleep(0.05)
+            clocks = {r: int(store.get(f"{prefix}alive/{r}").decode()) for r in present}
+            top = max(clocks.values())
+            proposal = {"ranks": present, "clock": top,
+                        "source": min(r for r, c in clocks.items() if c == top)}
+            decided = store.compare_set(prefix + "members", "", json.dumps(proposal))
+            found["decision"] = json.loads(decided.decode())
+        except Exception as exc:  # noqa: BLE001 -- the store's host may be the rank that died
+            found["error"] = exc
+
+    worker = threading.Thread(target=decide, name="easgd_ext-survivors", daemon=True)
+    worker.start()
+    worker.join(limit + settle + DIAGNOSIS_MARGIN)
+    decision = found.get("decision")
+    return None if decision is None else Survivors(**decision)

@@ -25,7 +25,8 @@ from .flat_params import (ALIGN_ELEMENTS, check_saved, collect_parameters, flatt
                           layout_of)
 from .state import check_counter, check_finite_buffers, check_stats
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
-                       DEFAULT_ON_NONFINITE, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
+                       DEFAULT_ON_FAILURE, DEFAULT_ON_NONFINITE, FAILURE_SETTLE_SECONDS,
+                       check_on_failure, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
                        check_delay, check_exchange_timeout, check_fragments, check_lock_timeout,
                        check_mode, check_on_nonfinite, check_outer, check_tau, check_update_alpha,
                        dtype_name, elastic_rates, gloo_wire_chunk_bytes, kernel_path, quant_bits,
@@ -48,7 +49,8 @@ class Averager:
     def __init__(self, params: Iterable[torch.Tensor], make_algorithm: Callable[[int], Algorithm], *,
                  tau: int, mode: str, process_group: Any, comm_dtype: Any, bucket_cap_mb: Any,
                  center: Any, servers: Any, lock_timeout: Any, on_nonfinite: str,
-                 exchange_timeout: Any, fragments: Any = 1, delay: Any = 0) -> None:
+                 exchange_timeout: Any, fragments: Any = 1, delay: Any = 0,
+                 on_failure: str = DEFAULT_ON_FAILURE) -> None:
         comm = _dist.resolve(process_group)
         self._comm = comm
         config = CenterConfig(on_nonfinite=on_nonfinite)
@@ -92,11 +94,24 @@ class Averager:
                     DEFAULT_EXCHANGE_TIMEOUT if exchange_timeout is None else exchange_timeout)
                 if quant_bits(config.comm_dtype):  # its pieces must be cut alike on every rank
                     config.gloo_chunk_bytes = chosen["gloo_chunk_bytes"] = gloo_wire_chunk_bytes()
+                config.on_failure = check_on_failure(on_failure)
+                if (config.on_failure == "continue" and comm.distributed
+                        and not comm.host_waits(params_[0].device)):
+                    raise ValueError(
+                        "on_failure='continue' over NCCL is not supported yet: NCCL's collectives "
+                        "fail on the device, out of the host's sight; use a Gloo group for the "
+                        "averager (CUDA tensors are staged through the host) or on_failure='raise'")
+                if sharded and config.on_failure == "continue":
+                    raise ValueError(
+                        "on_failure='continue' with DTensor parameters (a sharded model) is not "
+                        "supported yet: a replica that loses one shard rank must leave whole; "
+                        "use on_failure='raise' and resume from a checkpoint")
                 workers = comm.world_size
             else:
                 reject_other_mode_arguments("async", {
                     "comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
                     "exchange_timeout": exchange_timeout,
+                    "on_failure": None if on_failure == DEFAULT_ON_FAILURE else on_failure,
                     "fragments": None if fragments == 1 else fragments,
                     "delay": None if delay == 0 else delay})
                 config.lock_timeout = check_lock_timeout(
@@ -133,8 +148,9 @@ class Averager:
             # ranks of the group must hold the same ones.
             return {"algorithm": algorithm.name, "settings": settings,
                     "layout": shards_of(params_) if sharded else layout_of(params_),
-                    # not a setting of the state: a resumed job may cut its pieces otherwise
-                    "gloo_chunk_bytes": chosen.get("gloo_chunk_bytes")}
+                    # not settings of the state: a resumed job may choose them otherwise
+                    "gloo_chunk_bytes": chosen.get("gloo_chunk_bytes"),
+                    "on_failure": config.on_failure}
 
         try:
             agreed = _dist.agree(comm, build)
@@ -155,6 +171,9 @@ class Averager:
         self.on_nonfinite: str = self._settings["on_nonfinite"]
         self.comm_dtype: torch.dtype | None = config.comm_dtype
         self.lock_timeout: float | None = config.lock_timeout if self.mode == "async" else None
+        self.on_failure: str = config.on_failure
+        self._make_algorithm, self._config = make_algorithm, config
+        self._abandoned: list[Center] = []  # centers of groups left behind after a failure
         self.clock = 0
         self._params: list[torch.Tensor] = chosen["params"]
         self.sharded: bool = chosen["sharded"]
@@ -310,12 +329,82 @@ class Averager:
             work(self.clock)  # captured: the kernels and collectives only
         else:
             timer = self._log.start(device)
-            self._log.finish(work(self.clock), timer)
+            try:
+                records = work(self.clock)
+            except ExchangeError as exc:
+                if self.on_failure != "continue":
+                    raise
+                self._go_on_without_the_failed(exc)
+                return
+            self._log.finish(records, timer)
             if self.on_nonfinite == "raise":
                 self._log.drain()  # the verdict now, on every rank alike (a wait on CUDA)
         # The kernels wrote the parameters behind autograd's back: a backward that saved them
         # must fail loudly, as after any in-place update.
         torch.autograd.graph.increment_version(self._written)
+
+    def _go_on_without_the_failed(self, exc: ExchangeError) -> None:
+        """``on_failure="continue"``: the ranks that report the failure agree on who is left
+        (through the process group's store), form a group of their own, rebuild the exchange
+        for p - k workers (the rule's rates as its constructor derives them for p - k: beta
+        given, alpha = beta / (p - k); alpha given, beta = (p - k) alpha) and take the center,
+        the rule's center buffers and the clock of the most advanced survivor. The failed
+        exchange is dropped (its fragments in flight with it; nothing of them was applied);
+        each worker keeps its own parameters and its wire's residual; the owners' residuals of
+        a quantized wire start again from zero (the chunks they owned have moved)."""
+        grace = min(self._config.exchange_timeout, FAILURE_SETTLE_SECONDS)
+        survivors = _dist.agree_on_survivors(self._comm, self.clock, settle=grace,
+                                             limit=self._config.exchange_timeout)
+        me = self._comm.global_rank(self._comm.rank)
+        if survivors is None:
+            raise ExchangeError(f"{exc}; on_failure='continue' could not go on: the process "
+                                "group's store did not answer (its host may be the rank that "
+                                "failed: under env:// that is rank 0; torchrun's store lives in "
+                                "its agent and outlives the ranks)", exc.clock, exc.silent_ranks) from exc
+        if me not in survivors.ranks:
+            raise ExchangeError(f"{exc}; this rank reported the failure after the others had "
+                                f"agreed to go on without it (ranks {survivors.ranks})",
+                                exc.clock, exc.silent_ranks) from exc
+        if len(survivors.ranks) < 2:
+            raise ExchangeError(f"{exc}; no other rank is left to exchange with", exc.clock,
+                                exc.silent_ranks) from exc
+        lost = [r for r in _dist.group_ranks(self._comm) if r not in survivors.ranks]
+        group = torch.distributed.new_group(survivors.ranks, use_local_synchronization=True)
+        comm = _dist.resolve(group)
+        kept = {name: [g.buffers[name].clone() for g in self._groups]
+                for name in ("center", "residual", *self.algorithm.center_buffers,
+                             *self.algorithm.worker_buffers)
+                if all(name in g.buffers for g in self._groups)}
+        self._abandoned.append(self._center)  # Gloo's threads may still hold its tensors
+        self._comm = comm
+        self.algorithm = self._make_algorithm(comm.world_size)
+        self._settings.update(self.algorithm.settings())
+        self._center = make_center(kind_for(self.mode, None), comm, self._groups, self._params,
+                                   self.algorithm, self._config)
+        with torch.no_grad():
+            for name, tensors in kept.items():
+                for g, t in zip(self._groups, tensors):
+                    g.buffers[name].copy_(t)
+            shared = [g.buffers[name] for name in ("center", *self.algorithm.center_buffers)
+                      for g in self._groups if name in g.buffers]
+            source = survivors.ranks.index(survivors.source)
+            for t in shared:  # a collective that completed on some ranks was applied there
+                comm.broadcast(t, source)
+        self.clock = survivors.clock
+        self._log.stats.failures_survived += 1
+        warn_user(f"{type(self).__name__}: the exchange at clock {exc.clock} failed (rank"
+                  f"{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} did not report it: dead, "
+                  f"frozen or gone); going on with {comm.world_size} workers (ranks "
+                  f"{', '.join(map(str, survivors.ranks))}) from clock {self.clock}; the failed "
+                  "exchange was dropped, nothing of it applied")
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the exchanges use now: the one given (or the default one), or,
+        after ``on_failure="continue"`` went on without failed ranks, the survivors' own (the
+        default group still holds the failed ranks: use this one for the job's own collectives
+        among the survivors). ``None`` in a single process."""
+        return self._comm.group
 
     def _check_capturable(self, work: Callable[[int], list[Any]]) -> None:
         """What a CUDA graph cannot hold is refused before anything is captured."""
@@ -638,6 +727,17 @@ class ElasticAverager(Averager):
             raises :class:`~easgd_ext.NonFiniteError` on every rank. Decided on the device.
         exchange_timeout: sync, CPU tensors: seconds to wait for the other ranks in an exchange
             before raising (default 300).
+        on_failure: sync, over Gloo: what an exchange that fails because ranks died, froze past
+            ``exchange_timeout`` or stopped exchanging does. ``"raise"`` (default):
+            :class:`~easgd_ext.ExchangeError` on every survivor, nothing applied (resume from a
+            checkpoint). ``"continue"``: the survivors agree on who is left through the
+            process group's store (which must outlive the ranks: torchrun's does; under
+            env:// rank 0 hosts it), form a group of their own (:attr:`process_group`), drop
+            the failed exchange and go on with ``p - k`` workers (the rule's rates rescaled as
+            the constructor derives them: ``beta`` given, ``alpha = beta / (p - k)``; ``alpha``
+            given, ``beta = (p - k) alpha``), counted in ``stats.failures_survived`` and warned
+            about. A rank that reports the failure more than 2 s after the others agreed is
+            counted out and raises.
         fragments: sync: cut the model into this many contiguous fragments (runs of layers),
             each exchanged every ``tau`` steps at its own phase of them: the bytes of one step
             drop to about ``1 / fragments`` of a whole exchange (default 1: all at once).
@@ -666,7 +766,7 @@ class ElasticAverager(Averager):
                  lock_timeout: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
                  delay: int = 0, outer_lr: float = 1.0, outer_momentum: float = 0.0,
-                 nesterov: bool = False) -> None:
+                 nesterov: bool = False, on_failure: str = DEFAULT_ON_FAILURE) -> None:
         outer = check_outer(outer_lr, outer_momentum, nesterov)
 
         def make(workers: int) -> Algorithm:
@@ -676,7 +776,8 @@ class ElasticAverager(Averager):
         super().__init__(params, make, tau=tau, mode=mode, process_group=process_group,
                          comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb, center=center,
                          servers=servers, lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
+                         on_failure=on_failure)
 
     @property
     def alpha(self) -> float:
@@ -705,12 +806,13 @@ class DownpourAverager(Averager):
                  servers: list[int] | None = None, lock_timeout: float | None = None, *,
                  on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
-                 delay: int = 0) -> None:
+                 delay: int = 0, on_failure: str = DEFAULT_ON_FAILURE) -> None:
         super().__init__(params, lambda workers: Downpour(), tau=tau, mode=mode,
                          process_group=process_group, comm_dtype=comm_dtype,
                          bucket_cap_mb=bucket_cap_mb, center=center, servers=servers,
                          lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
+                         on_failure=on_failure)
 
 
 class PeriodicAverager(Averager):
@@ -732,12 +834,13 @@ class PeriodicAverager(Averager):
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
                  bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
-                 delay: int = 0) -> None:
+                 delay: int = 0, on_failure: str = DEFAULT_ON_FAILURE) -> None:
         super().__init__(params, lambda workers: Averaging(), tau=tau, mode=mode,
                          process_group=process_group, comm_dtype=comm_dtype,
                          bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
                          lock_timeout=None, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
+                         on_failure=on_failure)
 
 
 class DiLoCoAverager(Averager):
@@ -774,11 +877,13 @@ class DiLoCoAverager(Averager):
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
                  bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
-                 delay: int = 0, fragment_update_alpha: float = 0.0) -> None:
+                 delay: int = 0, fragment_update_alpha: float = 0.0,
+                 on_failure: str = DEFAULT_ON_FAILURE) -> None:
         lr, mu, nesterov_ = check_outer(outer_lr, outer_momentum, nesterov) or (outer_lr, outer_momentum, nesterov)
         mix = check_update_alpha(fragment_update_alpha)
         super().__init__(params, lambda workers: DiLoCo(workers, lr, mu, nesterov_, mix), tau=tau,
                          mode=mode, process_group=process_group, comm_dtype=comm_dtype,
                          bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
                          lock_timeout=None, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay)
+                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
+                         on_failure=on_failure)

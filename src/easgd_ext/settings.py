@@ -28,6 +28,12 @@ KERNEL_PATHS = ("fused", "torch")
 
 MODES = ("sync", "async")
 ON_NONFINITE = ("reset", "skip", "raise")
+# What a synchronous exchange that failed because ranks died, froze or left does: raise
+# ExchangeError on every survivor (the job restarts from a checkpoint), or go on without them.
+ON_FAILURE = ("raise", "continue")
+DEFAULT_ON_FAILURE = "raise"
+FAILURE_POLL_SECONDS = 0.25  # on_failure="continue": how often a waiting rank asks the store
+FAILURE_SETTLE_SECONDS = 2.0  # ... and how long the survivors wait for one more to report
 # The kernels' policy codes (native OnNonFinite): "raise" skips on the device like "skip".
 POLICY_CODES = {"skip": 0, "raise": 0, "reset": 1}
 COMM_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -175,6 +181,13 @@ def gloo_wire_chunk_bytes() -> int:
         raise ValueError(f"{GLOO_CHUNK_ENV} must be a whole number of bytes of at least 4096 "
                          f"(e.g. 1048576 for a 1 Gbit/s link), got {value!r}")
     return chunk
+
+
+def check_on_failure(value: object) -> str:
+    if value not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {', '.join(map(repr, ON_FAILURE))}, "
+                         f"got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def check_on_nonfinite(value: object) -> str:

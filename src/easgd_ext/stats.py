@@ -47,6 +47,8 @@ class ExchangeStats:
     without synchronizing the device. ``wait_seconds``, part of it, is the time the host waited
     for collectives still running (synchronous mode over Gloo; 0 with NCCL, where the stream
     waits instead, and in asynchronous mode): the rest is the kernels and the launches.
+    ``failures_survived``: synchronous exchanges that failed because ranks died, froze or left,
+    after which this rank went on with the survivors (``on_failure="continue"``).
     """
     exchanges: int = 0
     skipped_exchanges: int = 0
@@ -56,6 +58,7 @@ class ExchangeStats:
     comm_seconds: float = 0.0
     last_exchange_seconds: float = 0.0
     wait_seconds: float = 0.0
+    failures_survived: int = 0
 
 
 @dataclass

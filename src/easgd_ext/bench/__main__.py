@@ -1,4 +1,4 @@
-"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp,link} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp,link,faults} [options]: the benchmarks shipped with the package.
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
               ceiling (torch copy_, the native copy kernel, memcpy) timed with them
@@ -16,6 +16,8 @@
     link      the exchange on a slow link (root): ranks in network namespaces, links shaped
               with tbf; DDP, PeriodicModelAverager, every averager and wire, streamed or not,
               and the raw collectives against the link rate
+    faults    training through a failure: EASGD with on_failure="continue" on Gloo ranks, one
+              killed or frozen mid-run, the survivors' final center against a run without it
 
 Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
 prints a short table and writes its records with --json PATH. Every ratio is a speedup over a
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp", "link")
+COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp", "link", "faults")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         from .link import main as run
     elif argv[0] == "fsdp":
         from .fsdp import main as run
+    elif argv[0] == "faults":
+        from .faults import main as run
     else:
         from .comm import main as run
     return run(argv[1:])

@@ -52,6 +52,7 @@ class CenterConfig:
     bucket_bytes: int = 25 * 2**20
     exchange_timeout: float = 300.0
     gloo_chunk_bytes: int = 64 * 1024  # the quantized wire's piece per peer over Gloo
+    on_failure: str = "raise"  # "continue": a failed exchange is survived (the averager re-forms)
     # DTensor parameters: the groups connecting this replica's other ranks (the other shards);
     # an exchange's non-finite flag is shared with them before it is published, so a replica
     # is decided as a whole.

@@ -35,7 +35,7 @@ import torch
 from .. import _dist
 from ..algorithms import Algorithm, SyncRule
 from ..flat_params import FlatGroup, check_saved
-from ..settings import POLICY_CODES, quant_bits
+from ..settings import FAILURE_POLL_SECONDS, POLICY_CODES, quant_bits
 from ..stats import outcome_of
 from .base import Center, CenterConfig, ExchangeRecord
 from .fragments import FragmentPlan, due, plan_fragments
@@ -75,6 +75,9 @@ class ReplicatedCenter(Center):
         self._comm = comm
         self._groups = groups
         self._timeout = timedelta(seconds=config.exchange_timeout)
+        # on_failure="continue": the averager re-forms the group; a rank whose collective
+        # hangs on a peer that failed elsewhere learns it from the store within a poll.
+        self._survives = config.on_failure == "continue" and comm.distributed
         self._skips_on_bad = config.on_nonfinite != "reset"
         self.workers = comm.world_size
         self.tau, self.delay = config.tau, config.delay
@@ -220,11 +223,30 @@ class ReplicatedCenter(Center):
             return
         start = time.perf_counter()
         try:
-            work.wait(self._timeout)  # at most exchange_timeout
+            if self._survives:
+                self._wait_watching_peers(work, start)
+            else:
+                work.wait(self._timeout)  # at most exchange_timeout
         except RuntimeError as exc:
             raise self._failure(f.sent_at, exc) from exc
         if counted:
             f.waited += time.perf_counter() - start
+
+    def _wait_watching_peers(self, work: Any, start: float) -> None:
+        """``work.wait`` within the exchange timeout, in slices: between them, whether another
+        rank has already found the exchange failed (a ring's far side sees a dead peer only
+        through its neighbours, which then wait for nothing)."""
+        deadline = start + self._timeout.total_seconds()
+        while True:
+            left = deadline - time.perf_counter()
+            try:
+                work.wait(timedelta(seconds=max(1e-3, min(FAILURE_POLL_SECONDS, left))))
+                return
+            except RuntimeError:
+                if work.is_completed() or time.perf_counter() >= deadline:
+                    raise  # it failed (or the timeout passed)
+            if _dist.peers_reforming(self._comm):
+                raise RuntimeError("another rank found this exchange failed")
 
     def _record(self, f: InFlight, wire: Wire) -> ExchangeRecord:
         # One device decides for the record (a skip covers each device's groups alike).
@@ -238,9 +260,12 @@ class ReplicatedCenter(Center):
         return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited, status=status.clone())
 
     def _failure(self, clock: int, exc: Exception) -> ExchangeError:
-        silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
-                                          grace=min(5.0, self._timeout.total_seconds()))
-        who = _dist.describe_silent(silent)  # silent is None: the store did not answer
+        if self._survives:  # who is left is for the survivors' agreement to find out
+            silent, who = None, "the averager goes on with the ranks that report it"
+        else:
+            silent = _dist.unresponsive_ranks(self._comm, f"exchange-{clock}",
+                                              grace=min(5.0, self._timeout.total_seconds()))
+            who = _dist.describe_silent(silent)  # silent is None: the store did not answer
         return ExchangeError(
             f"the exchange at clock {clock} failed on rank {self._comm.rank} of "
             f"{self._comm.world_size}: {who}; nothing was applied, so this worker's "
