@@ -74,6 +74,7 @@ def rank_main(rank: int, world: int, store: str, out: str, args: argparse.Namesp
             error = data.test_error(model, split.test_x, split.test_y)
         Path(out).write_text(json.dumps({
             "seed": seed, "world": world, "workers_left": avg.workers, "test_error": error,
+            "exchanges": avg.stats.exchanges, "center_norm": float(center.double().norm()),
             "failures_survived": avg.stats.failures_survived,
             "same_center": all(torch.equal(center, c) for c in everyone),
             "recovery_seconds": recovered}))

@@ -1,0 +1,2 @@
+"""Entry points from other training frameworks, each an optional extra (the core needs torch
+only): :mod:`easgd_ext.integrations.lightning` (``pip install 'easgd_ext[lightning]'``)."""
