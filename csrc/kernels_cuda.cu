@@ -208,15 +208,20 @@ __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendA
   if (bad && lane == 0 && a.nonfinite != nullptr) *a.nonfinite = 1.f;
 }
 
+// Every record's header gets the flag (block 0); a flagged rank's records are zeroed past their
+// headers by the whole grid (a record of a large piece is megabytes: one block would crawl).
 __global__ void __launch_bounds__(kThreads) publish_records_kernel(PublishRecordsArgs a) {
   const QuantLayout l = a.layout;
   const float flag = *a.me_bad;
-  for (int w = 0; w < l.world; ++w) {
-    uint8_t* rec = a.records + w * l.record;
-    if (threadIdx.x == 0) *QuantLayout::flag(rec) = flag;
-    if (flag != 0.f) {
-      for (int64_t i = kHeaderBytes + threadIdx.x; i < l.record; i += blockDim.x) rec[i] = 0;
-    }
+  if (blockIdx.x == 0) {
+    for (int w = threadIdx.x; w < l.world; w += blockDim.x) *QuantLayout::flag(a.records + w * l.record) = flag;
+  }
+  if (flag == 0.f) return;
+  const int64_t body = l.record - kHeaderBytes;
+  const int64_t total = int64_t(l.world) * body;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    a.records[(i / body) * l.record + kHeaderBytes + i % body] = 0;
   }
 }
 
@@ -361,7 +366,9 @@ void run_special(const QuantizedReduceArgs& a, cudaStream_t stream) {
   });
 }
 void run_special(const PublishRecordsArgs& a, cudaStream_t stream) {
-  publish_records_kernel<<<1, kThreads, 0, stream>>>(a);
+  const int64_t total = int64_t(a.layout.world) * (a.layout.record - kHeaderBytes);
+  const int64_t blocks = std::min<int64_t>(1024, std::max<int64_t>(1, (total + 4 * kThreads - 1) / (4 * kThreads)));
+  publish_records_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
 }
 
 }  // namespace

@@ -21,7 +21,8 @@ import easgd_ext
 from easgd_ext.data import DigitsCNN
 from conftest import cuda_usable
 from dist_harness import Processes, run_ranks, values
-from easgd_ext.centers.wires import HEADER, ring_allreduce_bytes
+from easgd_ext.centers.wires import HEADER
+from easgd_ext.stats import ring_allreduce_bytes
 from easgd_ext.settings import kernel_path
 
 TAU = 2

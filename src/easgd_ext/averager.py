@@ -21,7 +21,7 @@ from .centers import (Center, CenterConfig, ExchangeError, attach_given, check_s
                       make_center)
 from .dtensor_params import (check_params as check_dtensor_params, replica_groups, shard_groups,
                              shards_of, smallest_layout)
-from .flat_params import (ALIGN_ELEMENTS, check_saved, collect_parameters, flatten, is_dtensor,
+from .flat_params import (ALIGN_ELEMENTS, FlatGroup, check_saved, collect_parameters, flatten, is_dtensor,
                           layout_of)
 from .state import check_counter, check_finite_buffers, check_stats
 from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
@@ -397,6 +397,12 @@ class Averager:
                   f"frozen or gone); going on with {comm.world_size} workers (ranks "
                   f"{', '.join(map(str, survivors.ranks))}) from clock {self.clock}; the failed "
                   "exchange was dropped, nothing of it applied")
+
+    @property
+    def flat_groups(self) -> list[FlatGroup]:
+        """The flat groups the parameters are laid out in (one per device and dtype; for DTensor
+        parameters, their local shards): the layout the center and its buffers follow."""
+        return self._groups
 
     @property
     def process_group(self) -> Any:

@@ -58,9 +58,8 @@ class DCPState:
                 "saves with state_dict() on every rank (torch.save), as the faults table says")
         self._avg = averager
         self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        comm = averager._comm
-        self._group_ranks = (dist.get_process_group_ranks(comm.group) if comm.distributed
-                             else [self._rank])
+        group = averager.process_group
+        self._group_ranks = dist.get_process_group_ranks(group) if group is not None else [self._rank]
 
     # ---- the topology: what must be the same to resume ---------------------------------------------
     def topology(self) -> dict[str, Any]:
@@ -129,7 +128,7 @@ class DCPState:
 
         out: dict[str, Any] = {}
         index = 0
-        for g, t in zip(avg._groups, tensors):
+        for g, t in zip(avg.flat_groups, tensors):
             for i, p in enumerate(g.params):
                 out[str(index)] = dtensor_like(p, g.member_view(t, i).clone())
                 index += 1
@@ -140,10 +139,10 @@ class DCPState:
         avg = self._avg
         if not avg.sharded:
             key = self._group_key()
-            return [entries[f"{key}.{k}"] for k in range(len(avg._groups))]
+            return [entries[f"{key}.{k}"] for k in range(len(avg.flat_groups))]
         out = []
         index = 0
-        for g in avg._groups:
+        for g in avg.flat_groups:
             whole = torch.zeros(g.numel)
             for i in range(len(g.params)):
                 g.member_view(whole, i).copy_(entries[str(index)].to_local())

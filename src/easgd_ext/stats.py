@@ -230,7 +230,8 @@ def outcome_of(clock: int, status: Any, skips_on_bad: bool) -> Outcome:
     policy an exchange with a bad rank applied nothing; the resetting one applied the healthy
     ranks' part and reset the bad ones."""
     me_bad, bad, overflow = float(status[ME_BAD]), float(status[BAD_RANKS]), float(status[OVERFLOW])
-    return Outcome(clock, int(bad), me_bad != 0, overflow != 0, bad == 0 or not skips_on_bad)
+    return Outcome(clock, bad_ranks=int(bad), me_bad=me_bad != 0, overflow=overflow != 0,
+                   applied=bad == 0 or not skips_on_bad)
 
 
 class Throttle:
@@ -247,6 +248,12 @@ class Throttle:
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def ring_allreduce_bytes(payload: int, world: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``payload`` bytes: ``2 (p - 1) / p`` of it
+    (reduce-scatter, then all-gather); 0 alone. The one formula every byte count here uses."""
+    return 2 * (world - 1) * payload // world if world > 1 else 0
 
 
 def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from . import data, simulate
 from .settings import COMM_DTYPES
+from .stats import ring_allreduce_bytes
 
 METHODS = ("sync-sgd", "local-sgd", "downpour", "easgd", "eamsgd", "diloco", "easgd-outer")
 LM_METHODS = ("sync-sgd", "local-sgd", "easgd", "easgd-outer", "diloco")
@@ -176,10 +177,6 @@ def _averager_for(method: str, tau: int) -> tuple[str | None, dict[str, Any]]:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def ring_bytes(numel: int, world: int) -> int:
-    return 2 * (world - 1) * 4 * numel // world
-
-
 def run_one(task: Task, method: str, workers: int, tau: int, lr: float, seed: int, steps: int,
             eval_every: int, device: torch.device, final: bool, wire: str = "float32") -> Run:
     """``steps`` local steps of ``workers`` simulated workers exchanging over ``wire``; the
@@ -197,7 +194,7 @@ def run_one(task: Task, method: str, workers: int, tau: int, lr: float, seed: in
         models += [_copy(models[0]) for _ in range(workers - 1)]  # every worker starts alike
         opts = [task.make_optimizer(m.parameters(), lr, method) for m in models]
         numel = sum(p.numel() for p in models[0].parameters())
-        per_round = ring_bytes(numel, workers)
+        per_round = ring_allreduce_bytes(4 * numel, workers)
     else:
         sim = simulate.Workers(task.make_model, workers, averager=name, device=device,
                                make_optimizer=lambda p: task.make_optimizer(p, lr, method), **kwargs)

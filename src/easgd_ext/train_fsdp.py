@@ -28,6 +28,7 @@ from torch import nn
 from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
 from ._launch import join_group, run_workers
 from .settings import QUANT_NAMES
+from .train_records import Result, load_split, say, steps_bar, steps_for
 
 SHARDS = 2
 FSDP_STEPS = 200  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
@@ -81,7 +82,6 @@ def make_job(algo: str, args: argparse.Namespace, mesh: Any) -> tuple[nn.Module,
 
 
 def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any, steps: int) -> Any:
-    from .train import Result, steps_bar  # the same records and progress as the main job
 
     rank, world = dist.get_rank(), dist.get_world_size()
     replicas = world // SHARDS
@@ -120,7 +120,6 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any,
 def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from .train import load_split, say, steps_for
 
     join_group(rank, world, store, "cpu")
     try:

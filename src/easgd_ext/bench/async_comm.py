@@ -36,7 +36,6 @@ against a raw ping-pong of the same bytes between the same ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys

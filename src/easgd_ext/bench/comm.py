@@ -36,7 +36,6 @@ costs the host beyond the bytes).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ import torch.distributed as dist
 
 import easgd_ext
 from easgd_ext._launch import launcher_rank_world, run_workers
+from easgd_ext.stats import ring_allreduce_bytes
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
 from .collectives import Works, rank_session, write_records_of_rank0
@@ -117,11 +117,6 @@ def clone_params(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(p.detach().clone()) for p in params]
 
 
-def ring_bytes(payload: int, world: int) -> int:
-    """What one rank sends in a ring all-reduce of ``payload`` bytes."""
-    return 2 * (world - 1) * payload // world if world > 1 else 0
-
-
 class Averaged:
     """An averager's exchange as a benchmark variant, and the bytes one call sends per rank
     (read from its statistics)."""
@@ -154,7 +149,7 @@ def variants(params: list[torch.nn.Parameter], world: int, peers: set[str],
     raw16 = raw32.bfloat16()
     fns["allreduce_fp32"] = lambda: works.run("allreduce_fp32", [raw32])
     fns["allreduce_bf16"] = lambda: works.run("allreduce_bf16", [raw16])
-    known = {"allreduce_fp32": ring_bytes(4 * n, world), "allreduce_bf16": ring_bytes(2 * n, world)}
+    known = {"allreduce_fp32": ring_allreduce_bytes(4 * n, world), "allreduce_bf16": ring_allreduce_bytes(2 * n, world)}
     if "torch_flat" in peers:
         x = torch.cat([p.detach().reshape(-1) for p in params]).float()
         fns["torch_flat"] = torch_flat_easgd(x, BETA / world, works)
@@ -176,11 +171,11 @@ def variants(params: list[torch.nn.Parameter], world: int, peers: set[str],
                 torch._foreach_div_(tensors, world)
 
         fns["per_param"] = per_param
-        known["per_param"] = ring_bytes(4 * n, world)
+        known["per_param"] = ring_allreduce_bytes(4 * n, world)
     if "torch_flat" in fns:
-        known["torch_flat"] = ring_bytes(4 * n, world)
+        known["torch_flat"] = ring_allreduce_bytes(4 * n, world)
     if "pytorch_periodic" in fns:
-        known["pytorch_periodic"] = ring_bytes(4 * n, world)
+        known["pytorch_periodic"] = ring_allreduce_bytes(4 * n, world)
     return fns, known
 
 

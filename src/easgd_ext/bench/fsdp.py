@@ -37,7 +37,6 @@ every byte crosses the same memory, so the times measure the work, not a network
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -55,7 +54,9 @@ from easgd_ext._launch import launcher_rank_world, run_workers
 
 from .cli import RATIO_LINE, count, prog
 from .collectives import Works, rank_session, write_records_of_rank0
-from .comm import ring_bytes, shapes_for, size_spec
+from easgd_ext.stats import ring_allreduce_bytes
+
+from .comm import shapes_for, size_spec
 from .report import report, spread_of, warn_if_noisy
 
 DEFAULT_SIZES = ["1e6", "1e7"]
@@ -190,9 +191,9 @@ def hierarchy(size: str, reps: int, works: Works) -> list[dict]:
     got = timed({"leaders": leaders_way, "every_rank": every_rank.exchange,
                  "shares": shares_way}, reps, works)
     bytes_ = {  # per node, ring model: (across nodes, inside the node)
-        "leaders": (ring_bytes(4 * n, nodes), 4 * n * (local_size - 1)),
-        "every_rank": (local_size * ring_bytes(4 * n, nodes), 0),
-        "shares": (local_size * ring_bytes(4 * share, nodes),
+        "leaders": (ring_allreduce_bytes(4 * n, nodes), 4 * n * (local_size - 1)),
+        "every_rank": (local_size * ring_allreduce_bytes(4 * n, nodes), 0),
+        "shares": (local_size * ring_allreduce_bytes(4 * share, nodes),
                    local_size * 4 * share * (local_size - 1))}
     center = {"leaders": 4 * n, "every_rank": 4 * n, "shares": 4 * share}
     records = []

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from easgd_ext.settings import GLOO_CHUNK_ENV, gloo_wire_chunk_bytes
+from easgd_ext.stats import ring_allreduce_bytes
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
 from .netns import RANK_IFACE, ShapedNetwork, interface_bytes, machine_cpu_jiffies, rate_bits, unavailable
@@ -109,12 +110,6 @@ def build_averager(name: str, params: Any, args: argparse.Namespace) -> Any:
 def stream_delay(name: str) -> int:
     """A streamed variant's delay: ``stream_int8`` 1, ``stream_int8_d2`` 2."""
     return 2 if name.endswith("_d2") else 1
-
-
-def ring_bytes(payload: int, world: int) -> int:
-    from easgd_ext.centers.wires import ring_allreduce_bytes
-
-    return ring_allreduce_bytes(payload, world)
 
 
 def exchange_bytes(wire: str, params: list[torch.nn.Parameter], args: argparse.Namespace) -> int:
@@ -177,13 +172,13 @@ def run_training_variant(name: str, base: torch.nn.Module, images: torch.Tensor,
 
         model = DistributedDataParallel(model)
         params = list(model.parameters())
-        expected, steps = ring_bytes(4 * numel, world), args.ddp_steps
+        expected, steps = ring_allreduce_bytes(4 * numel, world), args.ddp_steps
     elif name == "pma":
         from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 
         pma = PeriodicModelAverager(period=args.tau, warmup_steps=0)
         after = lambda: pma.average_parameters(params)  # noqa: E731
-        expected = ring_bytes(4 * numel, world) / args.tau
+        expected = ring_allreduce_bytes(4 * numel, world) / args.tau
     elif name != "local":
         averager = build_averager(name, params, args)
         after = averager.step

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import random
 import statistics
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 
 import easgd_ext
 from easgd_ext._launch import launcher_rank_world, run_workers
+from easgd_ext.stats import ring_allreduce_bytes
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
 from .collectives import Works, rank_session, write_records_of_rank0
@@ -116,7 +116,7 @@ def make_variants(args: argparse.Namespace, device: torch.device, world: int,
         elif name == "torch_flat":
             x = flat_views(list(model.parameters()))
             after, tau = torch_flat_easgd(x, BETA / world, works), 1
-            per_step = [2 * (world - 1) * x.nbytes // world]
+            per_step = [ring_allreduce_bytes(x.nbytes, world)]
         else:
             tau = 1 if name == "easgd_tau1" else args.tau
             stream = {"fragments": tau, "delay": 1} if name == "easgd_stream" and tau > 1 else {}

@@ -19,7 +19,8 @@ enqueued on the current stream with no host synchronization:
 
 With ``delay=k`` a fragment sent at clock ``t`` is completed and applied at ``t + k``: its
 collectives run while the loop computes (with NCCL the compute stream waits for them only at
-``t + k``; with Gloo the host waits then, if they are not done). Everything is built once here
+``t + k``: a quantized wire's owner reduce and all-gather run on a side stream that waits for
+the all-to-all; with Gloo the host waits then, if they are not done). Everything is built once here
 (views, wire slices, launches), so an exchange costs a few native calls and its collectives.
 """
 
@@ -119,6 +120,7 @@ class ReplicatedCenter(Center):
         # interpreter shutdown that kills the process (SIGABRT, "terminate called without an
         # active exception") after a job that finished. Held here, the last reference is ours.
         self._works: list[Any] = []
+        self._side: torch.cuda.Stream | None = None  # made on the first delayed NCCL exchange
 
     # ---- the schedule --------------------------------------------------------------------------------
     def due(self, clock: int) -> bool:
@@ -188,9 +190,28 @@ class ReplicatedCenter(Center):
         if type(wire).advance is Wire.advance:
             f.advanced = True
             return
-        self._wait(f, counted)
-        f.works = wire.advance(self._comm, self._capturing(), lambda work: None)
+        side = self._side_stream() if f.due_at > f.sent_at and not self._capturing() else None
+        if side is None:
+            self._wait(f, counted)
+            f.works = wire.advance(self._comm, self._capturing(), lambda work: None)
+        else:
+            # NCCL with a delay: the owner's reduce waits for the all-to-all on a stream of its
+            # own, and the all-gather follows it there, so the compute stream waits for neither
+            # until the fragment completes (at t + delay, waiting for the all-gather's works,
+            # which come after the reduce). The buffers are the wire's own, alive throughout.
+            side.wait_stream(torch.cuda.current_stream(side.device))
+            with torch.cuda.stream(side):
+                self._wait(f, counted)
+                f.works = wire.advance(self._comm, False, lambda work: None)
         f.advanced = True
+
+    def _side_stream(self) -> "torch.cuda.Stream | None":
+        """NCCL: the stream a delayed quantized exchange's middle step runs on (None elsewhere)."""
+        if not self._cuda or self._host_waits:
+            return None
+        if self._side is None:
+            self._side = torch.cuda.Stream(device=self._groups[0].device)
+        return self._side
 
     def _complete(self, due_now: list[InFlight]) -> list[ExchangeRecord]:
         records = []

@@ -203,7 +203,7 @@ class ShardedCenter(Center):
                     out.append((self._global(server), buf[s:e]))
         return out
 
-    def exchange(self, clock: int) -> Outcome:
+    def exchange(self, clock: int) -> list[ExchangeRecord]:
         """One exchange with every shard: the algorithm's payload goes out, the new
         parameters come back. Non-finite parameters skip it (the center is left alone)."""
         if self._closed:
@@ -219,8 +219,8 @@ class ShardedCenter(Center):
             if self._reset:  # restart from the center, which this worker leaves alone
                 for g, c in zip(self._groups, self.read()):
                     self.rule.take_reply(g, c.to(g.dtype))
-            return [ExchangeRecord(clock, 0, outcome=Outcome(clock, 1, True, False,
-                                                             applied=self._reset))]
+            return [ExchangeRecord(clock, 0, outcome=Outcome(
+                clock, bad_ranks=1, me_bad=True, applied=self._reset))]
         self._transact(OP_EXCHANGE, clock, send=self._host, receive=self._reply)
         for g, reply in zip(self._groups, self._reply):
             self.rule.take_reply(g, reply)

@@ -131,8 +131,9 @@ class SharedMemoryCenter(Center):
         for g, offset in zip(groups, self._offsets):
             algorithm.init_buffers(g)
             ring, me_bad = staging.get(g.device, (None, None))
-            self._exchanges.append((g.device, segment.prepare_exchange(
-                self.worker_id, rule.chunk_rule(g), offset, self._policy, ring, me_bad)))
+            with on_device(g.device):  # what it prepares on a GPU belongs to that GPU
+                self._exchanges.append((g.device, segment.prepare_exchange(
+                    self.worker_id, rule.chunk_rule(g), offset, self._policy, ring, me_bad)))
         self._closed = False
 
     def exchange(self, clock: int) -> list[ExchangeRecord]:
@@ -151,8 +152,8 @@ class SharedMemoryCenter(Center):
             warn_user(f"recovered {recovered} chunk lock(s) of shared center '{self.shared.name}' "
                       "held by a worker that died")
         # Shared memory: nothing crosses a network.
-        return [ExchangeRecord(clock, 0, outcome=Outcome(clock, int(bad), bad, False,
-                                                         applied=not bad or self._policy == 1))]
+        return [ExchangeRecord(clock, 0, outcome=Outcome(
+            clock, bad_ranks=int(bad), me_bad=bad, applied=not bad or self._policy == 1))]
 
     def read(self) -> list[torch.Tensor]:
         snapshot = self.shared.snapshot()

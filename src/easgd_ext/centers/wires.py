@@ -25,18 +25,12 @@ from .._native import native, tensor_ref
 from ..algorithms import Piece, SyncRule, Verdict
 from ..flat_params import ALIGN_ELEMENTS, bucket_ranges
 from ..settings import QUANT_BLOCK
-from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN
+from ..stats import BAD_RANKS, ME_BAD, OVERFLOW, STATUS_LEN, ring_allreduce_bytes
 from . import quantize_torch
 from .fragments import FragmentPlan
 from .program import Program
 
 HEADER = ALIGN_ELEMENTS  # float wire elements before the data: the flag, padded for alignment
-
-
-def ring_allreduce_bytes(payload: int, world: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``payload`` bytes: ``2 (p - 1) / p`` of it
-    (reduce-scatter, then all-gather); 0 alone."""
-    return 2 * (world - 1) * payload // world if world > 1 else 0
 
 
 def torch_step(function: Callable[..., None], *args: Any) -> Callable[[], None]:
