@@ -893,3 +893,8 @@ class DiLoCoAverager(Averager):
                          lock_timeout=None, on_nonfinite=on_nonfinite,
                          exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
                          on_failure=on_failure)
+
+
+# The averagers by the names the integrations (Lightning, accelerate) take.
+AVERAGERS: dict[str, type[Averager]] = {"easgd": ElasticAverager, "diloco": DiLoCoAverager,
+                                        "downpour": DownpourAverager, "local_sgd": PeriodicAverager}

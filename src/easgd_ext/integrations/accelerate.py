@@ -31,10 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..averager import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager
-
-METHODS: dict[str, type] = {"easgd": ElasticAverager, "diloco": DiLoCoAverager,
-                            "downpour": DownpourAverager, "local_sgd": PeriodicAverager}
+from ..averager import AVERAGERS as METHODS
 
 
 class ElasticLocalSGD:

@@ -40,10 +40,7 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError("easgd_ext.integrations.lightning needs PyTorch Lightning: "
                       "pip install 'easgd_ext[lightning]' (lightning>=2.4)") from exc
 
-from ..averager import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager
-
-METHODS: dict[str, type] = {"easgd": ElasticAverager, "diloco": DiLoCoAverager,
-                            "downpour": DownpourAverager, "local_sgd": PeriodicAverager}
+from ..averager import AVERAGERS as METHODS
 STATE_KEY = "easgd_ext"
 
 
