@@ -305,11 +305,10 @@ def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int] | None
     waits for it ``grace`` + 1 s at most, whatever the store does. A call still blocked after
     that is left behind on the thread, holding only that connection, not the process group's
     own store client."""
-    try:
-        base = dist.distributed_c10d._get_default_store()
-        ranks = dist.get_process_group_ranks(comm.group)
-    except Exception:  # noqa: BLE001 -- no store, no names: the caller still reports the failure
+    found_store = _store_and_ranks(comm)
+    if found_store is None:  # the caller still reports the failure
         return None
+    base, ranks = found_store
     prefix = f"easgd_ext/failed/{'-'.join(map(str, ranks))}/{event}/"
     deadline = time.monotonic() + grace
     found: dict[str, Any] = {}
@@ -365,21 +364,29 @@ def group_ranks(comm: Comm) -> list[int]:
     return dist.get_process_group_ranks(comm.group) if comm.distributed else [0]
 
 
-def _reform_prefix(comm: Comm) -> str:
+def _store_and_ranks(comm: Comm) -> tuple[Any, list[int]] | None:
+    """The process group's store and the group's global ranks; ``None`` where there is no
+    store to ask (no torch.distributed, or a group without one)."""
+    try:
+        return dist.distributed_c10d._get_default_store(), dist.get_process_group_ranks(comm.group)
+    except Exception:  # noqa: BLE001 -- no store, no names
+        return None
+
+
+def _reform_prefix(ranks: list[int]) -> str:
     # One namespace per membership: a group only shrinks, so each is used once.
-    return f"easgd_ext/reform/{'-'.join(map(str, dist.get_process_group_ranks(comm.group)))}/"
+    return f"easgd_ext/reform/{'-'.join(map(str, ranks))}/"
 
 
 def peers_reforming(comm: Comm, timeout: float = 2.0) -> bool:
     """Whether another rank of the group has already reported a failed exchange and is
     waiting to go on without the failed ranks (so this rank's collective will not complete
     either). ``False`` where the store does not answer within ``timeout``."""
-    try:
-        base = dist.distributed_c10d._get_default_store()
-        ranks = dist.get_process_group_ranks(comm.group)
-    except Exception:  # noqa: BLE001 -- no store: nothing to learn from it
+    found_store = _store_and_ranks(comm)
+    if found_store is None:  # nothing to learn from
         return False
-    prefix = _reform_prefix(comm) + "alive/"
+    base, ranks = found_store
+    prefix = _reform_prefix(ranks) + "alive/"
     found: dict[str, bool] = {}
 
     def look() -> None:
@@ -400,12 +407,11 @@ def agree_on_survivors(comm: Comm, clock: int, settle: float, limit: float) -> S
     decision. ``None`` where the store does not answer (its host may be a rank that died: under
     env:// that is rank 0), as :func:`unresponsive_ranks` handles it: on a daemon thread, waited
     for ``limit`` + 1 s at most."""
-    try:
-        base = dist.distributed_c10d._get_default_store()
-        ranks = dist.get_process_group_ranks(comm.group)
-    except Exception:  # noqa: BLE001 -- no store: the caller reports the failure as it was
+    found_store = _store_and_ranks(comm)
+    if found_store is None:  # the caller reports the failure as it was
         return None
-    prefix = _reform_prefix(comm)
+    base, ranks = found_store
+    prefix = _reform_prefix(ranks)
     me = ranks[comm.rank]
     found: dict[str, Any] = {}
 

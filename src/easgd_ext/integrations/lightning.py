@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 
 try:
     import lightning.pytorch as pl
@@ -40,8 +41,13 @@ except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError("easgd_ext.integrations.lightning needs PyTorch Lightning: "
                       "pip install 'easgd_ext[lightning]' (lightning>=2.4)") from exc
 
+from .. import _dist
 from ..averager import AVERAGERS as METHODS
 STATE_KEY = "easgd_ext"
+
+
+def _on_cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 class EASGDStrategy(DDPStrategy):
@@ -150,15 +156,13 @@ class EASGDStrategy(DDPStrategy):
                 self._leave_center()
             mine = {"model": {k: v.detach().cpu().clone()
                               for k, v in self.lightning_module.state_dict().items()},
-                    "optimizers": [opt.state_dict() for opt in self.optimizers],
+                    # on the CPU: rank 0 unpickles every rank's state, a GPU's would land on its own
+                    "optimizers": [tree_map(_on_cpu, opt.state_dict()) for opt in self.optimizers],
                     "averager": self.averager.state_dict()}
             if viewing:
                 self._enter_center()
-            ranks: list[Any] = [None] * self.world_size
-            if dist.is_initialized():
-                dist.all_gather_object(ranks, mine)
-            else:
-                ranks = [mine]
+            # _dist's gather leaves no temporaries to Gloo's threads (an abort at exit otherwise)
+            ranks = _dist.all_gather_objects(_dist.resolve(), mine) if dist.is_initialized() else [mine]
             checkpoint[STATE_KEY] = {"method": self.method, "ranks": ranks}
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
