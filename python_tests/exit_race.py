@@ -1,11 +1,13 @@
 """Many short 2-rank asynchronous jobs, for the test that no job dies at exit
-(python exit_race.py JOBS PARALLEL [--stress] [--plain] [--destroy] [--budget S --min-jobs N]).
+(python exit_race.py JOBS PARALLEL [--stress] [--plain] [--destroy] [--patience S]
+[--budget S --min-jobs N]).
 
 Each rank is a child forked from this process (torch and easgd_ext imported once, so a job
 costs a fraction of a second, not an interpreter start) that joins a Gloo group, builds an
 ``ElasticAverager(mode="async")``, steps a few times, calls close() (and, with ``--destroy``,
 ``destroy_process_group()``), and then leaves through the interpreter's normal shutdown, the
-way a user's script ends. The parent prints one JSON line: the jobs started, the exit code of
+way a user's script ends. ``--patience 0`` gives Gloo's thread no time to let go within each
+collective, so that every release is left to the wait at exit (a loaded machine's case). The parent prints one JSON line: the jobs started, the exit code of
 every rank, the ranks that hung (killed after 120 s) and the time taken. With ``--budget``, no
 job starts after that many seconds once ``--min-jobs`` have started (a loaded machine runs fewer).
 
@@ -46,8 +48,11 @@ WORLD = 2
 RANK_DEADLINE_S = 120.0  # a rank still running after this is hung
 
 
-def rank_main(store: str, rank: int, cpu: int | None, plain: bool, destroy: bool) -> int:
+def rank_main(store: str, rank: int, cpu: int | None, plain: bool, destroy: bool,
+              patience: float | None) -> int:
     torch.set_num_threads(1)
+    if patience is not None:
+        easgd_ext._dist._RELEASE_PATIENCE = patience
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # the threads started from here on inherit it
     before = set(os.listdir("/proc/self/task"))
@@ -77,7 +82,7 @@ def rank_main(store: str, rank: int, cpu: int | None, plain: bool, destroy: bool
     return 0
 
 
-def main(argv: list[str]) -> tuple[str, int, int | None, bool, bool] | None:
+def main(argv: list[str]) -> tuple[str, int, int | None, bool, bool, float | None] | None:
     """Runs the jobs; returns (what a child runs) in a child, None in the parent."""
     parser = argparse.ArgumentParser(prog="exit_race.py")
     parser.add_argument("jobs", type=int, help="at most this many jobs")
@@ -85,6 +90,8 @@ def main(argv: list[str]) -> tuple[str, int, int | None, bool, bool] | None:
     parser.add_argument("--stress", action="store_true")
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--destroy", action="store_true")
+    parser.add_argument("--patience", type=float, default=None,
+                        help="seconds a collective waits for Gloo's thread to let go")
     parser.add_argument("--budget", type=float, default=None,
                         help="start no job after this many seconds, once --min-jobs have started")
     parser.add_argument("--min-jobs", type=int, default=0)
@@ -106,7 +113,8 @@ def main(argv: list[str]) -> tuple[str, int, int | None, bool, bool] | None:
                 cpu = cpus[(started * WORLD + rank) % len(cpus)] if args.stress else None
                 pid = os.fork()
                 if pid == 0:
-                    return f"{tmp}/store{started}", rank, cpu, args.plain, args.destroy
+                    return (f"{tmp}/store{started}", rank, cpu, args.plain, args.destroy,
+                            args.patience)
                 running[pid] = time.monotonic()
             started += 1
         pid, status = os.waitpid(-1, os.WNOHANG)

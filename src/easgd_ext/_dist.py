@@ -4,7 +4,7 @@ construction-time agreement that turns a local mistake into the same error on ev
 
 from __future__ import annotations
 
-import collections
+import atexit
 import json
 import os
 import pickle
@@ -199,42 +199,71 @@ def broadcast_from_first(comm: Comm, tensors: list[torch.Tensor]) -> None:
 
 # ---- collectives that leave nothing to Gloo's threads --------------------------------------------
 # Gloo runs each collective on a worker thread, which drops its reference to the finished work a
-# moment *after* wait() has returned. When the tensors' Python objects are gone by then (the
-# temporaries of torch's all_gather_object/broadcast_object_list, or a model deleted at once),
-# that thread releases them itself and needs the GIL to do it; if the interpreter is shutting
-# down meanwhile, the thread is made to exit inside a C++ destructor and the process aborts
-# ("terminate called without an active exception", SIGABRT after a job that finished: about one
-# async job in five, whose last collectives come just before it exits). So the averagers'
-# construction-time collectives go through _collective(), which returns only once no thread of
-# the backend refers to their tensors any more.
+# moment *after* wait() has returned. In torch's PyObject preservation, a C++ reference that
+# leaves a tensor with only its Python object decrefs that object, which needs the GIL; if the
+# interpreter is shutting down meanwhile, the thread is made to exit inside a C++ destructor and
+# the process aborts ("terminate called without an active exception", SIGABRT after a job that
+# finished: about one async job in five, whose last collectives come just before it exits). So
+# the averagers' construction-time collectives go through _collective(), which returns once no
+# thread of the backend refers to their tensors any more. A backend thread that is late (a loaded
+# machine: seen once in 120 ranks in CI) is waited for at exit, before the interpreter finalizes:
+# keeping the tensors referenced from Python would not help, since the thread's release still
+# decrefs their Python objects.
 
-_RELEASE_PATIENCE = 2.0  # seconds; normally the thread lets go within microseconds
-_held: collections.deque[list[torch.Tensor]] = collections.deque(maxlen=64)  # the fallback
+_RELEASE_PATIENCE = 2.0  # seconds within the call; normally the thread lets go in microseconds
+_EXIT_PATIENCE = 60.0  # seconds at exit for the releases still outstanding then
+_late: list[tuple[list[torch.Tensor], list[int]]] = []  # (tensors, counts when only we held them)
 
 
 def _collective(comm: Comm, tensors: list[torch.Tensor], post: Callable[[], Any]) -> None:
     """Runs the collective that ``post()`` posts with ``async_op=True`` over ``tensors``, waits
     for it, and returns once the backend's threads have released ``tensors`` (their reference
     counts are back where they were): from then on only Python holds them, so whichever thread
-    lets go of them last holds the GIL. Where the count cannot be read (a torch without
-    ``Tensor._use_count``) or the backend does not let go in time, the tensors stay referenced
-    from here instead (the last 64 such lists), so the backend's release is never the last."""
-    counts = getattr(torch.Tensor, "_use_count", None)
-    before = [counts(t) for t in tensors] if counts is not None else []
+    lets go of them last holds the GIL. A backend that does not let go within
+    ``_RELEASE_PATIENCE`` is waited for at interpreter exit instead (:func:`_settle_late`)."""
+    before = [t._use_count() for t in tensors]
     work = post()
     work.wait()
     del work  # ours; what remains is the backend's own reference
     if _handed_to_nccl(comm, tensors):
         return  # NCCL's watchdog thread lets go after the GPU ran the work: left as torch does
-    if counts is None:
-        _held.append(tensors)
-        return
+    entry = (tensors, before)
     deadline = time.monotonic() + _RELEASE_PATIENCE
-    while any(counts(t) > b for t, b in zip(tensors, before)):
+    while not _released(entry):
         if time.monotonic() > deadline:
-            _held.append(tensors)
+            _late.append(entry)
             return
         time.sleep(1e-4)  # releases the GIL, which the backend's thread may need
+    _settle_late(0.0)  # forgets earlier late ones released since
+
+
+def _released(entry: tuple[list[torch.Tensor], list[int]]) -> bool:
+    tensors, before = entry
+    return all(t._use_count() <= b for t, b in zip(tensors, before))
+
+
+def _settle_late(patience: float) -> bool:
+    """Waits up to ``patience`` seconds for the backend to release every entry of ``_late``,
+    sleeping so that its threads can take the GIL, and forgets those released. Returns whether
+    none is outstanding."""
+    deadline = time.monotonic() + patience
+    while True:
+        _late[:] = [e for e in _late if not _released(e)]
+        if not _late:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1e-3)
+
+
+@atexit.register
+def _settle_late_at_exit() -> None:
+    # atexit runs before the interpreter starts finalizing: a late backend thread can still take
+    # the GIL now, and will find none to take if it waits until after.
+    if _late and not _settle_late(_EXIT_PATIENCE):
+        print(f"easgd_ext: {len(_late)} collective(s) were still referenced by the backend's "
+              f"threads {_EXIT_PATIENCE:.0f} s after the job ended; the process may abort at "
+              "exit", file=sys.stderr)
 
 
 def _handed_to_nccl(comm: Comm, tensors: list[torch.Tensor]) -> bool:
