@@ -133,7 +133,9 @@ struct CudaLauncher {
 // ---- the quantized wires (quantize.h): one warp per block of kQuantBlock elements -----------
 // Each lane takes kPerLane consecutive elements, so its levels fill whole bytes at every
 // width (8, 4 or 2 bits: kPerLane, kPerLane / 2 or kPerLane / 4 bytes) and no two lanes share
-// a byte; each lane issues all its loads before any arithmetic or store.
+// a byte; each lane issues all its loads before any arithmetic or store, as 16-byte vectors
+// (and its packed levels as one 8-, 4- or 2-byte word) wherever the span is aligned and whole,
+// element by element otherwise (a view at an odd offset, the last block's tail).
 constexpr int kWarp = 32;
 constexpr int kPerLane = kQuantBlock / kWarp;
 constexpr int kQuantWarpsPerBlock = kThreads / kWarp;
@@ -146,21 +148,87 @@ __device__ uint32_t warp_max(uint32_t m) {
   return m;
 }
 
+template <typename T> __device__ bool aligned16(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// A lane's kPerLane values as float32, from `avail` of them at p (the rest read as 0): 16-byte
+// loads when the span is whole and aligned. Nothing at or past p + avail is read.
+template <typename X> __device__ void load_span(const X* __restrict__ p, int64_t avail, float* out) {
+  constexpr int kPer16 = 16 / int(sizeof(X));
+  static_assert(kPerLane % kPer16 == 0, "a lane's span is whole 16-byte vectors");
+  if (avail >= kPerLane && aligned16(p)) {
+#pragma unroll
+    for (int v = 0; v < kPerLane / kPer16; ++v) {
+      const Vec<X, kPer16> w = load<kPer16>(p + v * kPer16);
+#pragma unroll
+      for (int k = 0; k < kPer16; ++k) out[v * kPer16 + k] = to_float(w.v[k]);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) out[k] = k < avail ? to_float(p[k]) : 0.f;
+  }
+}
+
+// The first `avail` of a lane's kPerLane values into p, as X: 16-byte stores when whole and
+// aligned.
+template <typename X> __device__ void store_span(X* __restrict__ p, int64_t avail, const float* in) {
+  constexpr int kPer16 = 16 / int(sizeof(X));
+  if (avail >= kPerLane && aligned16(p)) {
+#pragma unroll
+    for (int v = 0; v < kPerLane / kPer16; ++v) {
+      Vec<X, kPer16> w;
+#pragma unroll
+      for (int k = 0; k < kPer16; ++k) w.v[k] = from_float<X>(in[v * kPer16 + k]);
+      store<kPer16>(p + v * kPer16, w);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k)
+      if (k < avail) p[k] = from_float<X>(in[k]);
+  }
+}
+
+// A lane's packed levels: kPerLane * Bits / 8 bytes (8, 4 or 2), one word when aligned for it.
+template <int Bits> struct LaneBytes {
+  static constexpr int kBytes = kPerLane * Bits / 8;
+  using Word = std::conditional_t<kBytes == 8, uint2, std::conditional_t<kBytes == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Word) == kBytes, "one word per lane");
+  union Bytes {
+    Word word;
+    uint8_t b[kBytes];
+  };
+  static __device__ bool aligned(const uint8_t* p) { return reinterpret_cast<uintptr_t>(p) % kBytes == 0; }
+};
+
 // A lane's kPerLane levels into / out of their packed bytes.
 template <int Bits>
 __device__ void store_lane(const int8_t* q, uint8_t* __restrict__ out) {
   using P = Packing<Bits>;
+  using L = LaneBytes<Bits>;
+  typename L::Bytes bytes;
 #pragma unroll
-  for (int j = 0; j < kPerLane / P::kPerByte; ++j) out[j] = P::byte(q + j * P::kPerByte);
+  for (int j = 0; j < L::kBytes; ++j) bytes.b[j] = P::byte(q + j * P::kPerByte);
+  if (L::aligned(out)) {
+    *reinterpret_cast<typename L::Word*>(out) = bytes.word;
+  } else {
+#pragma unroll
+    for (int j = 0; j < L::kBytes; ++j) out[j] = bytes.b[j];
+  }
 }
 
 template <int Bits>
 __device__ void load_lane(const uint8_t* __restrict__ in, int8_t* q) {
-  uint8_t bytes[kPerLane * Bits / 8];
+  using L = LaneBytes<Bits>;
+  typename L::Bytes bytes;
+  if (L::aligned(in)) {
+    bytes.word = *reinterpret_cast<const typename L::Word*>(in);
+  } else {
 #pragma unroll
-  for (int j = 0; j < kPerLane * Bits / 8; ++j) bytes[j] = in[j];
+    for (int j = 0; j < L::kBytes; ++j) bytes.b[j] = in[j];
+  }
 #pragma unroll
-  for (int k = 0; k < kPerLane; ++k) q[k] = Packing<Bits>::get(bytes, k);
+  for (int k = 0; k < kPerLane; ++k) q[k] = Packing<Bits>::get(bytes.b, k);
 }
 
 template <typename X, QuantRule R, int Bits>
@@ -176,24 +244,22 @@ __global__ void __launch_bounds__(kThreads) quantized_send_kernel(QuantizedSendA
   const X* __restrict__ last = R == QuantRule::downpour ? static_cast<const X*>(a.x_last) + begin + first : nullptr;
   const float* __restrict__ c = R == QuantRule::elastic ? a.center + begin + first : nullptr;
   const float* __restrict__ r = a.residual + begin + first;
+  const int64_t avail = len - first;  // this lane's elements in the block (<= 0: none)
   float xf[kPerLane], other[kPerLane], rf[kPerLane];
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {  // loads first
-    const bool in = first + k < len;
-    xf[k] = in ? to_float(x[k]) : 0.f;
-    other[k] = in && R != QuantRule::given ? (R == QuantRule::elastic ? c[k] : to_float(last[k])) : 0.f;
-    rf[k] = in ? r[k] : 0.f;
-  }
-  float v[kPerLane];
+  load_span(x, avail, xf);  // loads first
+  if constexpr (R == QuantRule::elastic) load_span(c, avail, other);
+  if constexpr (R == QuantRule::downpour) load_span(last, avail, other);
+  load_span(r, avail, rf);
+  float d[kPerLane], v[kPerLane];
   uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    const float d = R == QuantRule::elastic ? a.alpha * (xf[k] - other[k])
-                    : R == QuantRule::downpour ? xf[k] - other[k] : xf[k];
-    if (a.keep != nullptr && first + k < len) a.keep[begin + first + k] = d;
-    v[k] = first + k < len ? d + rf[k] : 0.f;
+    d[k] = R == QuantRule::elastic ? a.alpha * (xf[k] - other[k])
+           : R == QuantRule::downpour ? xf[k] - other[k] : xf[k];
+    v[k] = k < avail ? d[k] + rf[k] : 0.f;
     m = max(m, abs_bits(v[k]));
   }
+  if (a.keep != nullptr) store_span(a.keep + begin + first, avail, d);
   m = warp_max(m);
   const bool bad = m >= 0x7f800000u;
   const Place p = place(l, begin);
@@ -248,10 +314,12 @@ __global__ void __launch_bounds__(kThreads) quantized_reduce_kernel(QuantizedRed
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) s[k] += dequantize(q[k], scale);
   }
+  float res[kPerLane];
+  load_span(residual, kPerLane, res);  // a chunk is whole blocks: every lane's span is whole
   uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    s[k] += residual[k];
+    s[k] += res[k];
     m = max(m, abs_bits(s[k]));
   }
   m = warp_max(m);
@@ -263,8 +331,10 @@ __global__ void __launch_bounds__(kThreads) quantized_reduce_kernel(QuantizedRed
   for (int k = 0; k < kPerLane; ++k) q[k] = quantize_level<Bits>(s[k], bs.inv);
   store_lane<Bits>(q, l.q(a.own) + l.q_byte(at));
   if (!keep_residual) {
+    float left[kPerLane];
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) residual[k] = s[k] - dequantize(q[k], bs.scale);
+    for (int k = 0; k < kPerLane; ++k) left[k] = s[k] - dequantize(q[k], bs.scale);
+    store_span(residual, kPerLane, left);
   }
 }
 
@@ -293,43 +363,44 @@ __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedAppl
   int8_t got_q[kPerLane], sent_q[kPerLane];
   load_lane<Bits>(got + l.q_offset() + l.q_byte(p.index + first), got_q);
   load_lane<Bits>(sent + l.q_offset() + l.q_byte(p.index + first), sent_q);
+  const int64_t avail = len - first;
   if constexpr (R == QuantRule::given) {  // the sum into x (float32) for the rule's own apply
-    float kf[kPerLane], rf[kPerLane];
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) {  // loads first
-      if (first + k >= len) continue;
-      kf[k] = keep[k];
-      rf[k] = r[k];
-    }
-    float* __restrict__ s = static_cast<float*>(a.x) + i0;  // x is the float32 sum buffer here
+    float kf[kPerLane], rf[kPerLane], rn[kPerLane], sum[kPerLane];
+    load_span(keep, avail, kf);  // loads first
+    load_span(r, avail, rf);
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      if (first + k >= len) continue;
-      r[k] = select(reset, rf[k], (kf[k] + rf[k]) - dequantize(sent_q[k], sent_scale));
-      s[k] = dequantize(got_q[k], got_scale);
+      rn[k] = select(reset, rf[k], (kf[k] + rf[k]) - dequantize(sent_q[k], sent_scale));
+      sum[k] = dequantize(got_q[k], got_scale);
     }
+    store_span(r, avail, rn);
+    store_span(static_cast<float*>(a.x) + i0, avail, sum);  // x is the float32 sum buffer here
     return;
   }
   float* __restrict__ c = a.center + i0;
   float xf[kPerLane], cf[kPerLane], rf[kPerLane], d[kPerLane];
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {  // loads first
-    if (first + k >= len) continue;
-    xf[k] = to_float(x[k]);
-    cf[k] = c[k];
-    rf[k] = r[k];
-    d[k] = keep != nullptr ? keep[k] : (R == QuantRule::elastic ? a.alpha * (xf[k] - cf[k]) : xf[k] - to_float(last[k]));
+  load_span(x, avail, xf);  // loads first
+  load_span(c, avail, cf);
+  load_span(r, avail, rf);
+  if (keep != nullptr) {
+    load_span(keep, avail, d);
+  } else if constexpr (R == QuantRule::downpour) {
+    load_span(last, avail, d);
   }
+  float xn[kPerLane], cn[kPerLane], rn[kPerLane];
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    if (first + k >= len) continue;
+    if (keep == nullptr) d[k] = R == QuantRule::elastic ? a.alpha * (xf[k] - cf[k]) : xf[k] - d[k];
     const QuantApplied out = quant_apply_element<R>(xf[k], cf[k], rf[k], d[k], dequantize(got_q[k], got_scale),
                                                     dequantize(sent_q[k], sent_scale), reset);
-    r[k] = out.r;
-    c[k] = out.c;
-    x[k] = from_float<X>(out.x);
-    if (R == QuantRule::downpour) last[k] = from_float<X>(out.x);
+    rn[k] = out.r;
+    cn[k] = out.c;
+    xn[k] = out.x;
   }
+  store_span(r, avail, rn);
+  store_span(c, avail, cn);
+  store_span(x, avail, xn);
+  if constexpr (R == QuantRule::downpour) store_span(last, avail, xn);
 }
 
 unsigned quant_grid(int64_t blocks) {
