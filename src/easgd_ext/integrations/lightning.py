@@ -26,6 +26,7 @@ What the user sees:
 
 from __future__ import annotations
 
+import builtins
 from datetime import timedelta
 from typing import Any, Callable, Mapping
 
@@ -193,6 +194,20 @@ class EASGDStrategy(DDPStrategy):
     def teardown(self) -> None:
         self._leave_center()
         super().teardown()
+
+    # Lightning's own object collectives (checkpoint paths, stop decisions) go through _dist's,
+    # which leave no temporaries to Gloo's threads: DDPStrategy's broadcast_object_list and the
+    # all-reduce of a fresh tensor can abort the process at exit (seen once in CI, SIGABRT).
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not dist.is_initialized() or src != 0:
+            return super().broadcast(obj, src)
+        return _dist.broadcast_object(_dist.resolve(), obj)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 -- Lightning's name
+        if not dist.is_initialized():
+            return decision
+        votes = [bool(v) for v in _dist.all_gather_objects(_dist.resolve(), bool(decision))]
+        return builtins.all(votes) if all else builtins.any(votes)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
