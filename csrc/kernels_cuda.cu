@@ -148,16 +148,12 @@ __device__ uint32_t warp_max(uint32_t m) {
   return m;
 }
 
-template <typename T> __device__ bool aligned16(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 // A lane's kPerLane values as float32, from `avail` of them at p (the rest read as 0): 16-byte
 // loads when the span is whole and aligned. Nothing at or past p + avail is read.
 template <typename X> __device__ void load_span(const X* __restrict__ p, int64_t avail, float* out) {
   constexpr int kPer16 = 16 / int(sizeof(X));
   static_assert(kPerLane % kPer16 == 0, "a lane's span is whole 16-byte vectors");
-  if (avail >= kPerLane && aligned16(p)) {
+  if (avail >= kPerLane && aligned_for<kPer16>(p)) {
 #pragma unroll
     for (int v = 0; v < kPerLane / kPer16; ++v) {
       const Vec<X, kPer16> w = load<kPer16>(p + v * kPer16);
@@ -174,7 +170,7 @@ template <typename X> __device__ void load_span(const X* __restrict__ p, int64_t
 // aligned.
 template <typename X> __device__ void store_span(X* __restrict__ p, int64_t avail, const float* in) {
   constexpr int kPer16 = 16 / int(sizeof(X));
-  if (avail >= kPerLane && aligned16(p)) {
+  if (avail >= kPerLane && aligned_for<kPer16>(p)) {
 #pragma unroll
     for (int v = 0; v < kPerLane / kPer16; ++v) {
       Vec<X, kPer16> w;
@@ -385,7 +381,7 @@ __global__ void __launch_bounds__(kThreads) quantized_apply_kernel(QuantizedAppl
   if (keep != nullptr) {
     load_span(keep, avail, d);
   } else if constexpr (R == QuantRule::downpour) {
-    load_span(last, avail, d);
+    load_span(last, avail, d);  // x_last for now: d = x - x_last below
   }
   float xn[kPerLane], cn[kPerLane], rn[kPerLane];
 #pragma unroll
