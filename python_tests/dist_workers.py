@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 import easgd_ext
+from easgd_ext.methods import method
 
 SHAPES = [(7, 3), (5,), (1000,)]
 SIGMA, LR, CURVATURE, MOMENTUM = 0.1, 0.05, 1.0, 0.9
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ALGORITHMS = {"easgd": easgd_ext.ElasticAverager, "eamsgd": easgd_ext.ElasticAverager,
-              "downpour": easgd_ext.DownpourAverager, "average": easgd_ext.PeriodicAverager}
+ALGORITHMS = {name: method(name).averager for name in ("easgd", "eamsgd", "downpour", "average")}
 
 
 @dataclass(frozen=True)

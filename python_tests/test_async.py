@@ -13,7 +13,6 @@ import torch
 import async_workers as aw
 from dist_harness import Processes, run_ranks, values
 from easgd_ext import SharedCenter
-from easgd_ext.shared_center import unique_name
 
 NUMEL = 50_000 + 17
 

@@ -233,8 +233,22 @@ def test_raise_policy_raises_and_changes_nothing():
 
 
 def test_public_names():
-    for name in ("ElasticAverager", "DownpourAverager", "PeriodicAverager", "ExchangeStats"):
-        assert name in easgd_ext.__all__
+    import inspect
+
+    expected = {"ElasticAverager", "DownpourAverager", "PeriodicAverager", "DiLoCoAverager",
+                "Replicated", "SharedMemory", "Servers", "CenterSpec", "SharedCenter",
+                "ExchangeStats", "NonFiniteError", "ExchangeError", "StaleSegmentError",
+                "build_info", "init_process_group", "ops", "__version__"}
+    assert set(easgd_ext.__all__) == expected
+    for name in easgd_ext.__all__:
+        obj = getattr(easgd_ext, name)  # every name is there
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__doc__ and len(obj.__doc__.split()) >= 5, f"{name} has no docstring"
+    # the public constructors say what they take
+    for cls in (easgd_ext.ElasticAverager, easgd_ext.Replicated, easgd_ext.SharedMemory):
+        hints = inspect.signature(cls).parameters
+        assert all(p.annotation is not inspect.Parameter.empty for n, p in hints.items()
+                   if n not in ("self",) and p.kind is not p.VAR_KEYWORD), cls
 
 
 @pytest.mark.parametrize("view", ["row", "transpose", "strided"])

@@ -19,6 +19,7 @@ from torch import nn
 
 import easgd_ext
 from easgd_ext.data import DigitsCNN
+from easgd_ext.methods import method
 from conftest import cuda_usable
 from dist_harness import Processes, run_ranks, values
 from easgd_ext.centers.wires import HEADER
@@ -186,8 +187,7 @@ def test_sharded_easgd_matches_a_float64_reference_on_the_full_tensors(name):
 
 
 # ---- bit for bit the same as the unsharded averager on the same values --------------------------------
-AVERAGERS = {"easgd": easgd_ext.ElasticAverager, "downpour": easgd_ext.DownpourAverager,
-             "average": easgd_ext.PeriodicAverager, "diloco": easgd_ext.DiLoCoAverager}
+AVERAGERS = {name: method(name).averager for name in ("easgd", "downpour", "average", "diloco")}
 SHADOW_CASES = [("easgd", {}), ("easgd", {"delay": 1, "comm_dtype": "bfloat16"}),
                 ("easgd", {"outer_lr": 0.7, "outer_momentum": 0.9, "nesterov": True}),
                 ("downpour", {}), ("average", {}), ("diloco", {"outer_lr": 0.7})]

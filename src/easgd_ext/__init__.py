@@ -2,7 +2,9 @@
 
 :class:`ElasticAverager` is the object a training loop calls once per step (EASGD, and EAMSGD
 with a Nesterov-momentum optimizer); :class:`DownpourAverager` and :class:`PeriodicAverager`
-are the baselines behind the same interface. The native core (`easgd_ext._C`) fuses each
+are the baselines behind the same interface. Where the center lives is the averagers'
+``center=`` argument: :class:`Replicated` (synchronous, the default), :class:`SharedMemory`
+(asynchronous, one machine) or :class:`Servers` (asynchronous, sharded over server ranks). The native core (`easgd_ext._C`) fuses each
 update into one pass over flat parameter buffers on the CPU and, where built with CUDA, the
 GPU; `easgd_ext.ops` is its validated torch-facing API.
 """
@@ -15,12 +17,13 @@ from . import ops
 from ._dist import init_process_group
 from ._native import native
 from .averager import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager
-from .centers import ExchangeError
+from .centers import CenterSpec, ExchangeError, Replicated, Servers, SharedMemory
 from .shared_center import SharedCenter, StaleSegmentError
 from .stats import ExchangeStats, NonFiniteError
 
 __version__ = "0.1.0"
-__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "DiLoCoAverager", "SharedCenter",
+__all__ = ["ElasticAverager", "DownpourAverager", "PeriodicAverager", "DiLoCoAverager",
+           "Replicated", "SharedMemory", "Servers", "CenterSpec", "SharedCenter",
            "StaleSegmentError", "ExchangeStats", "NonFiniteError", "ExchangeError",
            "build_info", "init_process_group", "ops", "__version__"]
 

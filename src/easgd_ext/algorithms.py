@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._native import native, tensor_ref
-from .flat_params import FlatGroup
+from .flat_params import FlatGroup, ParamGroup
 
 
 def _refs(**tensors: torch.Tensor) -> dict[str, Any]:
@@ -41,7 +41,7 @@ class Piece:
     or the local shards of DTensor parameters, a :class:`~easgd_ext.dtensor_params.ShardGroup`):
     what one wire buffer or bucket covers. Its buffers are contiguous; the worker's own values
     ``x`` are contiguous within each of :meth:`segments` (a flat group's piece is one segment)."""
-    group: FlatGroup
+    group: ParamGroup
     start: int
     end: int
 
@@ -205,7 +205,7 @@ class Algorithm:
         """What must agree across ranks and be restored from checkpoints (rates)."""
         return {}
 
-    def init_buffers(self, group: FlatGroup) -> None:
+    def init_buffers(self, group: ParamGroup) -> None:
         """Allocate the per-group worker buffers (called once the parameters are final)."""
 
 

@@ -11,31 +11,23 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from . import _dist
 from .algorithms import Algorithm, Averaging, DiLoCo, Downpour, Elastic, ElasticOuter
-from .centers import (Center, CenterConfig, ExchangeError, attach_given, check_servers, kind_for,
-                      make_center)
-from .dtensor_params import (check_params as check_dtensor_params, replica_groups, shard_groups,
-                             shards_of, smallest_layout)
-from .flat_params import (ALIGN_ELEMENTS, FlatGroup, check_saved, collect_parameters, flatten, is_dtensor,
-                          layout_of)
+from .checkpoint import DCPState
+from .centers import Center, CenterSpec, ExchangeError, ExchangeSettings, spec_from_arguments
+from .dtensor_params import check_params as check_dtensor_params, shard_groups, shards_of
+from .flat_params import ParamGroup, check_saved, collect_parameters, flatten, is_dtensor, layout_of
 from .state import check_counter, check_finite_buffers, check_stats
-from .settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_LOCK_TIMEOUT,
-                       DEFAULT_ON_FAILURE, DEFAULT_ON_NONFINITE, FAILURE_SETTLE_SECONDS,
-                       check_on_failure, DEFAULT_TAU, check_bucket_cap_mb, check_comm_dtype,
-                       check_delay, check_exchange_timeout, check_fragments, check_lock_timeout,
-                       check_mode, check_on_nonfinite, check_outer, check_tau, check_update_alpha,
-                       dtype_name, elastic_rates, gloo_wire_chunk_bytes, kernel_path, quant_bits,
-                       reject_other_mode_arguments)
+from .settings import (DEFAULT_ON_FAILURE, DEFAULT_ON_NONFINITE, DEFAULT_TAU, FAILURE_SETTLE_SECONDS,
+                       check_on_nonfinite, check_outer, check_tau, check_update_alpha, elastic_rates,
+                       kernel_path)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
 
-if TYPE_CHECKING:
-    from .checkpoint import DCPState
 
 STATE_FORMAT = 3              # 3: fragments, delay, the 8-bit wire's residuals, exchanges in flight
 STATE_FORMATS_READ = (2, 3)
@@ -47,110 +39,44 @@ class Averager:
     :class:`DiLoCoAverager`; build those. ``make_algorithm(p)`` returns the update rule for ``p`` workers."""
 
     def __init__(self, params: Iterable[torch.Tensor], make_algorithm: Callable[[int], Algorithm], *,
-                 tau: int, mode: str, process_group: Any, comm_dtype: Any, bucket_cap_mb: Any,
-                 center: Any, servers: Any, lock_timeout: Any, on_nonfinite: str,
-                 exchange_timeout: Any, fragments: Any = 1, delay: Any = 0,
-                 on_failure: str = DEFAULT_ON_FAILURE) -> None:
+                 tau: int, process_group: Any, on_nonfinite: str, center: Any = None,
+                 mode: Any = None, servers: Any = None, lock_timeout: Any = None,
+                 **replicated: Any) -> None:
+        """``center``: a :class:`~easgd_ext.centers.CenterSpec`; or the shorthand, ``mode``,
+        ``servers``, ``lock_timeout``, the shared-memory segment as ``center`` and the
+        :class:`~easgd_ext.Replicated` settings in ``replicated`` (``None``: left out)."""
         comm = _dist.resolve(process_group)
         self._comm = comm
-        config = CenterConfig(on_nonfinite=on_nonfinite)
         chosen: dict[str, Any] = {}
 
         def build() -> dict[str, Any]:
-            mode_ = check_mode(mode)
-            config.kernels = kernel_path()
-            config.tau = check_tau(tau)
-            settings: dict[str, Any] = {"tau": config.tau, "mode": mode_,
-                                        "on_nonfinite": check_on_nonfinite(on_nonfinite)}
+            spec = spec_from_arguments(mode, center, servers, lock_timeout, replicated)
+            exchange = ExchangeSettings(tau=check_tau(tau), on_nonfinite=check_on_nonfinite(on_nonfinite),
+                                        kernels=kernel_path())
+            settings: dict[str, Any] = {"tau": exchange.tau, "mode": spec.mode,
+                                        "on_nonfinite": exchange.on_nonfinite}
             params_ = collect_parameters(params)
             chosen["sharded"] = sharded = is_dtensor(params_[0])
             if sharded:
                 check_dtensor_params(params_, comm, group_given=process_group is not None)
-                if mode_ == "async":
+                if spec.mode == "async":
                     raise ValueError(
                         "mode='async' with DTensor parameters (a sharded model): the "
                         "asynchronous centers exchange whole flat buffers; use mode='sync' (its "
                         "exchange works shard by shard over process_group)")
-            if mode_ == "sync":
-                reject_other_mode_arguments("sync", {"center": center, "servers": servers,
-                                                     "lock_timeout": lock_timeout})
-                config.comm_dtype = check_comm_dtype(comm_dtype)
-                if sharded and quant_bits(config.comm_dtype):
-                    raise ValueError(
-                        f"comm_dtype={config.comm_dtype} with DTensor parameters (a sharded "
-                        "model): the quantized wire's blocks of 256 values would straddle the "
-                        "local shards; use comm_dtype=torch.bfloat16 (half the bytes of float32)")
-                settings["comm_dtype"] = dtype_name(config.comm_dtype)
-                config.fragments = check_fragments(fragments)
-                config.delay = check_delay(delay, config.tau)
-                if sharded:
-                    _check_sharded_fragments(params_, config.fragments)
-                    # The other ranks of this replica share the non-finite verdict.
-                    config.verdict_groups = replica_groups(params_)
-                settings["fragments"], settings["delay"] = config.fragments, config.delay
-                config.bucket_bytes = int(check_bucket_cap_mb(
-                    DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * 2**20)
-                config.exchange_timeout = check_exchange_timeout(
-                    DEFAULT_EXCHANGE_TIMEOUT if exchange_timeout is None else exchange_timeout)
-                if quant_bits(config.comm_dtype):  # its pieces must be cut alike on every rank
-                    config.gloo_chunk_bytes = chosen["gloo_chunk_bytes"] = gloo_wire_chunk_bytes()
-                config.on_failure = check_on_failure(on_failure)
-                if (config.on_failure == "continue" and comm.distributed
-                        and not comm.host_waits(params_[0].device)):
-                    raise ValueError(
-                        "on_failure='continue' over NCCL is not supported yet: NCCL's collectives "
-                        "fail on the device, out of the host's sight; use a Gloo group for the "
-                        "averager (CUDA tensors are staged through the host) or on_failure='raise'")
-                if sharded and config.on_failure == "continue":
-                    raise ValueError(
-                        "on_failure='continue' with DTensor parameters (a sharded model) is not "
-                        "supported yet: a replica that loses one shard rank must leave whole; "
-                        "use on_failure='raise' and resume from a checkpoint")
-                workers = comm.world_size
-            else:
-                reject_other_mode_arguments("async", {
-                    "comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
-                    "exchange_timeout": exchange_timeout,
-                    "on_failure": None if on_failure == DEFAULT_ON_FAILURE else on_failure,
-                    "fragments": None if fragments == 1 else fragments,
-                    "delay": None if delay == 0 else delay})
-                config.lock_timeout = check_lock_timeout(
-                    DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout)
-                if center is not None and servers is not None:
-                    raise ValueError("give center= (a shared-memory center on one machine) or "
-                                     "servers= (a sharded center across machines), not both")
-                if servers is not None:
-                    if not comm.distributed:
-                        raise ValueError("servers= needs torch.distributed: the center lives on "
-                                         "server ranks of the process group")
-                    config.servers = check_servers(servers, comm.world_size)
-                    workers = comm.world_size - len(config.servers)
-                    settings["servers"] = config.servers
-                else:
-                    given = attach_given(center, params_, comm)
-                    config.shared = given if given is not None else center
-                    workers = given.workers if given is not None else comm.world_size
-                    settings["center"] = given.name if given is not None else center
-            algorithm = make_algorithm(workers)
-            if mode_ == "async" and algorithm.asynchronous is None:
+            spec = spec.checked(comm, params_, exchange)
+            settings.update(spec.settings())
+            algorithm = make_algorithm(spec.workers(comm))
+            if spec.mode == "async" and algorithm.asynchronous is None:
                 raise ValueError(f"{type(self).__name__} has no mode='async': {algorithm.sync_only}")
-            if config.delay and not algorithm.sync.supports_delay:
-                raise ValueError(f"delay={config.delay}: {type(self).__name__} cannot apply a sum "
-                                 "steps after its send (its pull would discard the steps taken "
-                                 "since); use delay=0, or ElasticAverager or DiLoCoAverager, "
-                                 "whose pulls keep them")
-            if quant_bits(config.comm_dtype) and not algorithm.sync.quantizable:
-                raise ValueError(f"comm_dtype={config.comm_dtype}: {type(self).__name__} has no "
-                                 f"quantized wire ({algorithm.sync.no_int8}); use torch.bfloat16")
+            spec.check_rule(algorithm, type(self).__name__)
             settings.update(algorithm.settings())
-            chosen["algorithm"], chosen["params"] = algorithm, params_
+            chosen.update(algorithm=algorithm, params=params_, spec=spec, exchange=exchange)
             # For a sharded model the layout names each local shard (shape, global offset): the
             # ranks of the group must hold the same ones.
             return {"algorithm": algorithm.name, "settings": settings,
                     "layout": shards_of(params_) if sharded else layout_of(params_),
-                    # not settings of the state: a resumed job may choose them otherwise
-                    "gloo_chunk_bytes": chosen.get("gloo_chunk_bytes"),
-                    "on_failure": config.on_failure}
+                    **spec.agreed()}
 
         try:
             agreed = _dist.agree(comm, build)
@@ -169,10 +95,12 @@ class Averager:
         self.tau: int = self._settings["tau"]
         self.mode: str = self._settings["mode"]
         self.on_nonfinite: str = self._settings["on_nonfinite"]
-        self.comm_dtype: torch.dtype | None = config.comm_dtype
-        self.lock_timeout: float | None = config.lock_timeout if self.mode == "async" else None
-        self.on_failure: str = config.on_failure
-        self._make_algorithm, self._config = make_algorithm, config
+        self._spec: CenterSpec = chosen["spec"]
+        self._exchange_settings: ExchangeSettings = chosen["exchange"]
+        self.comm_dtype: torch.dtype | None = self._spec.comm_dtype
+        self.lock_timeout: float | None = self._spec.lock_timeout
+        self.on_failure: str = self._spec.on_failure
+        self._make_algorithm = make_algorithm
         self._abandoned: list[Center] = []  # centers of groups left behind after a failure
         self.clock = 0
         self._params: list[torch.Tensor] = chosen["params"]
@@ -186,8 +114,8 @@ class Averager:
             g.write_x(x)
         # What an exchange writes in place (autograd's version counters are bumped after it).
         self._written = [t for g in self._groups for t in g.storage_tensors]
-        self._center: Center = make_center(kind_for(self.mode, servers), comm, self._groups,
-                                           self._params, self.algorithm, config)
+        self._center: Center = self._spec.build(comm, self._groups, self._params, self.algorithm,
+                                                self._exchange_settings)
         self._log = ExchangeLog(self._on_outcome, skips_on_bad=self.on_nonfinite != "reset")
         self._warned = {"skip": Throttle(), "reset": Throttle(), "others": Throttle(),
                         "overflow": Throttle()}
@@ -352,9 +280,9 @@ class Averager:
         exchange is dropped (its fragments in flight with it; nothing of them was applied);
         each worker keeps its own parameters and its wire's residual; the owners' residuals of
         a quantized wire start again from zero (the chunks they owned have moved)."""
-        grace = min(self._config.exchange_timeout, FAILURE_SETTLE_SECONDS)
-        survivors = _dist.agree_on_survivors(self._comm, self.clock, settle=grace,
-                                             limit=self._config.exchange_timeout)
+        limit = self._spec.exchange_timeout
+        survivors = _dist.agree_on_survivors(self._comm, self.clock,
+                                             settle=min(limit, FAILURE_SETTLE_SECONDS), limit=limit)
         me = self._comm.global_rank(self._comm.rank)
         if survivors is None:
             raise ExchangeError(f"{exc}; on_failure='continue' could not go on: the process "
@@ -379,8 +307,8 @@ class Averager:
         self._comm = comm
         self.algorithm = self._make_algorithm(comm.world_size)
         self._settings.update(self.algorithm.settings())
-        self._center = make_center(kind_for(self.mode, None), comm, self._groups, self._params,
-                                   self.algorithm, self._config)
+        self._center = self._spec.build(comm, self._groups, self._params, self.algorithm,
+                                        self._exchange_settings)
         with torch.no_grad():
             for name, tensors in kept.items():
                 for g, t in zip(self._groups, tensors):
@@ -399,7 +327,7 @@ class Averager:
                   "exchange was dropped, nothing of it applied")
 
     @property
-    def flat_groups(self) -> list[FlatGroup]:
+    def flat_groups(self) -> list[ParamGroup]:
         """The flat groups the parameters are laid out in (one per device and dtype; for DTensor
         parameters, their local shards): the layout the center and its buffers follow."""
         return self._groups
@@ -542,8 +470,6 @@ class Averager:
         placements for a sharded model), each rank's own buffers under its rank. Resumes
         exactly on the same topology; another replicate degree or sharding is refused.
         Synchronous mode; collective (every rank calls ``dcp.save``)."""
-        from .checkpoint import DCPState
-
         return DCPState(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -636,20 +562,6 @@ class Averager:
                       f"comm_dtype=torch.bfloat16) ({self._warned['overflow'].count} so far)")
 
 
-def _check_sharded_fragments(params: list[torch.Tensor], fragments: int) -> None:
-    """Every rank of a replica must cut its shards into the same number of fragments (each
-    fragment's verdict is shared with the replica's other ranks): the smallest rank's layout,
-    worked out from the global shapes, must hold ``fragments`` runs."""
-    runs = smallest_layout(params) // ALIGN_ELEMENTS
-    if runs == 0:
-        raise ValueError("DTensor parameters: a rank of the replica holds no element of the model "
-                         "(every local shard empty); shard over fewer ranks")
-    if fragments > runs:
-        raise ValueError(f"fragments={fragments} with DTensor parameters: the smallest rank's "
-                         f"local shards hold only {runs} runs of {ALIGN_ELEMENTS} elements; use "
-                         f"fragments <= {runs}")
-
-
 class AttachHandle:
     """What :meth:`Averager.attach` returns: ``remove()`` detaches the averager from the
     optimizer (after which :meth:`Averager.step` is the way to step it again)."""
@@ -703,8 +615,9 @@ class ElasticAverager(Averager):
         tau: local steps between exchanges (``step()`` exchanges when its clock is a multiple).
         beta: ``p * alpha``; defaults to 0.9 (the paper's choice). Must be in (0, 1).
         alpha: the moving rate; give ``alpha`` or ``beta``, not both (or both, consistent).
-        mode: ``"sync"`` (all workers exchange together over an all-reduce) or ``"async"``
-            (each worker exchanges with the center on its own clock).
+        mode: ``"sync"`` (all workers exchange together over an all-reduce; the default) or
+            ``"async"`` (each worker exchanges with the center on its own clock). Leave it out
+            when ``center`` is a spec: the spec says.
         process_group: the group to average over (default: the default group; a single process
             needs no torch.distributed at all). For DTensor parameters: the ranks that hold the
             same shards in the other replicas, the device mesh's replicate dimension
@@ -720,9 +633,16 @@ class ElasticAverager(Averager):
         bucket_cap_mb: sync: all-reduce bucket size (default 25); on CPU tensors a bucket is
             applied as soon as it arrives while later ones are in flight.
         allow_unstable: accept ``beta >= 1``.
-        center: async on one machine: a :class:`~easgd_ext.SharedCenter` or the name of one.
-            Default: a single process makes a private one; under torch.distributed rank 0
-            creates one under a fresh name and the other ranks attach to it.
+        center: where the center lives, with that center's settings:
+            :class:`~easgd_ext.Replicated` (sync), :class:`~easgd_ext.SharedMemory` (async, one
+            machine) or :class:`~easgd_ext.Servers` (async, server ranks), e.g.
+            ``center=Replicated(comm_dtype=torch.int8, fragments=8, delay=1)``. The keyword
+            arguments below (``comm_dtype``, ``fragments``, ``servers``, ...) are the shorthand
+            for these and are errors beside a spec. In the shorthand, ``center`` is the
+            shared-memory segment of ``mode="async"`` on one machine: a
+            :class:`~easgd_ext.SharedCenter` or the name of one. Default: a single process
+            makes a private one; under torch.distributed rank 0 creates one under a fresh name
+            and the other ranks attach to it.
         servers: async across machines: the ranks that hold the center, sharded; they call
             :meth:`serve` while the other ranks train.
         lock_timeout: async: seconds to wait for a chunk lock before raising ``TimeoutError``
@@ -765,25 +685,25 @@ class ElasticAverager(Averager):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU,
-                 beta: float | None = None, alpha: float | None = None, mode: str = "sync",
+                 beta: float | None = None, alpha: float | None = None, mode: str | None = None,
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
                  bucket_cap_mb: float | None = None, allow_unstable: bool = False,
-                 center: SharedCenter | str | None = None, servers: list[int] | None = None,
-                 lock_timeout: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
-                 exchange_timeout: float | None = None, fragments: int = 1,
-                 delay: int = 0, outer_lr: float = 1.0, outer_momentum: float = 0.0,
-                 nesterov: bool = False, on_failure: str = DEFAULT_ON_FAILURE) -> None:
+                 center: CenterSpec | SharedCenter | str | None = None,
+                 servers: list[int] | None = None, lock_timeout: float | None = None, *,
+                 on_nonfinite: str = DEFAULT_ON_NONFINITE, exchange_timeout: float | None = None,
+                 fragments: int = 1, delay: int = 0, outer_lr: float = 1.0,
+                 outer_momentum: float = 0.0, nesterov: bool = False,
+                 on_failure: str = DEFAULT_ON_FAILURE) -> None:
         outer = check_outer(outer_lr, outer_momentum, nesterov)
 
         def make(workers: int) -> Algorithm:
             rates = elastic_rates(workers, beta, alpha, allow_unstable)
             return Elastic(*rates) if outer is None else ElasticOuter(*rates, *outer)
 
-        super().__init__(params, make, tau=tau, mode=mode, process_group=process_group,
-                         comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb, center=center,
-                         servers=servers, lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
-                         on_failure=on_failure)
+        super().__init__(params, make, tau=tau, process_group=process_group,
+                         on_nonfinite=on_nonfinite, center=center, mode=mode, servers=servers,
+                         lock_timeout=lock_timeout, **_replicated_arguments(
+                             comm_dtype, bucket_cap_mb, exchange_timeout, fragments, delay, on_failure))
 
     @property
     def alpha(self) -> float:
@@ -806,19 +726,18 @@ class DownpourAverager(Averager):
     the steps taken since the push).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, mode: str = "sync",
-                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
-                 bucket_cap_mb: float | None = None, center: SharedCenter | str | None = None,
+    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU,
+                 mode: str | None = None, process_group: Any = None,
+                 comm_dtype: torch.dtype | str | None = None, bucket_cap_mb: float | None = None,
+                 center: CenterSpec | SharedCenter | str | None = None,
                  servers: list[int] | None = None, lock_timeout: float | None = None, *,
                  on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
                  delay: int = 0, on_failure: str = DEFAULT_ON_FAILURE) -> None:
-        super().__init__(params, lambda workers: Downpour(), tau=tau, mode=mode,
-                         process_group=process_group, comm_dtype=comm_dtype,
-                         bucket_cap_mb=bucket_cap_mb, center=center, servers=servers,
-                         lock_timeout=lock_timeout, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
-                         on_failure=on_failure)
+        super().__init__(params, lambda workers: Downpour(), tau=tau, process_group=process_group,
+                         on_nonfinite=on_nonfinite, center=center, mode=mode, servers=servers,
+                         lock_timeout=lock_timeout, **_replicated_arguments(
+                             comm_dtype, bucket_cap_mb, exchange_timeout, fragments, delay, on_failure))
 
 
 class PeriodicAverager(Averager):
@@ -826,8 +745,9 @@ class PeriodicAverager(Averager):
     ``tau`` local steps, ``x_i = mean_j x_j``.
 
     Arguments and methods are those of :class:`~easgd_ext.ElasticAverager` without
-    ``beta``/``alpha`` and the asynchronous ones; ``delay`` must be 0 and ``comm_dtype`` a
-    float (8 bits cannot carry the parameters themselves). Unlike PyTorch's averager it does not average
+    ``beta``/``alpha`` and the asynchronous ones (``center`` takes a ``mode="sync"`` spec,
+    :class:`~easgd_ext.Replicated`); ``delay`` must be 0 and ``comm_dtype`` a float (8 bits
+    cannot carry the parameters themselves). Unlike PyTorch's averager it does not average
     on the very first call (its clock counts completed steps, like the others here), it
     all-reduces one flat buffer per dtype instead of concatenating and copying back, and a
     non-finite worker does not spread to the others: by default it takes the mean of the
@@ -836,17 +756,16 @@ class PeriodicAverager(Averager):
     as it is (the workers are equal right after each averaging).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, mode: str = "sync",
-                 process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
-                 bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
-                 exchange_timeout: float | None = None, fragments: int = 1,
-                 delay: int = 0, on_failure: str = DEFAULT_ON_FAILURE) -> None:
-        super().__init__(params, lambda workers: Averaging(), tau=tau, mode=mode,
-                         process_group=process_group, comm_dtype=comm_dtype,
-                         bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
-                         lock_timeout=None, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
-                         on_failure=on_failure)
+    def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU,
+                 mode: str | None = None, process_group: Any = None,
+                 comm_dtype: torch.dtype | str | None = None, bucket_cap_mb: float | None = None,
+                 *, on_nonfinite: str = DEFAULT_ON_NONFINITE, exchange_timeout: float | None = None,
+                 fragments: int = 1, delay: int = 0, on_failure: str = DEFAULT_ON_FAILURE,
+                 center: CenterSpec | None = None) -> None:
+        super().__init__(params, lambda workers: Averaging(), tau=tau, process_group=process_group,
+                         on_nonfinite=on_nonfinite, center=_sync_only(center, type(self).__name__), mode=mode,
+                         **_replicated_arguments(comm_dtype, bucket_cap_mb, exchange_timeout,
+                                                 fragments, delay, on_failure))
 
 
 class DiLoCoAverager(Averager):
@@ -862,7 +781,7 @@ class DiLoCoAverager(Averager):
     pulled all the way to the new center (the same fused kernels; with
     ``fragment_update_alpha`` part of the way, below). Synchronous only. Every wire:
     float, bfloat16/float16, and int8/int4/int2 with error feedback. Other arguments are those
-    of :class:`ElasticAverager`; a worker that diverged sends nothing and the mean is over the
+    of :class:`ElasticAverager` (``center`` takes a ``mode="sync"`` spec, :class:`Replicated`); a worker that diverged sends nothing and the mean is over the
     others (``on_nonfinite="reset"``). The momentum is float32 beside the center and saved in
     ``state_dict()``.
 
@@ -879,22 +798,35 @@ class DiLoCoAverager(Averager):
     """
 
     def __init__(self, params: Iterable[torch.Tensor], tau: int = DEFAULT_TAU, outer_lr: float = 0.7,
-                 outer_momentum: float = 0.9, nesterov: bool = True, mode: str = "sync",
+                 outer_momentum: float = 0.9, nesterov: bool = True, mode: str | None = None,
                  process_group: Any = None, comm_dtype: torch.dtype | str | None = None,
                  bucket_cap_mb: float | None = None, *, on_nonfinite: str = DEFAULT_ON_NONFINITE,
                  exchange_timeout: float | None = None, fragments: int = 1,
                  delay: int = 0, fragment_update_alpha: float = 0.0,
-                 on_failure: str = DEFAULT_ON_FAILURE) -> None:
+                 on_failure: str = DEFAULT_ON_FAILURE, center: CenterSpec | None = None) -> None:
         lr, mu, nesterov_ = check_outer(outer_lr, outer_momentum, nesterov) or (outer_lr, outer_momentum, nesterov)
         mix = check_update_alpha(fragment_update_alpha)
         super().__init__(params, lambda workers: DiLoCo(workers, lr, mu, nesterov_, mix), tau=tau,
-                         mode=mode, process_group=process_group, comm_dtype=comm_dtype,
-                         bucket_cap_mb=bucket_cap_mb, center=None, servers=None,
-                         lock_timeout=None, on_nonfinite=on_nonfinite,
-                         exchange_timeout=exchange_timeout, fragments=fragments, delay=delay,
-                         on_failure=on_failure)
+                         process_group=process_group, on_nonfinite=on_nonfinite,
+                         center=_sync_only(center, type(self).__name__), mode=mode,
+                         **_replicated_arguments(comm_dtype, bucket_cap_mb, exchange_timeout,
+                                                 fragments, delay, on_failure))
 
 
-# The averagers by the names the integrations (Lightning, accelerate) take.
-AVERAGERS: dict[str, type[Averager]] = {"easgd": ElasticAverager, "diloco": DiLoCoAverager,
-                                        "downpour": DownpourAverager, "local_sgd": PeriodicAverager}
+def _replicated_arguments(comm_dtype: Any, bucket_cap_mb: Any, exchange_timeout: Any, fragments: Any,
+                          delay: Any, on_failure: Any) -> dict[str, Any]:
+    """The shorthand's :class:`~easgd_ext.Replicated` settings, ``None`` where left at the default."""
+    return {"comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
+            "exchange_timeout": exchange_timeout,
+            "fragments": None if fragments == 1 else fragments,
+            "delay": None if delay == 0 else delay,
+            "on_failure": None if on_failure == DEFAULT_ON_FAILURE else on_failure}
+
+
+def _sync_only(center: Any, averager: str) -> Any:
+    """The synchronous-only averagers take a ``mode="sync"`` center (``Replicated(...)``)."""
+    if center is not None and not (isinstance(center, CenterSpec) and center.mode == "sync"):
+        raise TypeError(f"center must be a mode='sync' center such as Replicated(...) ({averager} "
+                        f"is synchronous only), got {type(center).__name__}")
+    return center
+

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable, Protocol
 
 import torch
 
@@ -129,6 +129,30 @@ def _check_no_overlap(params: list[torch.Tensor]) -> None:
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
+
+
+class ParamGroup(Protocol):
+    """What the synchronous exchange needs of a group of parameters (one device and dtype),
+    whatever holds their storage: a :class:`FlatGroup` (one flat buffer the parameters view)
+    or a :class:`~easgd_ext.dtensor_params.ShardGroup` (the local shards of DTensor
+    parameters, in FSDP's storage). ``buffers`` (the center, the rule's state) are laid out
+    like the worker's values: ``numel`` elements."""
+    params: list[Any]
+    buffers: dict[str, torch.Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def numel(self) -> int: ...
+    @property
+    def storage_tensors(self) -> list[torch.Tensor]: ...
+    def x_slice(self, start: int, end: int) -> torch.Tensor: ...
+    def segment_bounds(self, start: int, end: int) -> list[tuple[int, int]]: ...
+    def read_x(self) -> torch.Tensor: ...
+    def write_x(self, values: torch.Tensor) -> None: ...
+    def ensure_views(self) -> int: ...
 
 
 @dataclass

@@ -169,9 +169,15 @@ def kernel_path() -> str:
     return value
 
 
-def gloo_wire_chunk_bytes() -> int:
-    """The quantized wire's piece per peer over Gloo, as ``EASGD_EXT_GLOO_CHUNK_BYTES`` asks
-    (default 64 KiB: the right size up to a few hundred Mbit/s; 1 MiB at 1 Gbit/s and above)."""
+def check_gloo_chunk_bytes(value: object) -> int:
+    """The quantized wire's piece per peer over Gloo: ``value`` (at least 4096 bytes), or where
+    it is ``None`` what ``EASGD_EXT_GLOO_CHUNK_BYTES`` asks (default 64 KiB: the right size up to
+    a few hundred Mbit/s; 1 MiB at 1 Gbit/s and above)."""
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 4096:
+            raise ValueError(f"gloo_chunk_bytes must be a whole number of bytes of at least 4096 "
+                             f"(e.g. 1048576 for a 1 Gbit/s link), got {value!r}")
+        return value
     value = os.environ.get(GLOO_CHUNK_ENV, "") or str(GLOO_WIRE_CHUNK_BYTES)
     try:
         chunk = int(value)

@@ -38,6 +38,9 @@ from ._native import native
 from .flat_params import ALIGN_ELEMENTS, collect_parameters, layout_of, plan
 
 StaleSegmentError = native.StaleSegmentError
+StaleSegmentError.__doc__ = (
+    "A shared center's segment whose creator is gone (left by a crashed run): attaching to it "
+    "is refused; remove it (SharedCenter.remove, or python -m easgd_ext.centers sweep).")
 DEFAULT_CHUNK_MB = 4.0
 
 __all__ = ["SharedCenter", "StaleSegmentError"]

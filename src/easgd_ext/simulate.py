@@ -28,12 +28,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ._dist import Comm
-from .averager import Averager, DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager
-
-AVERAGERS: dict[str, Callable[..., Averager]] = {
-    "easgd": ElasticAverager, "downpour": DownpourAverager, "average": PeriodicAverager,
-    "diloco": DiLoCoAverager,
-}
+from .averager import Averager
+from .methods import METHODS, method
 
 
 class Rendezvous:
@@ -140,10 +136,24 @@ def simulated_group(workers: int) -> list[SimulatedComm]:
     return [SimulatedComm(meeting, rank, workers, [0]) for rank in range(workers)]
 
 
+def _averager_named(name: str) -> Callable[..., Averager]:
+    """The averager of a method of the table (:mod:`easgd_ext.methods`)."""
+    try:
+        chosen = method(name)
+    except ValueError:
+        chosen = None
+    if chosen is None or chosen.averager is None:
+        offered = [m for m, entry in METHODS.items() if entry.averager is not None]
+        raise ValueError(f"averager must be a method with an averager ({', '.join(offered)}; "
+                         f"'average' is local-sgd) or a callable, got {name!r}")
+    return chosen.build
+
+
 class Workers:
     """``workers`` replicas of ``make_model()`` on ``device``, each with its optimizer
-    (``make_optimizer(params)``, default SGD lr 0.05) and its averager (``averager``: "easgd",
-    "downpour", "average", "diloco", or a callable ``(params, **kwargs) -> Averager``), joined by
+    (``make_optimizer(params)``, default SGD lr 0.05) and its averager (``averager``: a method
+    of :data:`easgd_ext.methods.METHODS` with an averager, "easgd", "downpour", "average",
+    "diloco", ..., or a callable ``(params, **kwargs) -> Averager``), joined by
     an in-process group. ``averager_kwargs`` go to every averager (``tau``, ``beta``,
     ``comm_dtype``, ``fragments``, ...). Replica k starts from replica 0's weights, as the
     averagers broadcast them."""
@@ -154,9 +164,7 @@ class Workers:
                  device: str | torch.device = "cpu", **averager_kwargs: Any) -> None:
         self.comms = simulated_group(workers)
         self.device = torch.device(device)
-        build = AVERAGERS.get(averager) if isinstance(averager, str) else averager
-        if build is None:
-            raise ValueError(f"averager must be one of {', '.join(AVERAGERS)} or a callable, got {averager!r}")
+        build = _averager_named(averager) if isinstance(averager, str) else averager
         make_optimizer = make_optimizer or (lambda params: torch.optim.SGD(params, lr=0.05))
         self.models = [make_model().to(self.device) for _ in range(workers)]
         self.optimizers = [make_optimizer(m.parameters()) for m in self.models]

@@ -115,7 +115,7 @@ class _Item:
     done: torch.cuda.Event | None
     outcome: Outcome | None       # known at once (CPU tensors, asynchronous centers)
     bytes_sent: int
-    waited_seconds: float
+    wait_seconds: float
 
 
 @dataclass
@@ -160,7 +160,7 @@ class ExchangeLog:
             host, done = None, None
             if r.outcome is None and r.status is not None:
                 host, done = self._copy_status(r.status)
-            items.append(_Item(r.clock, host, done, r.outcome, r.bytes_sent, r.waited_seconds))
+            items.append(_Item(r.clock, host, done, r.outcome, r.bytes_sent, r.wait_seconds))
         self._pending.append(_Pending(timer, items))
         self.poll()  # what is known already (CPU, asynchronous mode) is reported now
 
@@ -213,7 +213,7 @@ class ExchangeLog:
             outcome = item.outcome if item.outcome is not None else outcome_of(
                 item.clock, item.status, self.skips_on_bad)
             s.bytes_sent += item.bytes_sent
-            s.wait_seconds += item.waited_seconds
+            s.wait_seconds += item.wait_seconds
             if outcome.applied:
                 s.exchanges += 1
             else:

@@ -31,16 +31,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data
+from . import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data, methods
 from ._launch import backend_for, join_group, launcher_rank_world, run_workers
 from .settings import QUANT_NAMES
 from .stats import ring_allreduce_bytes
 from .train_records import DEFAULT_STEPS, Result, load_split, say, steps_bar, steps_for
 
-DEFAULT_ALGORITHMS = ("easgd", "eamsgd", "downpour", "average", "sync-sgd")
+# This tool's selection from the table of methods, by the names it has always taken.
+DEFAULT_ALGORITHMS = methods.names(("easgd", "eamsgd", "downpour", "average", "sync-sgd"))
 ALGORITHMS = (*DEFAULT_ALGORITHMS, "diloco")  # DiLoCo (outer Nesterov step, lr 0.7): on request
-DELAYED = {"easgd", "eamsgd", "diloco", "sync-sgd"}  # their pull keeps the steps since the send
-ASYNC_ALGORITHMS = ("easgd", "eamsgd", "downpour")  # the paper's asynchronous methods
+DELAYED = {a for a in ALGORITHMS if methods.method(a).delays}  # their pull keeps the steps since the send
+ASYNC_ALGORITHMS = tuple(a for a in ALGORITHMS if methods.method(a).asynchronous)  # the paper's
 ASYNC_NOTE = "async: the center is in shared memory, nothing crosses a network"
 
 
@@ -165,8 +166,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--delay {args.delay} applies to easgd, eamsgd and diloco (whose pulls keep the "
                 f"steps taken since the send); leave out {', '.join(sorted(set(args.algos) - DELAYED))} "
                 "or use --delay 0")
-    if args.comm_dtype in QUANT_NAMES and "average" in args.algos:
-        p.error(f"--comm-dtype {args.comm_dtype} quantizes differences; 'average' sends the "
+    whole = [a for a in args.algos if a != "sync-sgd" and not methods.method(a).sends_difference]
+    if args.comm_dtype in QUANT_NAMES and whole:
+        p.error(f"--comm-dtype {args.comm_dtype} quantizes differences; '{whole[0]}' sends the "
                 "parameters themselves: leave it out or use bfloat16")
     if args.steps is not None and args.epochs is not None:
         p.error("give --steps or --epochs, not both")
@@ -205,22 +207,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace
                   ) -> ElasticAverager | DownpourAverager | PeriodicAverager | DiLoCoAverager | None:
     """The averager of ``algo``; ``None`` for sync-sgd, which averages gradients instead."""
-    common: dict = {"tau": args.tau, "mode": args.mode}
+    return methods.method(algo).build(model.parameters(), **averager_settings(algo, args))
+
+
+def averager_settings(algo: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The constructor arguments the command line gives ``algo``'s averager."""
+    settings: dict[str, Any] = {"tau": args.tau, "mode": args.mode, "beta": args.beta,
+                                "allow_unstable": args.allow_unstable}
     if args.mode == "sync":
-        common["comm_dtype"] = args.comm_dtype
-        common["fragments"] = args.fragments
+        settings.update(comm_dtype=args.comm_dtype, fragments=args.fragments)
         if algo in DELAYED:
-            common["delay"] = args.delay
-    if algo == "diloco":
-        return DiLoCoAverager(model.parameters(), **common)
-    if algo in ("easgd", "eamsgd"):
-        return ElasticAverager(model.parameters(), beta=args.beta,
-                               allow_unstable=args.allow_unstable, **common)
-    if algo == "downpour":
-        return DownpourAverager(model.parameters(), **common)
-    if algo == "average":
-        return PeriodicAverager(model.parameters(), **common)
-    return None
+            settings["delay"] = args.delay
+    return settings
 
 
 class GradientAllReduce:
@@ -264,9 +262,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
               device: torch.device, steps: int) -> Result:
     torch.manual_seed(args.seed)
     model = data.make_model(args.dataset).to(device)
-    momentum = args.momentum if algo == "eamsgd" else 0.0
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum,
-                          nesterov=algo == "eamsgd")
+    opt = methods.method(algo).local_optimizer(model.parameters(), args.lr, args.momentum)
     averager = make_averager(algo, model, args)
     sync_sgd = GradientAllReduce(model, world) if averager is None else None
     stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
@@ -316,10 +312,10 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
     from . import simulate
 
     torch.manual_seed(args.seed)
-    momentum = args.momentum if algo == "eamsgd" else 0.0
+    chosen = methods.method(algo)
 
     def optimizer(params: Any) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=args.lr, momentum=momentum, nesterov=algo == "eamsgd")
+        return chosen.local_optimizer(params, args.lr, args.momentum)
 
     sim = None
     if algo == "sync-sgd":
@@ -328,15 +324,8 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
         opts = [optimizer(m.parameters()) for m in models]
         grads_bytes = ring_allreduce_bytes(4 * sum(p.numel() for p in models[0].parameters()), world)
     else:
-        name = {"easgd": "easgd", "eamsgd": "easgd", "downpour": "downpour", "average": "average",
-                "diloco": "diloco"}[algo]
-        kwargs: dict[str, Any] = {"tau": args.tau, "comm_dtype": args.comm_dtype, "fragments": args.fragments}
-        if name == "easgd":
-            kwargs.update(beta=args.beta, allow_unstable=args.allow_unstable)
-        if algo in DELAYED:
-            kwargs["delay"] = args.delay
-        sim = simulate.Workers(lambda: data.make_model(args.dataset), world, averager=name,
-                               make_optimizer=optimizer, device=device, **kwargs)
+        sim = simulate.Workers(lambda: data.make_model(args.dataset), world, averager=algo,
+                               make_optimizer=optimizer, device=device, **averager_settings(algo, args))
         models, opts = sim.models, sim.optimizers
     streams = [data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + k + 1)
                for k in range(world)]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import DownpourAverager, ElasticAverager, PeriodicAverager, data
+from . import data, methods
 from ._launch import join_group, run_workers
 from .settings import QUANT_NAMES
 from .train_records import Result, load_split, say, steps_bar, steps_for
@@ -64,21 +64,14 @@ def make_job(algo: str, args: argparse.Namespace, mesh: Any) -> tuple[nn.Module,
     for unit in units_of(model):
         fully_shard(unit, mesh=where)
     fully_shard(model, mesh=where)
-    momentum = args.momentum if algo == "eamsgd" else 0.0
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=momentum,
-                          nesterov=algo == "eamsgd")
-    common: dict[str, Any] = {"tau": args.tau, "process_group": mesh["replicate"],
-                              "comm_dtype": args.comm_dtype, "fragments": args.fragments}
-    if algo in ("easgd", "eamsgd"):
-        averager: Any = ElasticAverager(model.parameters(), beta=args.beta, delay=args.delay,
-                                        allow_unstable=args.allow_unstable, **common)
-    elif algo == "downpour":
-        averager = DownpourAverager(model.parameters(), **common)
-    elif algo == "average":
-        averager = PeriodicAverager(model.parameters(), **common)
-    else:
-        averager = None
-    return model, opt, averager
+    chosen = methods.method(algo)
+    opt = chosen.local_optimizer(model.parameters(), args.lr, args.momentum)
+    settings: dict[str, Any] = {"tau": args.tau, "process_group": mesh["replicate"],
+                                "comm_dtype": args.comm_dtype, "fragments": args.fragments,
+                                "beta": args.beta, "allow_unstable": args.allow_unstable}
+    if chosen.delays:
+        settings["delay"] = args.delay
+    return model, opt, chosen.build(model.parameters(), **settings)
 
 
 def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any, steps: int) -> Any:

@@ -161,7 +161,7 @@ def hierarchy(size: str, reps: int, works: Works) -> list[dict]:
     nodes = world // local_size
     mesh = init_device_mesh("cpu", (nodes, local_size), mesh_dim_names=("node", "local"))
     node, local = mesh.get_coordinate()
-    inter, intra = mesh.get_group("node"), mesh.get_group("local")
+    intra = mesh.get_group("local")
     leaders = dist.new_group([r * local_size for r in range(nodes)])  # every rank calls it
     n = sum(s.numel() for s in shapes_for(size))
     share = -(-n // local_size)

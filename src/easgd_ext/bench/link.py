@@ -59,7 +59,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from easgd_ext.settings import GLOO_CHUNK_ENV, gloo_wire_chunk_bytes
+from easgd_ext.settings import GLOO_CHUNK_ENV, check_gloo_chunk_bytes
 from easgd_ext.stats import ring_allreduce_bytes
 
 from .cli import RATIO_LINE, count, prog, ratio_cell, speedups
@@ -224,10 +224,10 @@ def run_raw(name: str, base: torch.nn.Module, args: argparse.Namespace, world: i
     else:
         # The quantized wire sends (p - 1) records in its all_to_all and (p - 1) in its
         # all_gather: a record is total / (2 (p - 1)) bytes. Over Gloo it moves them in
-        # collectives of gloo_wire_chunk_bytes() per peer (two run at a time); raw_<wire>_whole
+        # collectives of check_gloo_chunk_bytes(None) per peer (two run at a time); raw_<wire>_whole
         # sends each record whole, in one all_to_all and one all_gather.
         record = total // (2 * (world - 1))
-        cut = record if whole else gloo_wire_chunk_bytes()
+        cut = record if whole else check_gloo_chunk_bytes(None)
         sizes = [min(cut, record - lo) for lo in range(0, record, cut)]
         sends = [torch.randint(0, 255, (world * n,), dtype=torch.uint8) for n in sizes]
         received = [torch.empty_like(t) for t in sends]
@@ -279,7 +279,7 @@ def summarize(name: str, windows: list[dict[str, float]], args: argparse.Namespa
         "model": args.model, "batch": args.batch, "image_size": args.image_size,
         "fragments": args.fragments if name.startswith(STREAMED) else 1,
         "delay": stream_delay(name) if name.startswith(STREAMED) else 0,
-        "gloo_chunk_bytes": gloo_wire_chunk_bytes(),
+        "gloo_chunk_bytes": check_gloo_chunk_bytes(None),
     }
     return record
 
@@ -437,7 +437,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--gloo-chunk-kib must be at least 4, got {args.gloo_chunk_kib}")
     if args.gloo_chunk_kib is None:
         try:
-            gloo_wire_chunk_bytes()
+            check_gloo_chunk_bytes(None)
         except ValueError as e:
             parser.error(str(e))
     if args.threads is None:

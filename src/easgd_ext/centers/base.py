@@ -8,21 +8,22 @@ of one named shared-memory segment (``Center.shared``); the averagers' ``center=
 names such a segment.
 
 The averager calls a center only through :class:`Center`: no ``isinstance``, no reaching into
-attributes. A new center is one module with a :class:`Center` subclass plus one line in
-:data:`CENTERS` (``centers/__init__.py``).
+attributes; it builds one through the :class:`CenterSpec` its ``center=`` argument was given. A
+new center is one module with a :class:`Center` and its :class:`CenterSpec`; a user passes the
+spec, and a line in ``easgd_ext/__init__.py`` makes it a public name.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from .. import _dist
 from ..algorithms import Algorithm
-from ..flat_params import FlatGroup
+from ..flat_params import ParamGroup
 from ..stats import Outcome
 
 
@@ -34,50 +35,72 @@ class ExchangeRecord:
     averager's log copies it to pinned memory behind an event)."""
     clock: int
     bytes_sent: int = 0                     # what this rank put on the network
-    waited_seconds: float = 0.0             # the host's wait for collectives still running
+    wait_seconds: float = 0.0             # the host's wait for collectives still running
     outcome: Outcome | None = None
     status: torch.Tensor | None = None
 
 
-@dataclass
-class CenterConfig:
-    """Everything a center may need besides the process group, the flat groups and the rule;
-    each center reads its own fields (the averager has checked them)."""
-    on_nonfinite: str = "reset"
-    tau: int = 10
-    # replicated (mode="sync")
-    comm_dtype: torch.dtype | None = None            # torch.int8: the 8-bit wire
-    fragments: int = 1
-    delay: int = 0
-    bucket_bytes: int = 25 * 2**20
-    exchange_timeout: float = 300.0
-    gloo_chunk_bytes: int = 64 * 1024  # the quantized wire's piece per peer over Gloo
-    on_failure: str = "raise"  # "continue": a failed exchange is survived (the averager re-forms)
-    # DTensor parameters: the groups connecting this replica's other ranks (the other shards);
-    # an exchange's non-finite flag is shared with them before it is published, so a replica
-    # is decided as a whole.
-    verdict_groups: list[Any] = field(default_factory=list)
-    # shared memory (mode="async", one machine)
-    shared: Any = None                      # a SharedCenter, a name, or None: make one
-    lock_timeout: float = 300.0
-    # sharded (mode="async", servers=[...])
-    servers: list[int] = field(default_factory=list)
-    # kernels: "fused" (native), or "torch" (every rule's torch-level path, for tests)
-    kernels: str = "fused"
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """What every center takes from the averager besides its own :class:`CenterSpec`."""
+    tau: int                 # local steps between a worker's exchanges
+    on_nonfinite: str        # "reset", "skip" or "raise"
+    kernels: str = "fused"   # "fused" (native), or "torch" (every rule's torch-level path, for tests)
+
+
+class CenterSpec(abc.ABC):
+    """Which center an averager exchanges with, and that center's own settings: what the
+    averagers' ``center=`` argument takes (:class:`~easgd_ext.Replicated`,
+    :class:`~easgd_ext.SharedMemory`, :class:`~easgd_ext.Servers`, or a spec of your own).
+
+    A spec is a frozen dataclass of what the user chose. The averager calls :meth:`checked`
+    on every rank while it builds (its errors are raised on every rank alike), then
+    :meth:`build` with the checked copy: a new center is one module holding its
+    :class:`Center` and its spec, and nothing else changes."""
+
+    mode: ClassVar[str] = "sync"            # what the averager's ``mode`` reports: "sync" or "async"
+    # What the averager shows of the center's settings (a spec that has them overrides these).
+    comm_dtype: Any = None
+    lock_timeout: Any = None
+    exchange_timeout: Any = None
+    on_failure: str = "raise"
+
+    @abc.abstractmethod
+    def checked(self, comm: _dist.Comm, params: list[torch.Tensor],
+                settings: ExchangeSettings) -> "CenterSpec":
+        """A copy with every setting checked and normalized (``TypeError``/``ValueError``
+        naming the argument and what was wrong), for these parameters and this group."""
+
+    @abc.abstractmethod
+    def workers(self, comm: _dist.Comm) -> int:
+        """p: the workers that exchange with this center (on a checked spec)."""
+
+    def settings(self) -> dict[str, Any]:
+        """What a state dict saves of this center's settings (and every rank must agree on)."""
+        return {}
+
+    def agreed(self) -> dict[str, Any]:
+        """What every rank must agree on without it being saved (a resumed job may choose
+        it otherwise)."""
+        return {}
+
+    def check_rule(self, algorithm: Algorithm, averager: str) -> None:
+        """Raises ``ValueError`` where this center cannot run ``algorithm`` (of the averager
+        class named ``averager``) with these settings."""
+
+    @abc.abstractmethod
+    def build(self, comm: _dist.Comm, groups: list[ParamGroup], params: list[torch.Tensor],
+              algorithm: Algorithm, settings: ExchangeSettings) -> "Center":
+        """The center for these flat groups and rule (on a checked spec)."""
 
 
 class Center(abc.ABC):
     """Where the center lives, and one worker's exchanges with it."""
 
-    kind: ClassVar[str] = ""
     workers: int                            # p: the workers that exchange with the center
     is_server: bool = False                 # this rank holds a shard and calls serve()
     worker_id: int | None = None            # this worker's slot in a shared-memory center
     shared: Any = None                      # the SharedCenter handle, where there is one
-
-    @abc.abstractmethod
-    def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
-                 algorithm: Algorithm, config: CenterConfig) -> None: ...
 
     tau: int = 10
     in_flight: int = 0                      # exchanges sent and not applied yet

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..algorithms import Piece
-from ..flat_params import ALIGN_ELEMENTS, FlatGroup
+from ..flat_params import ALIGN_ELEMENTS, ParamGroup
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class FragmentPlan:
     pieces: tuple[Piece, ...]   # its elements in each flat group it covers
 
 
-def plan_fragments(groups: list[FlatGroup], fragments: int, tau: int) -> list[FragmentPlan]:
+def plan_fragments(groups: list[ParamGroup], fragments: int, tau: int) -> list[FragmentPlan]:
     """``fragments`` plans covering every element of ``groups`` once, in order. Tiny models
     may leave trailing fragments empty (they are dropped)."""
     total = sum(g.numel for g in groups)

@@ -27,18 +27,22 @@ the all-to-all; with Gloo the host waits then, if they are not done). Everything
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .. import _dist
 from ..algorithms import Algorithm, SyncRule
-from ..flat_params import FlatGroup, check_saved
-from ..settings import FAILURE_POLL_SECONDS, POLICY_CODES, quant_bits
+from ..dtensor_params import replica_groups, smallest_layout
+from ..flat_params import ALIGN_ELEMENTS, ParamGroup, check_saved, is_dtensor
+from ..settings import (DEFAULT_BUCKET_CAP_MB, DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_ON_FAILURE,
+                        FAILURE_POLL_SECONDS, POLICY_CODES, check_bucket_cap_mb, check_comm_dtype,
+                        check_delay, check_exchange_timeout, check_fragments, check_gloo_chunk_bytes,
+                        check_on_failure, dtype_name, quant_bits)
 from ..stats import outcome_of
-from .base import Center, CenterConfig, ExchangeRecord
+from .base import Center, CenterSpec, ExchangeRecord, ExchangeSettings
 from .fragments import FragmentPlan, due, plan_fragments
 from .wires import FloatWire, QuantizedWire, Wire
 
@@ -62,29 +66,122 @@ class InFlight:
     sent_at: int
     due_at: int
     works: list[Any] = field(default_factory=list)
-    advanced: bool = False
-    waited: float = 0.0  # seconds the host waited for its collectives (Gloo)
+    gathered: bool = False  # the wire's second phase (Wire.gather) has started
+    wait_seconds: float = 0.0  # the host's wait for its collectives (Gloo), as stats names it
+
+
+@dataclass(frozen=True)
+class Replicated(CenterSpec):
+    """The center of ``mode="sync"``: a float32 replica on every rank of the process group,
+    exchanged by collectives (an all-reduce per bucket; an all-to-all and an all-gather on a
+    quantized wire). ``center=Replicated(comm_dtype=torch.int8, fragments=8, delay=1)`` is the
+    averagers' ``comm_dtype=torch.int8, fragments=8, delay=1``; the arguments are documented
+    there (:class:`~easgd_ext.ElasticAverager`).
+
+    ``gloo_chunk_bytes``: the quantized wire's piece per peer over Gloo (``None``:
+    ``EASGD_EXT_GLOO_CHUNK_BYTES``, else 64 KiB; about 1 MiB suits a 1 Gbit/s link); every
+    rank must choose the same."""
+
+    comm_dtype: torch.dtype | str | None = None
+    fragments: int = 1
+    delay: int = 0
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB
+    exchange_timeout: float = DEFAULT_EXCHANGE_TIMEOUT
+    on_failure: str = DEFAULT_ON_FAILURE
+    gloo_chunk_bytes: int | None = None
+
+    mode: ClassVar[str] = "sync"
+
+    def checked(self, comm: _dist.Comm, params: list[torch.Tensor],
+                settings: ExchangeSettings) -> Replicated:
+        sharded = is_dtensor(params[0])
+        comm_dtype = check_comm_dtype(self.comm_dtype)
+        bits = quant_bits(comm_dtype)
+        if sharded and bits:
+            raise ValueError(
+                f"comm_dtype={comm_dtype} with DTensor parameters (a sharded model): the "
+                "quantized wire's blocks of 256 values would straddle the local shards; use "
+                "comm_dtype=torch.bfloat16 (half the bytes of float32)")
+        if self.gloo_chunk_bytes is not None and not bits:
+            raise ValueError(f"gloo_chunk_bytes applies to the quantized wires (comm_dtype="
+                             f"torch.int8, torch.int4 or torch.int2), not comm_dtype={comm_dtype}")
+        fragments = check_fragments(self.fragments)
+        delay = check_delay(self.delay, settings.tau)
+        if sharded:
+            _check_sharded_fragments(params, fragments)
+        on_failure = check_on_failure(self.on_failure)
+        if on_failure == "continue" and comm.distributed and not comm.host_waits(params[0].device):
+            raise ValueError(
+                "on_failure='continue' over NCCL is not supported yet: NCCL's collectives fail "
+                "on the device, out of the host's sight; use a Gloo group for the averager "
+                "(CUDA tensors are staged through the host) or on_failure='raise'")
+        if sharded and on_failure == "continue":
+            raise ValueError(
+                "on_failure='continue' with DTensor parameters (a sharded model) is not "
+                "supported yet: a replica that loses one shard rank must leave whole; use "
+                "on_failure='raise' and resume from a checkpoint")
+        return replace(self, comm_dtype=comm_dtype, fragments=fragments, delay=delay,
+                       bucket_cap_mb=check_bucket_cap_mb(self.bucket_cap_mb),
+                       exchange_timeout=check_exchange_timeout(self.exchange_timeout),
+                       on_failure=on_failure,
+                       # its pieces must be cut alike on every rank (see agreed)
+                       gloo_chunk_bytes=check_gloo_chunk_bytes(self.gloo_chunk_bytes) if bits else None)
+
+    def workers(self, comm: _dist.Comm) -> int:
+        return comm.world_size
+
+    def settings(self) -> dict[str, Any]:
+        return {"comm_dtype": dtype_name(self.comm_dtype), "fragments": self.fragments,
+                "delay": self.delay}
+
+    def agreed(self) -> dict[str, Any]:
+        return {"gloo_chunk_bytes": self.gloo_chunk_bytes, "on_failure": self.on_failure}
+
+    def check_rule(self, algorithm: Algorithm, averager: str) -> None:
+        if self.delay and not algorithm.sync.supports_delay:
+            raise ValueError(f"delay={self.delay}: {averager} cannot apply a sum steps after its "
+                             "send (its pull would discard the steps taken since); use delay=0, "
+                             "or ElasticAverager or DiLoCoAverager, whose pulls keep them")
+        if quant_bits(self.comm_dtype) and not algorithm.sync.quantizable:
+            raise ValueError(f"comm_dtype={self.comm_dtype}: {averager} has no quantized wire "
+                             f"({algorithm.sync.no_int8}); use torch.bfloat16")
+
+    def build(self, comm: _dist.Comm, groups: list[ParamGroup], params: list[torch.Tensor],
+              algorithm: Algorithm, settings: ExchangeSettings) -> ReplicatedCenter:
+        return ReplicatedCenter(comm, groups, params, algorithm, self, settings)
+
+
+def _check_sharded_fragments(params: list[torch.Tensor], fragments: int) -> None:
+    """Every rank of a replica must cut its shards into the same number of fragments (each
+    fragment's verdict is shared with the replica's other ranks): the smallest rank's layout,
+    worked out from the global shapes, must hold ``fragments`` runs."""
+    runs = smallest_layout(params) // ALIGN_ELEMENTS
+    if runs == 0:
+        raise ValueError("DTensor parameters: a rank of the replica holds no element of the model "
+                         "(every local shard empty); shard over fewer ranks")
+    if fragments > runs:
+        raise ValueError(f"fragments={fragments} with DTensor parameters: the smallest rank's "
+                         f"local shards hold only {runs} runs of {ALIGN_ELEMENTS} elements; use "
+                         f"fragments <= {runs}")
 
 
 class ReplicatedCenter(Center):
     """The center of ``mode="sync"``: replicated on every rank, exchanged by collectives."""
 
-    kind = "replicated"
-
-    def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
-                 algorithm: Algorithm, config: CenterConfig) -> None:
+    def __init__(self, comm: _dist.Comm, groups: list[ParamGroup], params: list[torch.Tensor],
+                 algorithm: Algorithm, spec: Replicated, settings: ExchangeSettings) -> None:
         self._comm = comm
         self._groups = groups
-        self._timeout = timedelta(seconds=config.exchange_timeout)
+        self._timeout = timedelta(seconds=spec.exchange_timeout)
         # on_failure="continue": the averager re-forms the group; a rank whose collective
         # hangs on a peer that failed elsewhere learns it from the store within a poll.
-        self._survives = config.on_failure == "continue" and comm.distributed
-        self._skips_on_bad = config.on_nonfinite != "reset"
+        self._survives = spec.on_failure == "continue" and comm.distributed
+        self._skips_on_bad = settings.on_nonfinite != "reset"
         self.workers = comm.world_size
-        self.tau, self.delay = config.tau, config.delay
+        self.tau, self.delay = settings.tau, spec.delay
         rule: SyncRule = algorithm.sync
-        bits = quant_bits(config.comm_dtype)
-        policy = POLICY_CODES[config.on_nonfinite]
+        bits = quant_bits(spec.comm_dtype)
+        policy = POLICY_CODES[settings.on_nonfinite]
         # Saved beside the center: the rule's own (an outer momentum) and the 8-bit residuals.
         self._residuals: dict[str, list[torch.Tensor]] = {
             **{name: [] for name in algorithm.center_buffers}, "residual": [], "server_residual": []}
@@ -98,17 +195,20 @@ class ReplicatedCenter(Center):
             if bits:  # what the quantized wire has not delivered yet, fed back into the next send
                 g.buffers["residual"] = torch.zeros(g.numel, device=g.device)
                 self._residuals["residual"].append(g.buffers["residual"])
-        self.plans: list[FragmentPlan] = plan_fragments(groups, config.fragments, self.tau)
+        self.plans: list[FragmentPlan] = plan_fragments(groups, spec.fragments, self.tau)
         # Gloo (CPU tensors, or CUDA tensors staged through the host): the host waits for the
         # collectives, with a timeout. NCCL only enqueues: the stream waits, the host does not.
         self._cuda = groups[0].device.type == "cuda"
         self._host_waits = comm.host_waits(groups[0].device)
-        chunk = config.gloo_chunk_bytes if self._host_waits else None
+        chunk = spec.gloo_chunk_bytes if self._host_waits else None
+        torch_path = settings.kernels == "torch"
+        # DTensor parameters: the other ranks of this replica share the non-finite verdict.
+        verdict_groups = replica_groups(params) if is_dtensor(params[0]) else []
         self.wires: list[Wire] = [
             QuantizedWire(p, rule, comm, policy, self.delay > 0, self._residuals, bits, chunk,
-                          config.kernels == "torch") if bits else
-            FloatWire(p, rule, comm, config.comm_dtype, config.bucket_bytes, policy,
-                      self.delay > 0, config.kernels == "torch", config.verdict_groups)
+                          torch_path) if bits else
+            FloatWire(p, rule, comm, spec.comm_dtype, int(spec.bucket_cap_mb * 2**20), policy,
+                      self.delay > 0, torch_path, verdict_groups)
             for p in self.plans]
         self._in_flight: list[InFlight] = []
         self._send_phases = {p.offset % self.tau for p in self.plans}
@@ -126,7 +226,7 @@ class ReplicatedCenter(Center):
     def due(self, clock: int) -> bool:
         """Whether step ``clock`` has anything to do (send, move on or complete a fragment)."""
         return clock % self.tau in self._send_phases or any(
-            f.due_at <= clock or (not f.advanced and f.sent_at + 1 == clock) for f in self._in_flight)
+            f.due_at <= clock or (not f.gathered and f.sent_at + 1 == clock) for f in self._in_flight)
 
     def advance(self, clock: int) -> list[ExchangeRecord]:
         """Step ``clock``: completes the fragments due now (sent ``delay`` steps ago), moves on
@@ -139,8 +239,8 @@ class ReplicatedCenter(Center):
             # collective has had a step to arrive): at the same clock on every rank, so the
             # collectives stay in the same order everywhere.
             for f in self._in_flight:
-                if not f.advanced and f.sent_at + 1 == clock:
-                    self._advance(f)
+                if not f.gathered and f.sent_at + 1 == clock:
+                    self._gather(f)
         for plan in self.plans:
             if due(plan.offset, clock, self.tau):
                 self._start(plan.index, clock, clock + self.delay)
@@ -183,17 +283,17 @@ class ReplicatedCenter(Center):
             raise
         self._in_flight.append(f)
         if not self._host_waits:  # NCCL: the middle step is stream-ordered, enqueued at once
-            self._advance(f)
+            self._gather(f)
 
-    def _advance(self, f: InFlight, counted: bool = True) -> None:
+    def _gather(self, f: InFlight, counted: bool = True) -> None:
         wire = self.wires[f.fragment]
-        if type(wire).advance is Wire.advance:
-            f.advanced = True
+        if type(wire).gather is Wire.gather:
+            f.gathered = True
             return
         side = self._side_stream() if f.due_at > f.sent_at and not self._capturing() else None
         if side is None:
             self._wait(f, counted)
-            f.works = wire.advance(self._comm, self._capturing(), lambda work: None)
+            f.works = wire.gather(self._comm, self._capturing(), lambda work: None)
         else:
             # NCCL with a delay: the owner's reduce waits for the all-to-all on a stream of its
             # own, and the all-gather follows it there, so the compute stream waits for neither
@@ -202,8 +302,8 @@ class ReplicatedCenter(Center):
             side.wait_stream(torch.cuda.current_stream(side.device))
             with torch.cuda.stream(side):
                 self._wait(f, counted)
-                f.works = wire.advance(self._comm, False, lambda work: None)
-        f.advanced = True
+                f.works = wire.gather(self._comm, False, lambda work: None)
+        f.gathered = True
 
     def _side_stream(self) -> "torch.cuda.Stream | None":
         """NCCL: the stream a delayed quantized exchange's middle step runs on (None elsewhere)."""
@@ -217,8 +317,8 @@ class ReplicatedCenter(Center):
         records = []
         for f in due_now:
             try:
-                if not f.advanced:
-                    self._advance(f)
+                if not f.gathered:
+                    self._gather(f)
                 self._wait(f)
             except ExchangeError:
                 self._in_flight = []  # the group is broken: nothing in flight will arrive
@@ -251,7 +351,7 @@ class ReplicatedCenter(Center):
         except RuntimeError as exc:
             raise self._failure(f.sent_at, exc) from exc
         if counted:
-            f.waited += time.perf_counter() - start
+            f.wait_seconds += time.perf_counter() - start
 
     def _wait_watching_peers(self, work: Any, start: float) -> None:
         """``work.wait`` within the exchange timeout, in slices: between them, whether another
@@ -274,11 +374,11 @@ class ReplicatedCenter(Center):
         device, status = next(iter(wire.status.items()))
         if device.type == "cpu":
             host = self._host_status[f.fragment][device]
-            return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited,
+            return ExchangeRecord(f.sent_at, wire.bytes_sent, wait_seconds=f.wait_seconds,
                                   outcome=outcome_of(f.sent_at, host, self._skips_on_bad))
         # A copy, in stream order after this fragment's apply: the wire's own vector is zeroed
         # by its next send (a flushed fragment re-sent by exchange()) before the record is read.
-        return ExchangeRecord(f.sent_at, wire.bytes_sent, waited_seconds=f.waited, status=status.clone())
+        return ExchangeRecord(f.sent_at, wire.bytes_sent, wait_seconds=f.wait_seconds, status=status.clone())
 
     def _failure(self, clock: int, exc: Exception) -> ExchangeError:
         if self._survives:  # who is left is for the survivors' agreement to find out
@@ -309,8 +409,8 @@ class ReplicatedCenter(Center):
         waited for, not applied: a resumed run applies them at the same clock)."""
         # The sums first: moving an 8-bit exchange on updates its owner's residual.
         for f in self._in_flight:
-            if not f.advanced:
-                self._advance(f, counted=False)
+            if not f.gathered:
+                self._gather(f, counted=False)
             self._wait(f, counted=False)
         out: dict[str, Any] = {"center": [c.detach().cpu().clone() for c in self.read()]}
         for name, tensors in self._residuals.items():

@@ -24,7 +24,8 @@ NCCL: NCCL has no any-source receive); CUDA parameters are staged through host m
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,9 @@ from .._dist import Comm
 from .._native import native, num_threads, stream_of
 from ..algorithms import Algorithm
 from ..flat_params import ALIGN_ELEMENTS, FlatGroup, check_saved
+from ..settings import DEFAULT_LOCK_TIMEOUT, check_lock_timeout
 from ..stats import Outcome
-from .base import Center, CenterConfig, ExchangeRecord
+from .base import Center, CenterSpec, ExchangeRecord, ExchangeSettings
 
 OP_EXCHANGE, OP_READ, OP_WRITE, OP_DONE = 1, 2, 3, 4
 TAG_REQUEST, TAG_DATA, TAG_REPLY = 0x4EA1, 0x4EA2, 0x4EA3
@@ -71,20 +73,48 @@ def check_servers(servers: object, world_size: int) -> list[int]:
     return sorted(ranks)
 
 
+@dataclass(frozen=True)
+class Servers(CenterSpec):
+    """The center of ``mode="async"`` across machines: sharded over the server ``ranks`` of the
+    process group, which call :meth:`~easgd_ext.ElasticAverager.serve` while the other ranks
+    train and exchange with it by point-to-point messages. ``lock_timeout`` as for
+    :class:`~easgd_ext.SharedMemory`."""
+
+    ranks: Sequence[int]
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+
+    mode: ClassVar[str] = "async"
+
+    def checked(self, comm: Comm, params: list[torch.Tensor], settings: ExchangeSettings) -> Servers:
+        lock_timeout = check_lock_timeout(self.lock_timeout)
+        if not comm.distributed:
+            raise ValueError("servers= needs torch.distributed: the center lives on server ranks "
+                             "of the process group")
+        return replace(self, ranks=check_servers(self.ranks, comm.world_size), lock_timeout=lock_timeout)
+
+    def workers(self, comm: Comm) -> int:
+        return comm.world_size - len(self.ranks)
+
+    def settings(self) -> dict[str, Any]:
+        return {"servers": list(self.ranks)}
+
+    def build(self, comm: Comm, groups: list[FlatGroup], params: list[torch.Tensor],
+              algorithm: Algorithm, settings: ExchangeSettings) -> ShardedCenter:
+        return ShardedCenter(comm, groups, params, algorithm, self, settings)
+
+
 class ShardedCenter(Center):
     """The center of ``mode="async", servers=[...]``: one rank's end of it, a server's shards or
     a worker's client."""
 
-    kind = "sharded"
-
     def __init__(self, comm: Comm, groups: list[FlatGroup], params: list[torch.Tensor],
-                 algorithm: Algorithm, config: CenterConfig) -> None:
+                 algorithm: Algorithm, spec: Servers, settings: ExchangeSettings) -> None:
         if algorithm.asynchronous is None:
             raise ValueError(f"{algorithm.name} has no asynchronous form")
         self.rule = algorithm.asynchronous
-        servers = config.servers
-        self._reset = config.on_nonfinite == "reset"
-        self.tau = config.tau
+        servers = list(spec.ranks)
+        self._reset = settings.on_nonfinite == "reset"
+        self.tau = settings.tau
         self.servers = servers
         self.workers = comm.world_size - len(servers)
         self.is_server = comm.rank in servers

@@ -8,7 +8,8 @@ cudaHostRegister). Nobody waits for another worker except on a chunk it is updat
 from __future__ import annotations
 
 import socket
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -17,10 +18,10 @@ from .. import _dist
 from .._native import num_threads, on_device, stream_of, tensor_ref
 from ..algorithms import Algorithm
 from ..flat_params import FlatGroup, check_saved
-from ..settings import POLICY_CODES
+from ..settings import DEFAULT_LOCK_TIMEOUT, POLICY_CODES, check_lock_timeout
 from ..shared_center import SharedCenter, unique_name
 from ..stats import Outcome, warn_user
-from .base import Center, CenterConfig, ExchangeRecord
+from .base import Center, CenterSpec, ExchangeRecord, ExchangeSettings
 
 STAGING_SLOTS = 4  # chunks in flight per CUDA exchange: copy in, kernel, copy out overlapped
 
@@ -35,7 +36,8 @@ def attach_given(center: object, params: list[torch.Tensor], comm: _dist.Comm) -
     if isinstance(center, SharedCenter):
         center.check_layout(params)
         return center
-    raise TypeError(f"center must be a SharedCenter, a segment name or None, got {type(center).__name__}")
+    raise TypeError(f"center must be a SharedCenter, a segment name or None (or a CenterSpec: "
+                    f"Replicated, SharedMemory, Servers), got {type(center).__name__}")
 
 
 def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor],
@@ -85,23 +87,53 @@ def create_or_attach(comm: _dist.Comm, params: list[torch.Tensor],
     return created if created is not None else attached[0]
 
 
+@dataclass(frozen=True)
+class SharedMemory(CenterSpec):
+    """The center of ``mode="async"`` on one machine: named shared memory that each worker
+    exchanges with on its own clock. ``segment``: a :class:`~easgd_ext.SharedCenter`, the name
+    of one, or ``None`` (a single process makes a private one; under torch.distributed rank 0
+    creates one under a fresh name, or under a name given as a string, and the other ranks
+    attach to it). ``lock_timeout``: seconds to wait for a chunk lock before raising
+    ``TimeoutError`` (a live worker stuck while holding it)."""
+
+    segment: SharedCenter | str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+
+    mode: ClassVar[str] = "async"
+
+    def checked(self, comm: _dist.Comm, params: list[torch.Tensor],
+                settings: ExchangeSettings) -> SharedMemory:
+        lock_timeout = check_lock_timeout(self.lock_timeout)
+        given = attach_given(self.segment, params, comm)
+        return replace(self, segment=given if given is not None else self.segment,
+                       lock_timeout=lock_timeout)
+
+    def workers(self, comm: _dist.Comm) -> int:
+        return self.segment.workers if isinstance(self.segment, SharedCenter) else comm.world_size
+
+    def settings(self) -> dict[str, Any]:
+        return {"center": self.segment.name if isinstance(self.segment, SharedCenter) else self.segment}
+
+    def build(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
+              algorithm: Algorithm, settings: ExchangeSettings) -> SharedMemoryCenter:
+        return SharedMemoryCenter(comm, groups, params, algorithm, self, settings)
+
+
 class SharedMemoryCenter(Center):
     """The center of ``mode="async"`` on one machine."""
 
-    kind = "shared"
-
     def __init__(self, comm: _dist.Comm, groups: list[FlatGroup], params: list[torch.Tensor],
-                 algorithm: Algorithm, config: CenterConfig) -> None:
+                 algorithm: Algorithm, spec: SharedMemory, settings: ExchangeSettings) -> None:
         if algorithm.asynchronous is None:
             raise ValueError(f"{algorithm.name} has no asynchronous form")
-        given = config.shared
+        given = spec.segment
         self.shared = given if isinstance(given, SharedCenter) else create_or_attach(comm, params, name=given)
         self.workers = self.shared.workers
         self._comm = comm
         self._groups = groups
-        self._lock_timeout = config.lock_timeout
-        self.tau = config.tau
-        self._policy = POLICY_CODES[config.on_nonfinite]
+        self._lock_timeout = spec.lock_timeout
+        self.tau = settings.tau
+        self._policy = POLICY_CODES[settings.on_nonfinite]
         self._offsets = self.shared.check_layout(params)
         segment = self.shared.segment
         self.worker_id = segment.register_worker()

@@ -53,7 +53,9 @@ class Wire:
         ``wait`` waits for a collective that must finish before the send goes on."""
         raise NotImplementedError
 
-    def advance(self, comm: _dist.Comm, capturing: bool, wait: Callable[[Any], None]) -> list[Any]:
+    def gather(self, comm: _dist.Comm, capturing: bool, wait: Callable[[Any], None]) -> list[Any]:
+        """The second phase, where a wire has one (the quantized wire: the owners reduce their
+        chunks and all-gather them): its works. Not the center's ``advance``."""
         return []
 
     def finish(self) -> None:
@@ -271,7 +273,7 @@ class QuantizedWire(Wire):
             return []
         return [comm.all_to_all_single(b["received"], b["send"], async_op=True) for b in self.pieces]
 
-    def advance(self, comm, capturing, wait):
+    def gather(self, comm, capturing, wait):
         self._reduce()
         if self._local:
             for b in self.pieces:

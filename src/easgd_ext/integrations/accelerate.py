@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..averager import AVERAGERS as METHODS
+from ..methods import integration_averager
 
 
 class ElasticLocalSGD:
@@ -49,8 +49,7 @@ class ElasticLocalSGD:
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, tau: int = 8,
                  method: str = "easgd", enabled: bool = True, **averager_options: Any) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        averager_class = integration_averager(method)
         kind = str(getattr(accelerator, "distributed_type", ""))
         if "DEEPSPEED" in kind or "MEGATRON" in kind:
             raise NotImplementedError(f"ElasticLocalSGD works with plain data parallel and FSDP2 "
@@ -61,7 +60,7 @@ class ElasticLocalSGD:
         self.averager: Any = None
         self._no_sync: Any = None
         if enabled:
-            self.averager = METHODS[method](self.module.parameters(), tau=tau, **averager_options)
+            self.averager = averager_class(self.module.parameters(), tau=tau, **averager_options)
 
     def __enter__(self) -> "ElasticLocalSGD":
         if self.enabled and hasattr(self.model, "no_sync"):  # DDP: no gradient all-reduce

@@ -43,7 +43,7 @@ except ImportError as exc:  # an optional extra: say how to get it
                       "pip install 'easgd_ext[lightning]' (lightning>=2.4)") from exc
 
 from .. import _dist
-from ..averager import AVERAGERS as METHODS
+from ..methods import INTEGRATION_METHODS, integration_averager
 STATE_KEY = "easgd_ext"
 
 
@@ -73,8 +73,7 @@ class EASGDStrategy(DDPStrategy):
                  checkpoint_io: Any = None, precision_plugin: Any = None,
                  process_group_backend: str | None = None, timeout: timedelta | None = None,
                  start_method: str = "popen", **averager_options: Any) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        integration_averager(method)  # checked now, built in configure_ddp
         for name in ("params", "process_group"):
             if name in averager_options:
                 raise TypeError(f"EASGDStrategy sets the averager's {name} itself; leave {name} out")
@@ -93,8 +92,8 @@ class EASGDStrategy(DDPStrategy):
         """Instead of wrapping the model in DDP: builds the averager over its parameters (which
         starts every replica from rank 0's values)."""
         assert isinstance(self.model, pl.LightningModule)
-        self.averager = METHODS[self.method](self.model.parameters(), tau=self.tau,
-                                             **self.averager_options)
+        self.averager = integration_averager(self.method)(self.model.parameters(), tau=self.tau,
+                                                          **self.averager_options)
 
     def setup(self, trainer: "pl.Trainer") -> None:
         super().setup(trainer)
@@ -211,7 +210,7 @@ class EASGDStrategy(DDPStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
-        for name in METHODS:
+        for name in INTEGRATION_METHODS:
             strategy_registry.register(name, cls, description=f"easgd_ext: {name} with its defaults",
                                        method=name, override=True)
 

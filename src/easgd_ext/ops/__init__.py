@@ -11,7 +11,8 @@ memory (``average_apply`` allows ``reduced is x``; ``downpour_pull`` allows ``re
 and ``x_last`` to be one buffer). Violations raise ``TypeError`` (not a tensor, wrong dtype) or
 ``ValueError`` (everything else) naming the argument.
 
-**The table.** Each kernel is declared once below, with :func:`kernel`: its signature (tensors,
+**The table.** Each element-wise kernel of the float wires (8 of the core's prepared calls) is
+declared once below, with :func:`kernel`: its signature (tensors,
 then float scalars), its docstring, what it mutates and which of its tensors have the wire
 dtype. That declaration is the kernel's row in :data:`KERNELS`, which drives everything else:
 
@@ -27,7 +28,9 @@ dtype. That declaration is the kernel's row in :data:`KERNELS`, which drives eve
 
 A new element-wise kernel is therefore: its functor and Args struct (``csrc/elastic_ops.h``,
 ``csrc/kernels.h``), its builder (``csrc/bindings.cpp``), one declaration here and one
-reference function.
+reference function. The core's other prepared calls (the quantized wires' send, reduce and
+apply, the status publishing, zero/copy, the shared-memory exchange) are not rows here: the
+centers prepare them directly (``native.prepare.<name>``), and their tests call them so.
 """
 
 from __future__ import annotations

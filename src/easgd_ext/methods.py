@@ -1,0 +1,119 @@
+"""The methods, in one table: what each name means (which averager, which local optimizer,
+which fixed settings) and what it supports. The command line (``train``, ``train --fsdp``), the
+study, the simulator, the integrations (Lightning, accelerate) and the tests all read
+:data:`METHODS` through :func:`method`; a name may have aliases, since the tools grew their own
+spellings (``average``, ``local_sgd``) and their users' commands keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .averager import Averager, DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager
+
+# The elastic rule with an outer Nesterov step on the center (the study's easgd-outer).
+EASGD_OUTER = {"outer_lr": 0.5, "outer_momentum": 0.9, "nesterov": True}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: ``averager`` (``None``: synchronous SGD, the mean gradient every step, no
+    averager), whether its local steps use Nesterov momentum (EAMSGD), and the constructor
+    arguments that make it this method (``fixed``)."""
+    name: str
+    averager: type[Averager] | None
+    nesterov: bool = False
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether it has ``mode="async"`` (the paper's asynchronous EASGD, EAMSGD, DOWNPOUR)."""
+        return self.averager in (ElasticAverager, DownpourAverager) and not self.fixed
+
+    @property
+    def delays(self) -> bool:
+        """Whether a delayed apply (``delay > 0``) keeps the steps since the send: its pull does
+        (sync-sgd: the training loops delay the gradient mean instead)."""
+        return self.averager in (None, ElasticAverager, DiLoCoAverager)
+
+    @property
+    def sends_difference(self) -> bool:
+        """Whether what it sends is a difference, which the quantized wires (int8/int4/int2)
+        and the narrower float wires carry (sync-sgd's mean gradient and averaging's parameters
+        are not)."""
+        return self.averager not in (None, PeriodicAverager)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether it takes ``beta``/``alpha`` (the elastic rule)."""
+        return self.averager is ElasticAverager
+
+    def local_optimizer(self, params: Iterable[torch.Tensor], lr: float,
+                        momentum: float = 0.9) -> torch.optim.SGD:
+        """Its local steps: plain SGD, or SGD with Nesterov ``momentum`` (EAMSGD)."""
+        if self.nesterov:
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(params, lr=lr)
+
+    def build(self, params: Iterable[torch.Tensor], **settings: Any) -> Averager | None:
+        """Its averager over ``params`` (``None`` for sync-sgd). ``settings`` go to the
+        constructor; ``beta``, ``alpha`` and ``allow_unstable`` only where it is elastic."""
+        if self.averager is None:
+            return None
+        if not self.elastic:
+            for name in ("beta", "alpha", "allow_unstable"):
+                settings.pop(name, None)
+        return self.averager(params, **{**settings, **self.fixed})
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sync-sgd", None, summary="the mean gradient every step (DDP)"),
+    Method("local-sgd", PeriodicAverager, aliases=("average", "local_sgd"),
+           summary="periodic model averaging"),
+    Method("downpour", DownpourAverager, summary="DOWNPOUR: push the change, pull the center"),
+    Method("easgd", ElasticAverager, summary="elastic averaging"),
+    Method("eamsgd", ElasticAverager, nesterov=True,
+           summary="elastic averaging, Nesterov momentum in the local steps"),
+    Method("diloco", DiLoCoAverager, summary="an outer Nesterov step; workers reset to the center"),
+    Method("easgd-outer", ElasticAverager, fixed=EASGD_OUTER,
+           summary="elastic averaging with an outer Nesterov step on the center"),
+)}
+_BY_ALIAS = {alias: m for m in METHODS.values() for alias in (m.name, *m.aliases)}
+
+
+def names(chosen: Iterable[str]) -> tuple[str, ...]:
+    """``chosen`` names, each checked against the table (a tool's own selection of methods)."""
+    out = tuple(chosen)
+    for name in out:
+        method(name)
+    return out
+
+
+def method(name: str) -> Method:
+    """The method called ``name`` (or one of its aliases)."""
+    found = _BY_ALIAS.get(name) if isinstance(name, str) else None
+    if found is None:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} "
+                         f"(or {', '.join(a for m in METHODS.values() for a in m.aliases)})")
+    return found
+
+
+
+# The integrations' names (Lightning's strategy registry, accelerate's method=): the averagers
+# a framework's own optimizer drives (its optimizer makes EAMSGD, so that is "easgd" there).
+INTEGRATION_METHODS = names(("easgd", "diloco", "downpour", "local_sgd"))
+
+
+def integration_averager(name: object) -> type[Averager]:
+    """The averager class of an integration's ``method=`` (``ValueError`` naming the choices)."""
+    if name not in INTEGRATION_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, INTEGRATION_METHODS))}, "
+                         f"got {name!r}")
+    found = method(name).averager  # type: ignore[arg-type]
+    assert found is not None
+    return found
