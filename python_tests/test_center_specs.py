@@ -98,6 +98,12 @@ class Logged(CenterSpec):
     def mode(self) -> str:  # type: ignore[override]
         return self.inner.mode
 
+    # what the averager shows of the center's settings: the inner center's
+    comm_dtype = property(lambda self: self.inner.comm_dtype)  # type: ignore[assignment]
+    on_failure = property(lambda self: self.inner.on_failure)  # type: ignore[assignment]
+    exchange_timeout = property(lambda self: self.inner.exchange_timeout)  # type: ignore[assignment]
+    lock_timeout = property(lambda self: self.inner.lock_timeout)  # type: ignore[assignment]
+
     def checked(self, comm, params, settings: ExchangeSettings) -> "Logged":
         return replace(self, inner=self.inner.checked(comm, params, settings))
 
@@ -126,7 +132,8 @@ def _spec_and_shorthand(rank: int, world: int, name: str) -> dict[str, Any]:
             "logged_same": [torch.equal(a, b) for a, b in zip(by_spec, logged)],
             "moved": any(not torch.equal(a, b) for a, b in zip(by_spec, model().parameters())),
             "settings": (spec_settings, word_settings, logged_settings),
-            "log": avg._center.log, "mode": avg.mode}
+            "log": avg._center.log, "mode": avg.mode,
+            "shown": (avg.comm_dtype, avg.on_failure, avg.lock_timeout)}
 
 
 CASES = {
@@ -150,6 +157,8 @@ def test_a_center_spec_is_the_shorthand_over_two_ranks(name):
         spec_settings, word_settings, logged_settings = r["settings"]
         assert spec_settings == word_settings == logged_settings
         assert r["mode"] == "sync"
+        wanted = CASES[name][2].comm_dtype
+        assert r["shown"] == ({"bfloat16": torch.bfloat16}.get(wanted, wanted), "raise", None)
         # the logging center saw every exchange the schedule asked for: clocks 3 and 6 of 7
         fragments = CASES[name][2].fragments
         expected = [3, 6] if fragments == 1 else [t for t in range(1, 8)]
@@ -187,6 +196,10 @@ def test_a_named_shared_segment_goes_in_the_spec():
     (lambda p: ElasticAverager(p, center=SharedMemory(), lock_timeout=3.0, fragments=2), ValueError,
      r"fragments, lock_timeout beside center=SharedMemory\(...\): they are settings"),
     (lambda p: ElasticAverager(p, center=Replicated(fragments=0)), ValueError, r"fragments must be"),
+    (lambda p: ElasticAverager(p, fragments=True), TypeError, r"fragments must be an int"),
+    (lambda p: ElasticAverager(p, delay=0.0), TypeError, r"delay must be an int"),
+    (lambda p: ElasticAverager(p, mode="async", fragments=True), ValueError,
+     r"fragments applies to mode='sync'"),
     (lambda p: ElasticAverager(p, center=Replicated(comm_dtype=torch.float64)), ValueError,
      r"comm_dtype must be None .* got torch.float64"),
     (lambda p: ElasticAverager(p, center=Replicated(comm_dtype=torch.int8, gloo_chunk_bytes=100)),

@@ -32,7 +32,7 @@ def test_the_flags_are_what_the_averager_accepts(name):
     assert builds(entry, comm_dtype=torch.int8) == entry.sends_difference
     assert builds(entry, delay=1) == entry.delays
     assert builds(entry, mode="async") == entry.asynchronous
-    avg = entry.build(params(), tau=4, beta=0.5, allow_unstable=False)  # beta where it applies
+    avg = entry.build(params(), tau=4, **entry.rule_settings(0.5, False))  # beta where it applies
     assert (getattr(avg, "beta", None) == 0.5) == entry.elastic
     for key, value in entry.fixed.items():
         assert avg.state_dict()["settings"][key] == value
@@ -48,6 +48,10 @@ def test_names_and_aliases():
     assert method("easgd").local_optimizer(params(), 0.1).defaults["momentum"] == 0
     with pytest.raises(ValueError, match=r"unknown method 'adam'; choose from sync-sgd, local-sgd"):
         method("adam")
+    with pytest.raises(ValueError, match=r"easgd-outer fixes outer_lr=0.5; leave outer_lr out"):
+        method("easgd-outer").build(params(), tau=4, outer_lr=0.3)
+    with pytest.raises(TypeError, match="beta"):  # not silently dropped
+        method("downpour").build(params(), tau=4, beta=0.5)
     with pytest.raises(ValueError, match="method must be one of 'easgd', 'diloco', 'downpour', 'local_sgd'"):
         methods.integration_averager("eamsgd")
 

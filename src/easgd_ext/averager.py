@@ -22,8 +22,8 @@ from .centers import Center, CenterSpec, ExchangeError, ExchangeSettings, spec_f
 from .dtensor_params import check_params as check_dtensor_params, shard_groups, shards_of
 from .flat_params import ParamGroup, check_saved, collect_parameters, flatten, is_dtensor, layout_of
 from .state import check_counter, check_finite_buffers, check_stats
-from .settings import (DEFAULT_ON_FAILURE, DEFAULT_ON_NONFINITE, DEFAULT_TAU, FAILURE_SETTLE_SECONDS,
-                       check_on_nonfinite, check_outer, check_tau, check_update_alpha, elastic_rates,
+from .settings import (DEFAULT_EXCHANGE_TIMEOUT, DEFAULT_ON_FAILURE, DEFAULT_ON_NONFINITE,
+                       DEFAULT_TAU, FAILURE_SETTLE_SECONDS, check_mode, check_on_nonfinite, check_outer, check_tau, check_update_alpha, elastic_rates,
                        kernel_path)
 from .shared_center import SharedCenter
 from .stats import ExchangeLog, ExchangeStats, NonFiniteError, Outcome, Throttle, warn_user
@@ -41,29 +41,37 @@ class Averager:
     def __init__(self, params: Iterable[torch.Tensor], make_algorithm: Callable[[int], Algorithm], *,
                  tau: int, process_group: Any, on_nonfinite: str, center: Any = None,
                  mode: Any = None, servers: Any = None, lock_timeout: Any = None,
-                 **replicated: Any) -> None:
+                 sync_only: bool = False, **replicated: Any) -> None:
         """``center``: a :class:`~easgd_ext.centers.CenterSpec`; or the shorthand, ``mode``,
         ``servers``, ``lock_timeout``, the shared-memory segment as ``center`` and the
-        :class:`~easgd_ext.Replicated` settings in ``replicated`` (``None``: left out)."""
+        :class:`~easgd_ext.Replicated` settings in ``replicated`` (``None``: left out).
+        ``sync_only``: the averager takes ``mode="sync"`` centers only."""
         comm = _dist.resolve(process_group)
         self._comm = comm
         chosen: dict[str, Any] = {}
 
         def build() -> dict[str, Any]:
-            spec = spec_from_arguments(mode, center, servers, lock_timeout, replicated)
+            if sync_only and center is not None and not (isinstance(center, CenterSpec)
+                                                         and center.mode == "sync"):
+                raise TypeError(f"center must be a mode='sync' center such as Replicated(...) "
+                                f"({type(self).__name__} is synchronous only), got "
+                                f"{type(center).__name__}")
+            wanted = center.mode if isinstance(center, CenterSpec) else check_mode(
+                "sync" if mode is None else mode)
             exchange = ExchangeSettings(tau=check_tau(tau), on_nonfinite=check_on_nonfinite(on_nonfinite),
                                         kernels=kernel_path())
-            settings: dict[str, Any] = {"tau": exchange.tau, "mode": spec.mode,
-                                        "on_nonfinite": exchange.on_nonfinite}
             params_ = collect_parameters(params)
             chosen["sharded"] = sharded = is_dtensor(params_[0])
             if sharded:
                 check_dtensor_params(params_, comm, group_given=process_group is not None)
-                if spec.mode == "async":
+                if wanted == "async":
                     raise ValueError(
                         "mode='async' with DTensor parameters (a sharded model): the "
                         "asynchronous centers exchange whole flat buffers; use mode='sync' (its "
                         "exchange works shard by shard over process_group)")
+            spec = spec_from_arguments(mode, center, servers, lock_timeout, replicated)
+            settings: dict[str, Any] = {"tau": exchange.tau, "mode": spec.mode,
+                                        "on_nonfinite": exchange.on_nonfinite}
             spec = spec.checked(comm, params_, exchange)
             settings.update(spec.settings())
             algorithm = make_algorithm(spec.workers(comm))
@@ -100,6 +108,11 @@ class Averager:
         self.comm_dtype: torch.dtype | None = self._spec.comm_dtype
         self.lock_timeout: float | None = self._spec.lock_timeout
         self.on_failure: str = self._spec.on_failure
+        if (self.on_failure == "continue" and comm.distributed
+                and isinstance(comm.group, torch.distributed.ProcessGroup)):
+            # Exchanges over a group whose backend gives up after exchange_timeout, so that a
+            # collective stuck on a frozen peer does not block the job's end (see the function).
+            comm = self._comm = _dist.group_giving_up_after(comm, self._spec.exchange_timeout)
         self._make_algorithm = make_algorithm
         self._abandoned: list[Center] = []  # centers of groups left behind after a failure
         self.clock = 0
@@ -280,7 +293,7 @@ class Averager:
         exchange is dropped (its fragments in flight with it; nothing of them was applied);
         each worker keeps its own parameters and its wire's residual; the owners' residuals of
         a quantized wire start again from zero (the chunks they owned have moved)."""
-        limit = self._spec.exchange_timeout
+        limit = self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT
         survivors = _dist.agree_on_survivors(self._comm, self.clock,
                                              settle=min(limit, FAILURE_SETTLE_SECONDS), limit=limit)
         me = self._comm.global_rank(self._comm.rank)
@@ -297,8 +310,7 @@ class Averager:
             raise ExchangeError(f"{exc}; no other rank is left to exchange with", exc.clock,
                                 exc.silent_ranks) from exc
         lost = [r for r in _dist.group_ranks(self._comm) if r not in survivors.ranks]
-        group = torch.distributed.new_group(survivors.ranks, use_local_synchronization=True)
-        comm = _dist.resolve(group)
+        comm = _dist.group_of(survivors.ranks, torch.distributed.get_backend(self._comm.group), limit)
         kept = {name: [g.buffers[name].clone() for g in self._groups]
                 for name in ("center", "residual", *self.algorithm.center_buffers,
                              *self.algorithm.worker_buffers)
@@ -763,7 +775,7 @@ class PeriodicAverager(Averager):
                  fragments: int = 1, delay: int = 0, on_failure: str = DEFAULT_ON_FAILURE,
                  center: CenterSpec | None = None) -> None:
         super().__init__(params, lambda workers: Averaging(), tau=tau, process_group=process_group,
-                         on_nonfinite=on_nonfinite, center=_sync_only(center, type(self).__name__), mode=mode,
+                         on_nonfinite=on_nonfinite, center=center, sync_only=True, mode=mode,
                          **_replicated_arguments(comm_dtype, bucket_cap_mb, exchange_timeout,
                                                  fragments, delay, on_failure))
 
@@ -808,7 +820,7 @@ class DiLoCoAverager(Averager):
         mix = check_update_alpha(fragment_update_alpha)
         super().__init__(params, lambda workers: DiLoCo(workers, lr, mu, nesterov_, mix), tau=tau,
                          process_group=process_group, on_nonfinite=on_nonfinite,
-                         center=_sync_only(center, type(self).__name__), mode=mode,
+                         center=center, sync_only=True, mode=mode,
                          **_replicated_arguments(comm_dtype, bucket_cap_mb, exchange_timeout,
                                                  fragments, delay, on_failure))
 
@@ -816,17 +828,11 @@ class DiLoCoAverager(Averager):
 def _replicated_arguments(comm_dtype: Any, bucket_cap_mb: Any, exchange_timeout: Any, fragments: Any,
                           delay: Any, on_failure: Any) -> dict[str, Any]:
     """The shorthand's :class:`~easgd_ext.Replicated` settings, ``None`` where left at the default."""
+    def left_out(value: Any, default: Any) -> bool:  # the default itself (True is not 1)
+        return type(value) is type(default) and value == default
+
     return {"comm_dtype": comm_dtype, "bucket_cap_mb": bucket_cap_mb,
             "exchange_timeout": exchange_timeout,
-            "fragments": None if fragments == 1 else fragments,
-            "delay": None if delay == 0 else delay,
-            "on_failure": None if on_failure == DEFAULT_ON_FAILURE else on_failure}
-
-
-def _sync_only(center: Any, averager: str) -> Any:
-    """The synchronous-only averagers take a ``mode="sync"`` center (``Replicated(...)``)."""
-    if center is not None and not (isinstance(center, CenterSpec) and center.mode == "sync"):
-        raise TypeError(f"center must be a mode='sync' center such as Replicated(...) ({averager} "
-                        f"is synchronous only), got {type(center).__name__}")
-    return center
-
+            "fragments": None if left_out(fragments, 1) else fragments,
+            "delay": None if left_out(delay, 0) else delay,
+            "on_failure": None if left_out(on_failure, DEFAULT_ON_FAILURE) else on_failure}

@@ -37,8 +37,9 @@ class Method:
 
     @property
     def delays(self) -> bool:
-        """Whether a delayed apply (``delay > 0``) keeps the steps since the send: its pull does
-        (sync-sgd: the training loops delay the gradient mean instead)."""
+        """Whether a delayed apply (``delay > 0``) keeps the steps since the send: its pull does.
+        sync-sgd has no averager and delays nothing: the tools accept a delay beside it (a
+        list of methods shares one ``--delay``) and it runs as without."""
         return self.averager in (None, ElasticAverager, DiLoCoAverager)
 
     @property
@@ -61,14 +62,20 @@ class Method:
         return torch.optim.SGD(params, lr=lr)
 
     def build(self, params: Iterable[torch.Tensor], **settings: Any) -> Averager | None:
-        """Its averager over ``params`` (``None`` for sync-sgd). ``settings`` go to the
-        constructor; ``beta``, ``alpha`` and ``allow_unstable`` only where it is elastic."""
+        """Its averager over ``params`` (``None`` for sync-sgd): ``settings`` and its fixed
+        ones go to the constructor (a setting that contradicts a fixed one is an error). The
+        local optimizer is the caller's (:meth:`local_optimizer`)."""
         if self.averager is None:
             return None
-        if not self.elastic:
-            for name in ("beta", "alpha", "allow_unstable"):
-                settings.pop(name, None)
+        clash = [k for k, v in settings.items() if k in self.fixed and self.fixed[k] != v]
+        if clash:
+            raise ValueError(f"{self.name} fixes {', '.join(f'{k}={self.fixed[k]!r}' for k in clash)}; "
+                             f"leave {', '.join(clash)} out or choose another method")
         return self.averager(params, **{**settings, **self.fixed})
+
+    def rule_settings(self, beta: Any, allow_unstable: Any) -> dict[str, Any]:
+        """The elastic rate arguments, where it takes them ({} elsewhere)."""
+        return {"beta": beta, "allow_unstable": allow_unstable} if self.elastic else {}
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (

@@ -153,7 +153,8 @@ class Workers:
     """``workers`` replicas of ``make_model()`` on ``device``, each with its optimizer
     (``make_optimizer(params)``, default SGD lr 0.05) and its averager (``averager``: a method
     of :data:`easgd_ext.methods.METHODS` with an averager, "easgd", "downpour", "average",
-    "diloco", ..., or a callable ``(params, **kwargs) -> Averager``), joined by
+    "diloco", ..., or a callable ``(params, **kwargs) -> Averager``; a name picks the averager
+    and its fixed settings, not the optimizer: "eamsgd" needs its Nesterov ``make_optimizer``), joined by
     an in-process group. ``averager_kwargs`` go to every averager (``tau``, ``beta``,
     ``comm_dtype``, ``fragments``, ...). Replica k starts from replica 0's weights, as the
     averagers broadcast them."""

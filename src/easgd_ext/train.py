@@ -212,8 +212,8 @@ def make_averager(algo: str, model: torch.nn.Module, args: argparse.Namespace
 
 def averager_settings(algo: str, args: argparse.Namespace) -> dict[str, Any]:
     """The constructor arguments the command line gives ``algo``'s averager."""
-    settings: dict[str, Any] = {"tau": args.tau, "mode": args.mode, "beta": args.beta,
-                                "allow_unstable": args.allow_unstable}
+    settings: dict[str, Any] = {"tau": args.tau, "mode": args.mode,
+                                **methods.method(algo).rule_settings(args.beta, args.allow_unstable)}
     if args.mode == "sync":
         settings.update(comm_dtype=args.comm_dtype, fragments=args.fragments)
         if algo in DELAYED:

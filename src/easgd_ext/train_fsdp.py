@@ -68,7 +68,7 @@ def make_job(algo: str, args: argparse.Namespace, mesh: Any) -> tuple[nn.Module,
     opt = chosen.local_optimizer(model.parameters(), args.lr, args.momentum)
     settings: dict[str, Any] = {"tau": args.tau, "process_group": mesh["replicate"],
                                 "comm_dtype": args.comm_dtype, "fragments": args.fragments,
-                                "beta": args.beta, "allow_unstable": args.allow_unstable}
+                                **chosen.rule_settings(args.beta, args.allow_unstable)}
     if chosen.delays:
         settings["delay"] = args.delay
     return model, opt, chosen.build(model.parameters(), **settings)

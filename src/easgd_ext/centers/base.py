@@ -59,7 +59,9 @@ class CenterSpec(abc.ABC):
     :class:`Center` and its spec, and nothing else changes."""
 
     mode: ClassVar[str] = "sync"            # what the averager's ``mode`` reports: "sync" or "async"
-    # What the averager shows of the center's settings (a spec that has them overrides these).
+    # What the averager shows of the center's settings, and on_failure/exchange_timeout are
+    # what its survival of a failed exchange obeys: a spec that has them overrides these, a
+    # spec wrapping another forwards them.
     comm_dtype: Any = None
     lock_timeout: Any = None
     exchange_timeout: Any = None

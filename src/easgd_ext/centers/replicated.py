@@ -109,6 +109,12 @@ class Replicated(CenterSpec):
         delay = check_delay(self.delay, settings.tau)
         if sharded:
             _check_sharded_fragments(params, fragments)
+        # None: the default, as the averagers' keyword arguments take it
+        bucket_cap_mb = check_bucket_cap_mb(
+            DEFAULT_BUCKET_CAP_MB if self.bucket_cap_mb is None else self.bucket_cap_mb)
+        exchange_timeout = check_exchange_timeout(
+            DEFAULT_EXCHANGE_TIMEOUT if self.exchange_timeout is None else self.exchange_timeout)
+        chunk = check_gloo_chunk_bytes(self.gloo_chunk_bytes) if bits else None
         on_failure = check_on_failure(self.on_failure)
         if on_failure == "continue" and comm.distributed and not comm.host_waits(params[0].device):
             raise ValueError(
@@ -120,12 +126,10 @@ class Replicated(CenterSpec):
                 "on_failure='continue' with DTensor parameters (a sharded model) is not "
                 "supported yet: a replica that loses one shard rank must leave whole; use "
                 "on_failure='raise' and resume from a checkpoint")
+        # gloo_chunk_bytes: the pieces must be cut alike on every rank (see agreed)
         return replace(self, comm_dtype=comm_dtype, fragments=fragments, delay=delay,
-                       bucket_cap_mb=check_bucket_cap_mb(self.bucket_cap_mb),
-                       exchange_timeout=check_exchange_timeout(self.exchange_timeout),
-                       on_failure=on_failure,
-                       # its pieces must be cut alike on every rank (see agreed)
-                       gloo_chunk_bytes=check_gloo_chunk_bytes(self.gloo_chunk_bytes) if bits else None)
+                       bucket_cap_mb=bucket_cap_mb, exchange_timeout=exchange_timeout,
+                       on_failure=on_failure, gloo_chunk_bytes=chunk)
 
     def workers(self, comm: _dist.Comm) -> int:
         return comm.world_size

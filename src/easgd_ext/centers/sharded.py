@@ -77,8 +77,9 @@ def check_servers(servers: object, world_size: int) -> list[int]:
 class Servers(CenterSpec):
     """The center of ``mode="async"`` across machines: sharded over the server ``ranks`` of the
     process group, which call :meth:`~easgd_ext.ElasticAverager.serve` while the other ranks
-    train and exchange with it by point-to-point messages. ``lock_timeout`` as for
-    :class:`~easgd_ext.SharedMemory`."""
+    train and exchange with it by point-to-point messages. ``lock_timeout`` is checked and
+    reported (the averager's ``lock_timeout``) but not used: a server answers its requests one
+    at a time and holds no chunk locks."""
 
     ranks: Sequence[int]
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
@@ -86,7 +87,8 @@ class Servers(CenterSpec):
     mode: ClassVar[str] = "async"
 
     def checked(self, comm: Comm, params: list[torch.Tensor], settings: ExchangeSettings) -> Servers:
-        lock_timeout = check_lock_timeout(self.lock_timeout)
+        lock_timeout = check_lock_timeout(
+            DEFAULT_LOCK_TIMEOUT if self.lock_timeout is None else self.lock_timeout)
         if not comm.distributed:
             raise ValueError("servers= needs torch.distributed: the center lives on server ranks "
                              "of the process group")
