@@ -393,18 +393,12 @@ def group_ranks(comm: Comm) -> list[int]:
     return dist.get_process_group_ranks(comm.group) if comm.distributed else [0]
 
 
-def group_giving_up_after(comm: Comm, seconds: float) -> Comm:
-    """A group of ``comm``'s ranks (collective over them) whose backend gives up on a
-    collective after ``seconds``. A collective stuck on a frozen peer then ends on the
+def group_of(ranks: list[int], backend: str, seconds: float) -> Comm:
+    """A new group of the global ``ranks`` (collective over them only) whose backend gives up
+    on a collective after ``seconds``. A collective stuck on a frozen peer then ends on the
     backend's thread too, not only in the host's wait: otherwise that thread holds it until
     the group's own timeout (30 min by default), and ``destroy_process_group()`` at the end of
     a job that went on without the peer blocks until then."""
-    return group_of(group_ranks(comm), dist.get_backend(comm.group), seconds)
-
-
-def group_of(ranks: list[int], backend: str, seconds: float) -> Comm:
-    """A new group of the global ``ranks`` (collective over them only), its backend giving up
-    on a collective after ``seconds`` (see :func:`group_giving_up_after`)."""
     group = dist.new_group(ranks, timeout=timedelta(seconds=seconds), backend=backend,
                            use_local_synchronization=True)
     return resolve(group)

@@ -112,7 +112,8 @@ class Averager:
                 and isinstance(comm.group, torch.distributed.ProcessGroup)):
             # Exchanges over a group whose backend gives up after exchange_timeout, so that a
             # collective stuck on a frozen peer does not block the job's end (see the function).
-            comm = self._comm = _dist.group_giving_up_after(comm, self._spec.exchange_timeout)
+            comm = self._comm = _dist.group_of(_dist.group_ranks(comm), torch.distributed.get_backend(
+                comm.group), self._spec.exchange_timeout)
         self._make_algorithm = make_algorithm
         self._abandoned: list[Center] = []  # centers of groups left behind after a failure
         self.clock = 0

@@ -28,7 +28,6 @@ class Method:
     nesterov: bool = False
     fixed: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
-    summary: str = ""
 
     @property
     def asynchronous(self) -> bool:
@@ -79,16 +78,13 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sync-sgd", None, summary="the mean gradient every step (DDP)"),
-    Method("local-sgd", PeriodicAverager, aliases=("average", "local_sgd"),
-           summary="periodic model averaging"),
-    Method("downpour", DownpourAverager, summary="DOWNPOUR: push the change, pull the center"),
-    Method("easgd", ElasticAverager, summary="elastic averaging"),
-    Method("eamsgd", ElasticAverager, nesterov=True,
-           summary="elastic averaging, Nesterov momentum in the local steps"),
-    Method("diloco", DiLoCoAverager, summary="an outer Nesterov step; workers reset to the center"),
-    Method("easgd-outer", ElasticAverager, fixed=EASGD_OUTER,
-           summary="elastic averaging with an outer Nesterov step on the center"),
+    Method("sync-sgd", None),                    # the mean gradient every step (DDP)
+    Method("local-sgd", PeriodicAverager, aliases=("average", "local_sgd")),
+    Method("downpour", DownpourAverager),
+    Method("easgd", ElasticAverager),
+    Method("eamsgd", ElasticAverager, nesterov=True),
+    Method("diloco", DiLoCoAverager),
+    Method("easgd-outer", ElasticAverager, fixed=EASGD_OUTER),
 )}
 _BY_ALIAS = {alias: m for m in METHODS.values() for alias in (m.name, *m.aliases)}
 
@@ -108,7 +104,6 @@ def method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)} "
                          f"(or {', '.join(a for m in METHODS.values() for a in m.aliases)})")
     return found
-
 
 
 # The integrations' names (Lightning's strategy registry, accelerate's method=): the averagers

@@ -146,6 +146,9 @@ def _positive_seconds(name: str, value: object) -> float:
 
 
 def check_bucket_cap_mb(bucket_cap_mb: object) -> float:
+    """``None``: the default (as every check of a setting with a default takes it)."""
+    if bucket_cap_mb is None:
+        return DEFAULT_BUCKET_CAP_MB
     if not _is_number(bucket_cap_mb):
         raise TypeError(f"bucket_cap_mb must be a number, got {type(bucket_cap_mb).__name__}")
     if not 0 < bucket_cap_mb < float("inf"):  # type: ignore[operator]
@@ -154,11 +157,11 @@ def check_bucket_cap_mb(bucket_cap_mb: object) -> float:
 
 
 def check_lock_timeout(value: object) -> float:
-    return _positive_seconds("lock_timeout", value)
+    return DEFAULT_LOCK_TIMEOUT if value is None else _positive_seconds("lock_timeout", value)
 
 
 def check_exchange_timeout(value: object) -> float:
-    return _positive_seconds("exchange_timeout", value)
+    return DEFAULT_EXCHANGE_TIMEOUT if value is None else _positive_seconds("exchange_timeout", value)
 
 
 def kernel_path() -> str:

@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--delay {args.delay} applies to easgd, eamsgd and diloco (whose pulls keep the "
                 f"steps taken since the send); leave out {', '.join(sorted(set(args.algos) - DELAYED))} "
                 "or use --delay 0")
-    whole = [a for a in args.algos if a != "sync-sgd" and not methods.method(a).sends_difference]
+    whole = [a for a in args.algos  # averagers that send the parameters themselves
+             if methods.method(a).averager is not None and not methods.method(a).sends_difference]
     if args.comm_dtype in QUANT_NAMES and whole:
         p.error(f"--comm-dtype {args.comm_dtype} quantizes differences; '{whole[0]}' sends the "
                 "parameters themselves: leave it out or use bfloat16")

@@ -109,11 +109,8 @@ class Replicated(CenterSpec):
         delay = check_delay(self.delay, settings.tau)
         if sharded:
             _check_sharded_fragments(params, fragments)
-        # None: the default, as the averagers' keyword arguments take it
-        bucket_cap_mb = check_bucket_cap_mb(
-            DEFAULT_BUCKET_CAP_MB if self.bucket_cap_mb is None else self.bucket_cap_mb)
-        exchange_timeout = check_exchange_timeout(
-            DEFAULT_EXCHANGE_TIMEOUT if self.exchange_timeout is None else self.exchange_timeout)
+        bucket_cap_mb = check_bucket_cap_mb(self.bucket_cap_mb)  # None: the default
+        exchange_timeout = check_exchange_timeout(self.exchange_timeout)
         chunk = check_gloo_chunk_bytes(self.gloo_chunk_bytes) if bits else None
         on_failure = check_on_failure(self.on_failure)
         if on_failure == "continue" and comm.distributed and not comm.host_waits(params[0].device):

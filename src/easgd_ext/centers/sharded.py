@@ -87,8 +87,7 @@ class Servers(CenterSpec):
     mode: ClassVar[str] = "async"
 
     def checked(self, comm: Comm, params: list[torch.Tensor], settings: ExchangeSettings) -> Servers:
-        lock_timeout = check_lock_timeout(
-            DEFAULT_LOCK_TIMEOUT if self.lock_timeout is None else self.lock_timeout)
+        lock_timeout = check_lock_timeout(self.lock_timeout)  # None: the default
         if not comm.distributed:
             raise ValueError("servers= needs torch.distributed: the center lives on server ranks "
                              "of the process group")

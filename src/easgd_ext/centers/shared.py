@@ -103,8 +103,7 @@ class SharedMemory(CenterSpec):
 
     def checked(self, comm: _dist.Comm, params: list[torch.Tensor],
                 settings: ExchangeSettings) -> SharedMemory:
-        lock_timeout = check_lock_timeout(
-            DEFAULT_LOCK_TIMEOUT if self.lock_timeout is None else self.lock_timeout)
+        lock_timeout = check_lock_timeout(self.lock_timeout)  # None: the default
         given = attach_given(self.segment, params, comm)
         return replace(self, segment=given if given is not None else self.segment,
                        lock_timeout=lock_timeout)
