@@ -246,3 +246,22 @@ def test_a_servers_spec_serves_the_workers():
     assert [r["server"] for r in results] == [True, False, False]
     assert all(r["mode"] == "async" and r["workers"] == 2 for r in results)
     assert [r["exchanges"] for r in results[1:]] == [2, 2]
+
+
+@dataclass(frozen=True)
+class LeavesTheTimeout(Logged):
+    """A center that goes on after failures and leaves ``exchange_timeout`` to the default, as
+    a spec that does not define it (the contract's class attribute: ``None``) does."""
+    exchange_timeout = None  # type: ignore[assignment]
+
+
+def _continue_with_default_timeout(rank: int, world: int) -> dict[str, Any]:
+    spec = LeavesTheTimeout(Replicated(on_failure="continue"))
+    out, _, avg = train(lambda p: ElasticAverager(p, tau=3, center=spec), rank)
+    return {"on_failure": avg.on_failure, "exchanges": avg.stats.exchanges,
+            "moved": any(not torch.equal(a, b) for a, b in zip(out, model().parameters()))}
+
+
+def test_a_custom_center_that_goes_on_after_failures_may_leave_the_timeout_out():
+    results = values(run_ranks(2, _continue_with_default_timeout))
+    assert all(r == {"on_failure": "continue", "exchanges": 2, "moved": True} for r in results), results

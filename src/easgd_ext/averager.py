@@ -113,7 +113,7 @@ class Averager:
             # Exchanges over a group whose backend gives up after exchange_timeout, so that a
             # collective stuck on a frozen peer does not block the job's end (see the function).
             comm = self._comm = _dist.group_of(_dist.group_ranks(comm), torch.distributed.get_backend(
-                comm.group), self._spec.exchange_timeout)
+                comm.group), self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT)
         self._make_algorithm = make_algorithm
         self._abandoned: list[Center] = []  # centers of groups left behind after a failure
         self.clock = 0

@@ -42,9 +42,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import data, methods, simulate
+from . import data, loop, methods
 from .settings import COMM_DTYPES
-from .stats import ring_allreduce_bytes
 
 METHODS = tuple(methods.METHODS)  # every method of the table
 LM_METHODS = methods.names(("sync-sgd", "local-sgd", "easgd", "easgd-outer", "diloco"))
@@ -179,79 +178,26 @@ def run_one(task: Task, method: str, workers: int, tau: int, lr: float, seed: in
     name, kwargs = averager_for(method, tau, wire)
     record = Run(task.name, method, workers, tau, lr, seed, wire)
     start = time.perf_counter()
-    streams = [task.batches(k, seed) for k in range(workers)]
-    sim = None
-    if name is None:  # sync SGD: every step the mean gradient, in memory
-        torch.manual_seed(seed)
-        models = [task.make_model().to(device)]
-        models += [_copy(models[0]) for _ in range(workers - 1)]  # every worker starts alike
-        opts = [task.make_optimizer(m.parameters(), lr, method) for m in models]
-        numel = sum(p.numel() for p in models[0].parameters())
-        per_round = ring_allreduce_bytes(4 * numel, workers)
-    else:
-        sim = simulate.Workers(task.make_model, workers, averager=name, device=device,
-                               make_optimizer=lambda p: task.make_optimizer(p, lr, method), **kwargs)
-        models, opts = sim.models, sim.optimizers
-    try:
-        def local(k: int) -> None:
-            task.loss(models[k], streams[k]()).backward()
 
-        for step in range(1, steps + 1):
-            if sim is None:
-                for k in range(workers):
-                    local(k)
-            else:
-                sim.each(local)  # the workers' steps on the CPUs' threads
-            if sim is None:
-                _mean_gradients(models)
-                for opt in opts:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            else:
-                sim.optimizer_step()
-            if step % eval_every == 0 or step == steps:
-                if sim is not None and step == steps:
-                    sim.flush()
-                value = _evaluate(task, models[0], sim, final and step == steps)
-                if sim is None:
-                    rounds, sent = step, step * per_round
-                else:
-                    stats = sim.averagers[0].stats
-                    rounds, sent = stats.exchanges + stats.skipped_exchanges, stats.bytes_sent
-                record.steps.append(step)
-                record.rounds.append(rounds)
-                record.mb_sent.append(sent / 1e6)
-                record.metric.append(value)
-                if not math.isfinite(value):
-                    record.diverged = True
-                    break
+    def add(point: loop.Point) -> bool:
+        record.steps.append(point.step)
+        record.rounds.append(point.exchanges + point.skipped)
+        record.mb_sent.append(point.bytes_sent / 1e6)
+        record.metric.append(point.metric)
+        record.diverged = not math.isfinite(point.metric)
+        return not record.diverged  # a diverged run stops there
+
+    job = loop.SimulatedWorkers(task.make_model, workers, name,
+                                lambda p: task.make_optimizer(p, lr, method),
+                                [task.batches(k, seed) for k in range(workers)], task.loss,
+                                lambda model, last: task.evaluate(model, final and last), device, **kwargs)
+    try:
+        loop.run(job, steps, eval_every, add)
     finally:
-        if sim is not None:
-            sim.close()
+        job.close()
     record.final = record.metric[-1] if record.metric else math.nan
     record.seconds = time.perf_counter() - start
     return record
-
-
-def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
-def _mean_gradients(models: list[torch.nn.Module]) -> None:
-    with torch.no_grad():
-        for params in zip(*(m.parameters() for m in models)):
-            mean = torch.stack([p.grad for p in params]).mean(0)
-            for p in params:
-                p.grad.copy_(mean)
-
-
-def _evaluate(task: Task, model: torch.nn.Module, sim: Any, final: bool) -> float:
-    if sim is None:
-        return task.evaluate(model, final)
-    with sim.center_parameters() as center:
-        return task.evaluate(center, final)
 
 
 # ---- the grid ---------------------------------------------------------------------------------------

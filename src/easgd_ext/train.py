@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from . import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data, methods
+from . import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverager, _dist, data, loop, methods
 from ._launch import backend_for, join_group, launcher_rank_world, run_workers
 from .settings import QUANT_NAMES
 from .stats import ring_allreduce_bytes
-from .train_records import DEFAULT_STEPS, Result, load_split, say, steps_bar, steps_for
+from .train_records import (DEFAULT_STEPS, Result, cross_entropy, load_split, run_curve, say, steps_for,
+                            test_error_of)
 
 # This tool's selection from the table of methods, by the names it has always taken.
 DEFAULT_ALGORITHMS = methods.names(("easgd", "eamsgd", "downpour", "average", "sync-sgd"))
@@ -261,46 +261,16 @@ class GradientAllReduce:
 
 def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int, world: int,
               device: torch.device, steps: int) -> Result:
+    """This rank's run of ``algo`` (the curve as rank 0 sees it)."""
     torch.manual_seed(args.seed)
     model = data.make_model(args.dataset).to(device)
     opt = methods.method(algo).local_optimizer(model.parameters(), args.lr, args.momentum)
     averager = make_averager(algo, model, args)
-    sync_sgd = GradientAllReduce(model, world) if averager is None else None
     stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
-    result = Result(algo)
-    elapsed = 0.0
-    bar = steps_bar(algo, steps, shown=rank == 0)
-    for step in range(1, steps + 1):
-        start = time.perf_counter()
-        xb, yb = stream.next()
-        loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
-        loss.backward()
-        if sync_sgd is not None:
-            sync_sgd()
-        opt.step()
-        opt.zero_grad()
-        if averager is not None:
-            averager.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed += time.perf_counter() - start
-        if step == steps and averager is not None and args.mode == "sync":
-            averager.flush()  # fragments still in flight (--delay) count in the final center
-        if step == steps and args.mode == "async":
-            averager.close()
-            dist.barrier()  # the final center: after every worker's last exchange
-        if step % args.eval_every == 0 or step == steps:
-            plain = (sync_sgd.bytes_sent, sync_sgd.exchanges) if sync_sgd is not None else (0, 0)
-            result.evaluate(step, elapsed, averager, model, split, world, plain, bar, loss)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if averager is not None:
-        result.take_counters(averager)
-    else:
-        result.comm_seconds, result.exchanges = sync_sgd.comm_seconds, sync_sgd.exchanges
-    return result
+    job = loop.OneWorker(model, opt, stream.next, cross_entropy, test_error_of(split), averager=averager,
+                         gradients=GradientAllReduce(model, world) if averager is None else None,
+                         device=device)
+    return run_curve(algo, job, args.eval_every, world, steps, shown=rank == 0)
 
 
 def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, world: int,
@@ -308,72 +278,19 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
     """``world`` workers of ``algo`` in this process (easgd_ext.simulate): each on its own
     minibatch stream, the averagers' collectives in memory; sync-sgd averages the gradients in
     memory every step."""
-    import copy
-
-    from . import simulate
-
     torch.manual_seed(args.seed)
     chosen = methods.method(algo)
-
-    def optimizer(params: Any) -> torch.optim.Optimizer:
-        return chosen.local_optimizer(params, args.lr, args.momentum)
-
-    sim = None
-    if algo == "sync-sgd":
-        models = [data.make_model(args.dataset).to(device)]
-        models += [copy.deepcopy(models[0]) for _ in range(world - 1)]
-        opts = [optimizer(m.parameters()) for m in models]
-        grads_bytes = ring_allreduce_bytes(4 * sum(p.numel() for p in models[0].parameters()), world)
-    else:
-        sim = simulate.Workers(lambda: data.make_model(args.dataset), world, averager=algo,
-                               make_optimizer=optimizer, device=device, **averager_settings(algo, args))
-        models, opts = sim.models, sim.optimizers
     streams = [data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + k + 1)
                for k in range(world)]
-    result = Result(algo)
-    elapsed, comm = 0.0, 0.0
-    bar = steps_bar(algo, steps)
+    job = loop.SimulatedWorkers(
+        lambda: data.make_model(args.dataset), world, None if chosen.averager is None else algo,
+        lambda params: chosen.local_optimizer(params, args.lr, args.momentum),
+        [s.next for s in streams], cross_entropy, test_error_of(split), device,
+        **({} if chosen.averager is None else averager_settings(algo, args)))
     try:
-        for step in range(1, steps + 1):
-            start = time.perf_counter()
-            for model, stream in zip(models, streams):
-                xb, yb = stream.next()
-                F.cross_entropy(model(xb.to(device)), yb.to(device)).backward()
-            exchange_start = time.perf_counter()
-            if sim is None:
-                with torch.no_grad():
-                    for params in zip(*(m.parameters() for m in models)):
-                        mean = torch.stack([q.grad for q in params]).mean(0)
-                        for q in params:
-                            q.grad.copy_(mean)
-                for opt in opts:
-                    opt.step()
-                    opt.zero_grad()
-            else:
-                sim.optimizer_step()
-            comm += time.perf_counter() - exchange_start
-            elapsed += time.perf_counter() - start
-            if step == steps and sim is not None:
-                sim.flush()
-            if step % args.eval_every == 0 or step == steps:
-                if sim is not None:
-                    with sim.center_parameters() as center:
-                        error = data.test_error(center, split.test_x, split.test_y)
-                    stats = sim.averagers[0].stats
-                    sent, exchanges = stats.bytes_sent, stats.exchanges
-                else:
-                    error = data.test_error(models[0], split.test_x, split.test_y)
-                    sent, exchanges = step * grads_bytes, step
-                result.add(step, elapsed, sent, exchanges, error, world)
-                bar.set_postfix(test_error=f"{error:.3f}")
-            bar.update(1)
+        return run_curve(algo, job, args.eval_every, world, steps)
     finally:
-        bar.close()
-        if sim is not None:
-            sim.close()
-    result.comm_seconds = comm
-    result.exchanges = result.total_exchanges[-1] // world
-    return result
+        job.close()
 
 
 def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from . import data, methods
+from . import data, loop, methods
 from ._launch import join_group, run_workers
 from .settings import QUANT_NAMES
-from .train_records import Result, load_split, say, steps_bar, steps_for
+from .stats import ring_allreduce_bytes
+from .train_records import Result, cross_entropy, load_split, run_curve, say, steps_for, test_error_of
 
 SHARDS = 2
 FSDP_STEPS = 200  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
@@ -74,40 +73,28 @@ def make_job(algo: str, args: argparse.Namespace, mesh: Any) -> tuple[nn.Module,
     return model, opt, chosen.build(model.parameters(), **settings)
 
 
-def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any, steps: int) -> Any:
+class HSDPGradients:
+    """The baseline's gradient exchange across replicas, which FSDP2's HSDP runs inside the
+    backward: here only counted, as a ring all-reduce of this rank's float32 gradient shard."""
 
+    def __init__(self, model: nn.Module, replicas: int) -> None:
+        local = sum(p.to_local().numel() for p in model.parameters())
+        self.per_step = ring_allreduce_bytes(4 * local, replicas)
+        self.bytes_sent, self.exchanges, self.comm_seconds = 0, 0, 0.0
+
+    def __call__(self) -> None:
+        self.bytes_sent += self.per_step
+        self.exchanges += 1
+
+
+def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any, steps: int) -> Result:
+    """This rank's run of ``algo`` on the mesh (the curve as rank 0 sees it)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    replicas = world // SHARDS
     model, opt, averager = make_job(algo, args, mesh)
-    local = sum(p.to_local().numel() for p in model.parameters())
-    hsdp_bytes = 2 * (replicas - 1) * 4 * local // replicas  # per step and rank, ring model
     stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
-    result = Result(algo)
-    elapsed = 0.0
-    bar = steps_bar(algo, steps, shown=rank == 0)
-    for step in range(1, steps + 1):
-        start = time.perf_counter()
-        xb, yb = stream.next()
-        loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if averager is not None:
-            averager.step()
-            if step == steps:
-                averager.flush()
-        elapsed += time.perf_counter() - start
-        if step % args.eval_every == 0 or step == steps:  # every rank: FSDP's forward is collective
-            result.evaluate(step, elapsed, averager, model, split, world, (step * hsdp_bytes, step), bar, loss)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    if averager is not None:
-        result.take_counters(averager)
-    else:
-        result.exchanges = steps
-    return result
+    job = loop.OneWorker(model, opt, stream.next, cross_entropy, test_error_of(split), averager=averager,
+                         gradients=HSDPGradients(model, world // SHARDS) if averager is None else None)
+    return run_curve(algo, job, args.eval_every, world, steps, shown=rank == 0)
 
 
 def worker(rank: int, world: int, store: str | None, out: str, args: argparse.Namespace) -> None:

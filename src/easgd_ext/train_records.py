@@ -1,7 +1,7 @@
 """The main job's records and progress, shared by :mod:`easgd_ext.train` and
 :mod:`easgd_ext.train_fsdp` (which both import this module, not each other): one run's curve of
-the center's test error against time and bytes, the progress bar, the data split and the step
-count."""
+the center's test error against time and bytes, the progress bar, the data split, the step
+count and the loss of the main job's models."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from . import data
+from . import data, loop
 
 DEFAULT_STEPS = 1000
 
@@ -35,38 +36,20 @@ class Result:
     exchanges: int = 0
     skipped_exchanges: int = 0
 
-    def add(self, step: int, seconds: float, sent: int, exchanges: int, error: float,
-            world: int) -> None:
-        """One evaluation point; ``sent`` and ``exchanges`` are one rank's, counted for all
-        ``world`` workers (every worker takes the same steps and exchanges)."""
-        self.steps.append(step)
-        self.seconds.append(seconds)
-        self.bytes_sent.append(sent * world)
-        self.total_exchanges.append(exchanges * world)
-        self.test_error.append(error)
+    def record(self, point: loop.Point, world: int) -> None:
+        """One evaluation point (a :class:`easgd_ext.loop.Point`): its counters are one
+        worker's, counted for all ``world`` workers (every worker takes the same steps and
+        exchanges)."""
+        self.steps.append(point.step)
+        self.seconds.append(point.seconds)
+        self.bytes_sent.append(point.bytes_sent * world)
+        self.total_exchanges.append(point.exchanges * world)
+        self.test_error.append(point.metric)
 
-    def evaluate(self, step: int, seconds: float, averager: Any, model: torch.nn.Module,
-                 split: data.Split, world: int, plain: tuple[int, int], bar: Any,
-                 loss: torch.Tensor) -> None:
-        """One evaluation point: the center's test error where there is an averager (on every
-        rank: a sharded model's forward is collective) and its counters, else the model's and
-        ``plain`` (bytes sent, exchanges) of the run without one; shown on ``bar`` if any."""
-        if averager is not None:
-            with averager.center_parameters():
-                error = data.test_error(model, split.test_x, split.test_y)
-            sent, exchanges = averager.stats.bytes_sent, averager.stats.exchanges
-        else:
-            error = data.test_error(model, split.test_x, split.test_y)
-            sent, exchanges = plain
-        self.add(step, seconds, sent, exchanges, error, world)
-        if bar is not None:
-            bar.set_postfix(test_error=f"{error:.3f}", loss=f"{loss.item():.3f}")
-
-    def take_counters(self, averager: Any) -> None:
-        """The averager's final counters (communication time, exchanges applied and skipped)."""
-        stats = averager.stats
-        self.comm_seconds, self.exchanges = stats.comm_seconds, stats.exchanges
-        self.skipped_exchanges = stats.skipped_exchanges
+    def take(self, totals: loop.Totals) -> None:
+        """One worker's final counters (a :class:`easgd_ext.loop.Totals`)."""
+        self.comm_seconds, self.exchanges = totals.comm_seconds, totals.exchanges
+        self.skipped_exchanges = totals.skipped
 
 
 def steps_bar(algo: str, steps: int, shown: bool = True) -> Any:
@@ -77,6 +60,33 @@ def steps_bar(algo: str, steps: int, shown: bool = True) -> Any:
     from .progress import bar
 
     return bar(total=steps, desc=f"{algo:>9}", unit="step", file=sys.stderr, leave=True)
+
+
+def cross_entropy(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The main job's loss of ``model`` on a minibatch (moved to the model's device)."""
+    device = next(model.parameters()).device
+    x, y = batch
+    return F.cross_entropy(model(x.to(device)), y.to(device))
+
+
+def test_error_of(split: data.Split) -> loop.Evaluate:
+    """The main job's metric: a model's error on the split's test set."""
+    return lambda model, final: data.test_error(model, split.test_x, split.test_y)
+
+
+def run_curve(algo: str, job: loop.Job, eval_every: int, world: int, steps: int,
+              shown: bool = True) -> Result:
+    """``job`` through the training loop: the curve of ``algo``'s run (with a progress bar where
+    ``shown``) and its final counters."""
+    result = Result(algo)
+    bar = steps_bar(algo, steps, shown=shown)
+    try:
+        loop.run(job, steps, eval_every, lambda point: result.record(point, world), bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    result.take(job.totals())
+    return result
 
 
 def load_split(args: argparse.Namespace) -> data.Split:

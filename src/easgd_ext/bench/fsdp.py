@@ -41,8 +41,9 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -71,15 +72,20 @@ class Holder(nn.Module):
         self.params = nn.ParameterList(nn.Parameter(torch.randn(s, generator=gen)) for s in shapes)
 
 
-def launches_only(avg: easgd_ext.ElasticAverager) -> Callable[[], None]:
-    """The exchange's prepared native launches (send + publish, then apply), no collective."""
-    wires = avg._center.wires
+@dataclass(frozen=True)
+class KeptCenter(easgd_ext.Replicated):
+    """The replicated center, keeping the center it builds: its kernels are timed alone."""
+    built: list = field(default_factory=list, compare=False)
 
-    def run() -> None:
-        for w in wires:
-            w._prepare()
-            w.finish()
-    return run
+    def build(self, *args: Any) -> Any:
+        center = super().build(*args)
+        self.built.append(center)
+        return center
+
+
+def launches_only(spec: KeptCenter) -> Callable[[], None]:
+    """The exchange's prepared native launches (send + publish, then apply), no collective."""
+    return spec.built[-1].local_pass
 
 
 class Clock:
@@ -127,13 +133,15 @@ def sharded_vs_replicated(size: str, reps: int, works: Works) -> list[dict]:
     sharded_model = Holder(shapes)
     fully_shard(sharded_model, mesh=mesh["shard"])
     plain_model = Holder(shapes)
+    centers = {"sharded": KeptCenter(), "replicated": KeptCenter()}
     averagers = {
         "sharded": easgd_ext.ElasticAverager(sharded_model.parameters(), tau=1,
-                                             process_group=mesh["replicate"]),
+                                             process_group=mesh["replicate"], center=centers["sharded"]),
         "replicated": easgd_ext.ElasticAverager(plain_model.parameters(), tau=1,
-                                                process_group=mesh["replicate"])}
+                                                process_group=mesh["replicate"],
+                                                center=centers["replicated"])}
     fns: dict[str, Callable[[], object]] = {k: a.exchange for k, a in averagers.items()}
-    fns.update({f"{k}_launches": launches_only(a) for k, a in averagers.items()})
+    fns.update({f"{k}_launches": launches_only(c) for k, c in centers.items()})
     got = timed(fns, reps, works)
     calls = 2 + reps
     n = sum(s.numel() for s in shapes)

@@ -271,6 +271,12 @@ class ReplicatedCenter(Center):
         return out
 
     # ---- one fragment's exchange -------------------------------------------------------------------
+    def local_pass(self) -> None:
+        """Every fragment's :meth:`Wire.local_pass`: the exchange's kernels without its
+        collectives, for benchmarks (it moves the parameters: time with it only)."""
+        for wire in self.wires:
+            wire.local_pass()
+
     def _capturing(self) -> bool:
         return self._cuda and not self._host_waits and torch.cuda.is_current_stream_capturing()
 

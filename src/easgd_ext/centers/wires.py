@@ -41,7 +41,7 @@ def torch_step(function: Callable[..., None], *args: Any) -> Callable[[], None]:
 
 
 class Wire:
-    """One fragment's exchange. ``status`` holds, per device, the vector its steps fill
+    """One fragment's exchange (a subclass builds its send's kernels as ``_prepare``). ``status`` holds, per device, the vector its steps fill
     (ME_BAD, BAD_RANKS, OVERFLOW); ``bytes_sent`` is what this rank puts on the network."""
 
     bytes_sent: int = 0
@@ -60,6 +60,13 @@ class Wire:
 
     def finish(self) -> None:
         raise NotImplementedError
+
+    def local_pass(self) -> None:
+        """The wire's own kernels with its collectives left out (the send's, then the
+        apply's): what its exchange costs beyond the network, for benchmarks. It moves the
+        parameters as an exchange would with the buffers as they stand; time with it only."""
+        self._prepare()
+        self.finish()
 
 
 def _status_vectors(plan: FragmentPlan) -> dict[torch.device, torch.Tensor]:
