@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from . import elastic as elastic_job
+from .settings import DEFAULT_EXCHANGE_TIMEOUT
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -81,16 +83,39 @@ class Comm:
         return broadcast_object(self, obj)
 
 
-def init_process_group(backend: str | None = None, timeout: timedelta | None = None) -> None:
+def init_process_group(backend: str | None = None, timeout: timedelta | None = None, *,
+                       elastic: bool = False, join: bool | None = None) -> None:
     """``torch.distributed.init_process_group`` for a job that a launcher may restart (the
-    environment variables of torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    environment variables of torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), or whose
+    membership changes while it runs (``elastic``).
 
     Under ``torchrun --max-restarts``, every attempt of the job joins its group through the
     launcher's own store under a namespace of its own (``TORCHELASTIC_RESTART_COUNT``): with
     plain ``init_process_group`` a restarted Gloo group finds the previous attempt's addresses
     in that store and can fail to connect (6 of 8 restarts of a plain torch script failed so
     here, torch 2.14). Outside a restarting launcher it is
-    ``init_process_group(backend, timeout=timeout)``."""
+    ``init_process_group(backend, timeout=timeout)``.
+
+    ``elastic=True`` (Gloo): the default group is made in torch's reconfigure regime, so that
+    averagers built with ``on_failure="continue"`` over it shrink it in place after a failure
+    and grow it when a process joins. ``join=True`` (default: the ``EASGD_EXT_JOIN``
+    environment variable) makes this process such a joiner: with the running job's MASTER_ADDR
+    and MASTER_PORT it takes a ticket in the job's store, and its averager's construction waits
+    until the running averagers admit it at the start of a window, hands it the center and
+    returns with it in the group. ``timeout`` (default 300 s) bounds each collective on the
+    backend's thread; give the averagers' ``exchange_timeout`` the same, so that a collective
+    stuck on a frozen rank is over when the survivors go on."""
+    if join is not None and not isinstance(join, bool):
+        raise TypeError(f"join must be a bool or None, got {type(join).__name__}")
+    if join and not elastic:
+        raise ValueError("join=True joins an elastic job: pass elastic=True too")
+    if elastic:
+        if backend not in (None, "gloo"):
+            raise ValueError(f"elastic=True runs Gloo (torch's reconfigurable process groups), "
+                             f"got backend={backend!r}")
+        elastic_job.init(timeout or timedelta(seconds=DEFAULT_EXCHANGE_TIMEOUT),
+                         elastic_job.wants_to_join(join))
+        return
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if attempt is None or "MASTER_ADDR" not in os.environ:
@@ -338,7 +363,7 @@ def unresponsive_ranks(comm: Comm, event: str, grace: float) -> list[int] | None
     if found_store is None:  # the caller still reports the failure
         return None
     base, ranks = found_store
-    prefix = f"easgd_ext/failed/{'-'.join(map(str, ranks))}/{event}/"
+    prefix = f"easgd_ext/failed/{elastic_job.namespace()}{'-'.join(map(str, ranks))}/{event}/"
     deadline = time.monotonic() + grace
     found: dict[str, Any] = {}
 
@@ -390,7 +415,11 @@ class Survivors:
 
 def group_ranks(comm: Comm) -> list[int]:
     """The global ranks of ``comm``'s group, in group rank order."""
-    return dist.get_process_group_ranks(comm.group) if comm.distributed else [0]
+    if not comm.distributed:
+        return [0]
+    if comm.group is dist.group.WORLD:  # torch's record of it goes stale when it reconfigures
+        return list(range(comm.world_size))
+    return dist.get_process_group_ranks(comm.group)
 
 
 def group_of(ranks: list[int], backend: str, seconds: float) -> Comm:
@@ -408,14 +437,15 @@ def _store_and_ranks(comm: Comm) -> tuple[Any, list[int]] | None:
     """The process group's store and the group's global ranks; ``None`` where there is no
     store to ask (no torch.distributed, or a group without one)."""
     try:
-        return dist.distributed_c10d._get_default_store(), dist.get_process_group_ranks(comm.group)
+        return dist.distributed_c10d._get_default_store(), group_ranks(comm)
     except Exception:  # noqa: BLE001 -- no store, no names
         return None
 
 
 def _reform_prefix(ranks: list[int]) -> str:
-    # One namespace per membership: a group only shrinks, so each is used once.
-    return f"easgd_ext/reform/{'-'.join(map(str, ranks))}/"
+    # One namespace per membership: a group only shrinks, so each is used once; an elastic
+    # job's memberships are told apart by their generation.
+    return f"easgd_ext/reform/{elastic_job.namespace()}{'-'.join(map(str, ranks))}/"
 
 
 def peers_reforming(comm: Comm, timeout: float = 2.0) -> bool:

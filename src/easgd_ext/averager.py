@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import _dist
+from . import _dist, elastic
 from .algorithms import Algorithm, Averaging, DiLoCo, Downpour, Elastic, ElasticOuter
 from .checkpoint import DCPState
 from .centers import Center, CenterSpec, ExchangeError, ExchangeSettings, spec_from_arguments
@@ -108,7 +108,10 @@ class Averager:
         self.comm_dtype: torch.dtype | None = self._spec.comm_dtype
         self.lock_timeout: float | None = self._spec.lock_timeout
         self.on_failure: str = self._spec.on_failure
-        if (self.on_failure == "continue" and comm.distributed
+        # An elastic job's default group reconfigures in place (see easgd_ext.elastic).
+        self._elastic = (self.on_failure == "continue" and comm.distributed
+                         and elastic.covers(comm.group))
+        if (self.on_failure == "continue" and comm.distributed and not self._elastic
                 and isinstance(comm.group, torch.distributed.ProcessGroup)):
             # Exchanges over a group whose backend gives up after exchange_timeout, so that a
             # collective stuck on a frozen peer does not block the job's end (see the function).
@@ -137,6 +140,8 @@ class Averager:
         self._attached: AttachHandle | None = None
         self._in_center = False
         self._closed = False
+        if elastic.joining() and comm.group is not None and comm.group is torch.distributed.group.WORLD:
+            self._join_running_job()
 
     # ---- what the loop sees -------------------------------------------------------------------------
     @property
@@ -211,6 +216,8 @@ class Averager:
     def _advance_clock(self) -> bool:
         self._not_on_a_server()
         self.clock += 1
+        if self._elastic and self.clock % self.tau == 0:
+            self._admit_joiners()
         if not self._center.due(self.clock):
             return False
         try:
@@ -311,7 +318,25 @@ class Averager:
             raise ExchangeError(f"{exc}; no other rank is left to exchange with", exc.clock,
                                 exc.silent_ranks) from exc
         lost = [r for r in _dist.group_ranks(self._comm) if r not in survivors.ranks]
-        comm = _dist.group_of(survivors.ranks, torch.distributed.get_backend(self._comm.group), limit)
+        if self._elastic:  # the same group, reconfigured over the survivors
+            elastic.reconfigure(elastic.state().generation + 1, survivors.ranks.index(me),
+                                len(survivors.ranks))
+            comm = _dist.resolve(torch.distributed.group.WORLD)
+        else:
+            comm = _dist.group_of(survivors.ranks, torch.distributed.get_backend(self._comm.group), limit)
+        self._regroup(comm, survivors.ranks.index(survivors.source), survivors.clock)
+        self._log.stats.failures_survived += 1
+        warn_user(f"{type(self).__name__}: the exchange at clock {exc.clock} failed (rank"
+                  f"{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} did not report it: dead, "
+                  f"frozen or gone); going on with {comm.world_size} workers (ranks "
+                  f"{', '.join(map(str, survivors.ranks))}) from clock {self.clock}; the failed "
+                  "exchange was dropped, nothing of it applied")
+
+    def _regroup(self, comm: _dist.Comm, source: int, clock: int) -> None:
+        """Goes on over ``comm``, a new membership: the rule and the center rebuilt for its
+        size (the rates as the constructor derives them), this worker's parameters, buffers
+        and residual kept, the center and the rule's center buffers taken from group rank
+        ``source``, the clock set to ``clock``."""
         kept = {name: [g.buffers[name].clone() for g in self._groups]
                 for name in ("center", "residual", *self.algorithm.center_buffers,
                              *self.algorithm.worker_buffers)
@@ -328,16 +353,77 @@ class Averager:
                     g.buffers[name].copy_(t)
             shared = [g.buffers[name] for name in ("center", *self.algorithm.center_buffers)
                       for g in self._groups if name in g.buffers]
-            source = survivors.ranks.index(survivors.source)
             for t in shared:  # a collective that completed on some ranks was applied there
                 comm.broadcast(t, source)
-        self.clock = survivors.clock
-        self._log.stats.failures_survived += 1
-        warn_user(f"{type(self).__name__}: the exchange at clock {exc.clock} failed (rank"
-                  f"{'s' * (len(lost) > 1)} {', '.join(map(str, lost))} did not report it: dead, "
-                  f"frozen or gone); going on with {comm.world_size} workers (ranks "
-                  f"{', '.join(map(str, survivors.ranks))}) from clock {self.clock}; the failed "
-                  "exchange was dropped, nothing of it applied")
+        self.clock = clock
+
+    # ---- an elastic job: admitting processes that join (see easgd_ext.elastic) ------------------------
+    def _admit_joiners(self) -> None:
+        """At a window's start: the first member plans the admission of the processes waiting
+        to join two windows ahead (every member has then seen the plan: each completed an
+        exchange the first member entered after writing it); at the planned clock every
+        member lands the fragments in flight, admits the joiners that are ready, rebuilds the
+        exchange for the larger group and hands them the center and the settings."""
+        plan = elastic.planned_admission()
+        if plan is None:
+            if self._comm.rank == 0:
+                tickets = elastic.pending_tickets()
+                if tickets:
+                    elastic.plan_admission(tickets, self.clock + 2 * self.tau)
+            return
+        if plan["clock"] != self.clock:
+            return
+        self._run(self._center.flush)  # a joiner cannot complete the members' collectives
+        before = self._comm.world_size
+        joined = elastic.admit(plan["tickets"], self.clock, self._comm.rank, before,
+                               wait=self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT)
+        if not joined:
+            return
+        comm = _dist.resolve(torch.distributed.group.WORLD)
+        self._regroup(comm, 0, self.clock)
+        comm.broadcast_object(self._joining_terms())
+        self._log.stats.workers_joined += len(joined)
+        warn_user(f"{type(self).__name__}: {len(joined)} process{'es' * (len(joined) > 1)} "
+                  f"joined at clock {self.clock}; going on with {comm.world_size} workers")
+
+    def _joining_terms(self) -> dict[str, Any]:
+        """What a joiner must have built alike (its settings, layout and rule)."""
+        return {"settings": self._settings, "layout": self._layout,
+                "algorithm": self.algorithm.name, **self._spec.agreed()}
+
+    def _join_running_job(self) -> None:
+        """A process started with ``init_process_group(elastic=True, join=True)``: waits for
+        the running averagers' admission, takes the center, starts its worker from it and
+        takes part in the exchange at the clock it was admitted at."""
+        if not self._elastic or self.mode != "sync" or self.sharded:
+            raise ValueError(
+                f"this process joins a running job (init_process_group(join=True)): build its "
+                f"{type(self).__name__} as the job's are, synchronous over the default group "
+                f"with on_failure='continue' (got mode={self.mode!r}, on_failure="
+                f"{self.on_failure!r}{', DTensor parameters' if self.sharded else ''})")
+        wait = self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT
+        admitted = elastic.admit_request(wait)
+        if admitted is None:
+            raise ExchangeError(f"no running job admitted this process within {wait:.0f} s "
+                                "(are its averagers built with on_failure='continue' on a group "
+                                "from init_process_group(elastic=True)? is it stepping?)",
+                                self.clock, None)
+        clock, _ = admitted
+        comm = _dist.resolve(torch.distributed.group.WORLD)
+        self._regroup(comm, 0, clock - 1)
+        terms = comm.broadcast_object(None)
+        difference = _dist._first_difference(terms, self._joining_terms(), comm.rank)
+        if difference is not None:
+            raise ValueError(f"this process cannot join: the running job's averagers differ "
+                             f"from its own: {difference.replace(f'rank {comm.rank}', 'here')}")
+        with torch.no_grad():  # the new worker starts from the center
+            for g in self._groups:
+                if "center" in g.buffers:
+                    g.write_x(g.buffers["center"])
+                    for name in self.algorithm.worker_buffers:
+                        g.buffers[name].copy_(g.buffers["center"])
+        self._log.stats.workers_joined += 1
+        self._advance_clock()  # the exchange the members take right after admitting it
 
     @property
     def flat_groups(self) -> list[ParamGroup]:

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from . import _dist
+
 if TYPE_CHECKING:
     from .averager import Averager
 
@@ -59,7 +61,8 @@ class DCPState:
         self._avg = averager
         self._rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         group = averager.process_group
-        self._group_ranks = dist.get_process_group_ranks(group) if group is not None else [self._rank]
+        self._group_ranks = (_dist.group_ranks(_dist.resolve(group)) if group is not None
+                             else [self._rank])
 
     # ---- the topology: what must be the same to resume ---------------------------------------------
     def topology(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ def check_counter(name: str, value: object) -> int:
 
 
 # Counters added after checkpoints were first written: a checkpoint without them loads as 0.
-LATER_STATS = {"wait_seconds", "failures_survived"}
+LATER_STATS = {"wait_seconds", "failures_survived", "workers_joined"}
 
 
 def check_stats(saved: object) -> ExchangeStats:

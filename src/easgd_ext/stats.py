@@ -48,7 +48,9 @@ class ExchangeStats:
     for collectives still running (synchronous mode over Gloo; 0 with NCCL, where the stream
     waits instead, and in asynchronous mode): the rest is the kernels and the launches.
     ``failures_survived``: synchronous exchanges that failed because ranks died, froze or left,
-    after which this rank went on with the survivors (``on_failure="continue"``).
+    after which this rank went on with the survivors (``on_failure="continue"``);
+    ``workers_joined``: processes admitted into the group while it ran (an elastic job, see
+    :func:`easgd_ext.init_process_group`).
     """
     exchanges: int = 0
     skipped_exchanges: int = 0
@@ -59,6 +61,7 @@ class ExchangeStats:
     last_exchange_seconds: float = 0.0
     wait_seconds: float = 0.0
     failures_survived: int = 0
+    workers_joined: int = 0
 
 
 @dataclass
