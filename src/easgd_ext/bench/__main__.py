@@ -1,4 +1,4 @@
-"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp,link,faults} [options]: the benchmarks shipped with the package.
+"""python -m easgd_ext.bench {kernels,comm,async,step,simulate,fsdp,link,faults,soak} [options]: the benchmarks shipped with the package.
 
     kernels   fused kernel bandwidth vs torch eager, _foreach and torch.compile, and the copy
               ceiling (torch copy_, the native copy kernel, memcpy) timed with them
@@ -18,6 +18,8 @@
               and the raw collectives against the link rate
     faults    training through a failure: EASGD with on_failure="continue" on Gloo ranks, one
               killed or frozen mid-run, the survivors' final center against a run without it
+    soak      training through many faults: an elastic job whose ranks are killed or frozen
+              at random and replaced by ranks that join from the center; no hang, one center
 
 Every one runs on the CPU by default (CUDA when asked, or for kernels/step when present),
 prints a short table and writes its records with --json PATH. Every ratio is a speedup over a
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp", "link", "faults")
+COMMANDS = ("kernels", "comm", "async", "step", "simulate", "fsdp", "link", "faults", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         from .fsdp import main as run
     elif argv[0] == "faults":
         from .faults import main as run
+    elif argv[0] == "soak":
+        from .soak import main as run
     else:
         from .comm import main as run
     return run(argv[1:])
