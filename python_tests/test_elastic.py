@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import easgd_ext
 
@@ -39,14 +38,15 @@ def _start(out: Path, port: int, world: int, rank: int | None, *extra: str, wire
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _run_job(tmp_path: Path, world: int, kill: tuple[int, int] | None = None, wire: str = "") -> list[dict]:
+def _run_job(tmp_path: Path, world: int, kill: tuple[int, int] | None = None, wire: str = "",
+             joiner_wire: str | None = None, joiner_code: int = 0) -> tuple[list[dict], str]:
     port = _free_port()
     extra = tuple(map(str, kill)) if kill else ()
     members = [_start(tmp_path, port, world, r, *extra, wire=wire) for r in range(world)]
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("started-*"))) < world and time.monotonic() < deadline:
         time.sleep(0.1)  # the members are training: now a process joins
-    joiner = _start(tmp_path, port, world, None, wire=wire)
+    joiner = _start(tmp_path, port, world, None, wire=wire if joiner_wire is None else joiner_wire)
     logs = []
     for p in members + [joiner]:
         try:
@@ -56,9 +56,9 @@ def _run_job(tmp_path: Path, world: int, kill: tuple[int, int] | None = None, wi
                 q.kill()
             raise AssertionError("the elastic job hung:\n" + "\n".join(logs))
     codes = [p.returncode for p in members + [joiner]]
-    expected = [3 if kill and r == kill[0] else 0 for r in range(world)] + [0]
+    expected = [3 if kill and r == kill[0] else 0 for r in range(world)] + [joiner_code]
     assert codes == expected, "\n".join(logs)
-    return [json.loads(f.read_text()) for f in tmp_path.glob("[0-9]*.json")]
+    return [json.loads(f.read_text()) for f in tmp_path.glob("[0-9]*.json")], logs[-1]
 
 
 def _check_one_center(results: list[dict], world: int) -> None:
@@ -71,7 +71,7 @@ def _check_one_center(results: list[dict], world: int) -> None:
 
 @pytest.mark.parametrize("wire", ["", "int8"])
 def test_a_process_that_joins_grows_the_group_and_takes_the_center(tmp_path, wire):
-    results = _run_job(tmp_path, 3, wire=wire)
+    results, _ = _run_job(tmp_path, 3, wire=wire)
     _check_one_center(results, 4)
     joiner = next(r for r in results if r["joiner"])
     members = [r for r in results if not r["joiner"]]
@@ -84,11 +84,20 @@ def test_a_process_that_joins_grows_the_group_and_takes_the_center(tmp_path, wir
 
 
 def test_a_replacement_brings_the_group_back_after_a_death(tmp_path):
-    results = _run_job(tmp_path, 4, kill=(3, 10))
+    results, _ = _run_job(tmp_path, 4, kill=(3, 10))
     _check_one_center(results, 4)
     survivors = [r for r in results if not r["joiner"]]
     assert sorted(r["start_rank"] for r in survivors) == [0, 1, 2]
     assert all(r["failures_survived"] == 1 and r["workers_joined"] == 1 for r in survivors)
+
+
+def test_a_joiner_built_otherwise_is_refused_and_the_job_goes_on_without_it(tmp_path):
+    results, joiner_log = _run_job(tmp_path, 3, joiner_wire="bfloat16", joiner_code=1)
+    assert "this process cannot join: the running job's averagers differ from its own: " \
+           "settings.comm_dtype is None in the job but 'bfloat16' here" in joiner_log, joiner_log
+    # the members had let it in: their next exchange failed, and they went on without it
+    _check_one_center(results, 3)
+    assert all(r["workers_joined"] == 1 and r["failures_survived"] == 1 for r in results)
 
 
 def test_join_needs_an_elastic_job():
@@ -105,4 +114,3 @@ def test_join_needs_an_elastic_job():
             easgd_ext.init_process_group(elastic=True)
     finally:
         os.environ.update(env)
-    assert torch.distributed.is_initialized() is False

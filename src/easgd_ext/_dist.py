@@ -189,20 +189,20 @@ def agree(comm: Comm, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
             raise exc_type(f"rank {rank}: {message}")
     reference = everyone[0]["value"]
     for rank, item in enumerate(everyone[1:], start=1):
-        difference = _first_difference(reference, item["value"], rank)
+        difference = first_difference(reference, item["value"], rank)
         if difference is not None:
             raise AgreementError(f"ranks disagree: {difference}")
     return local
 
 
-def _first_difference(ref: Any, other: Any, rank: int, path: str = "") -> str | None:
+def first_difference(ref: Any, other: Any, rank: int, path: str = "") -> str | None:
     """A description of the first place where rank 0's ``ref`` and ``rank``'s ``other`` differ
     (``settings.tau``, ``layout[3]``, ...)."""
     if ref == other:
         return None
     if isinstance(ref, dict) and isinstance(other, dict):
         for key in list(ref) + [k for k in other if k not in ref]:
-            found = _first_difference(ref.get(key), other.get(key), rank,
+            found = first_difference(ref.get(key), other.get(key), rank,
                                       f"{path}.{key}" if path else str(key))
             if found is not None:
                 return found
@@ -210,7 +210,7 @@ def _first_difference(ref: Any, other: Any, rank: int, path: str = "") -> str | 
         if len(ref) != len(other):
             return f"{path}: rank 0 has {len(ref)} entries, rank {rank} has {len(other)}"
         i = next(i for i, (a, b) in enumerate(zip(ref, other)) if a != b)
-        return _first_difference(ref[i], other[i], rank, f"{path}[{i}]")
+        return first_difference(ref[i], other[i], rank, f"{path}[{i}]")
     return f"{path} is {ref!r} on rank 0 but {other!r} on rank {rank}"
 
 

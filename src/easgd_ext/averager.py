@@ -375,8 +375,13 @@ class Averager:
             return
         self._run(self._center.flush)  # a joiner cannot complete the members' collectives
         before = self._comm.world_size
-        joined = elastic.admit(plan["tickets"], self.clock, self._comm.rank, before,
-                               wait=self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT)
+        try:
+            joined = elastic.admit(plan["tickets"], self.clock, self._comm.rank, before,
+                                   wait=self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 -- a member or the store gone meanwhile
+            raise ExchangeError(f"the admission of joining processes at clock {self.clock} "
+                                f"failed ({type(exc).__name__}: {exc}): the group could not be "
+                                "reconfigured (a member failed during it?)", self.clock, None) from exc
         if not joined:
             return
         comm = _dist.resolve(torch.distributed.group.WORLD)
@@ -412,10 +417,11 @@ class Averager:
         comm = _dist.resolve(torch.distributed.group.WORLD)
         self._regroup(comm, 0, clock - 1)
         terms = comm.broadcast_object(None)
-        difference = _dist._first_difference(terms, self._joining_terms(), comm.rank)
+        difference = _dist.first_difference(terms, self._joining_terms(), comm.rank)
         if difference is not None:
+            said = difference.replace(f" on rank {comm.rank}", " here").replace(" on rank 0", " in the job")
             raise ValueError(f"this process cannot join: the running job's averagers differ "
-                             f"from its own: {difference.replace(f'rank {comm.rank}', 'here')}")
+                             f"from its own: {said}")
         with torch.no_grad():  # the new worker starts from the center
             for g in self._groups:
                 if "center" in g.buffers:
