@@ -30,11 +30,11 @@ class RankResult:
 
 
 def _entry(rank: int, world: int, store_path: str, out_dir: str, fn: Callable[..., Any],
-           args: tuple) -> None:
+           args: tuple, group_timeout: float = 60.0) -> None:
     torch.set_num_threads(1)  # p processes share a few cores
     os.environ.pop("WORLD_SIZE", None)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+                            world_size=world, timeout=timedelta(seconds=group_timeout))
     try:
         result = RankResult(value=fn(rank, world, *args))
     except BaseException as exc:  # noqa: BLE001 -- reported to the test, which decides
@@ -45,15 +45,17 @@ def _entry(rank: int, world: int, store_path: str, out_dir: str, fn: Callable[..
 
 
 def run_ranks(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 240.0,
-              casualties: tuple[int, ...] = ()) -> list[RankResult]:
+              casualties: tuple[int, ...] = (), group_timeout: float = 60.0) -> list[RankResult]:
     """Runs ``fn(rank, world, *args)`` on ``world`` processes; returns each rank's result.
     Raises ``TimeoutError`` if any process is still running after ``timeout`` seconds. The
     ``casualties`` are expected to die or freeze: once the others are done they are killed, and
-    their result is an empty RankResult."""
+    their result is an empty RankResult. ``group_timeout``: the process group's, which bounds
+    a collective left on Gloo's thread (a frozen peer's), and so ``destroy_process_group``."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_entry, args=(r, world, store, tmp, fn, args), daemon=True)
+        procs = [ctx.Process(target=_entry, args=(r, world, store, tmp, fn, args, group_timeout),
+                             daemon=True)
                  for r in range(world)]
         for p in procs:
             p.start()

@@ -22,8 +22,10 @@ from dist_workers import sync_fault
 ])
 def test_a_dead_frozen_or_departed_rank_is_a_clear_error(fault, timeout, bound):
     steps = 5
+    # The group's own timeout bounds the frozen collective left on Gloo's thread, which
+    # destroy_process_group() waits for (60 s would be the test's time, not the fault's).
     results = run_ranks(3, sync_fault, fault, steps, timeout, casualties=(1,) if fault != "uneven" else (),
-                        timeout=120)
+                        timeout=120, group_timeout=max(10.0, 3 * timeout) if fault == "stop" else 60.0)
     for rank in (0, 2):
         out = values([results[rank]])[0]
         assert out["error"] is not None, f"rank {rank} did not notice"

@@ -376,8 +376,7 @@ class Averager:
         self._run(self._center.flush)  # a joiner cannot complete the members' collectives
         before = self._comm.world_size
         try:
-            joined = elastic.admit(plan["tickets"], self.clock, self._comm.rank, before,
-                                   wait=self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT)
+            joined = elastic.admit(plan["tickets"], self.clock, self._comm.rank, before)
         except Exception as exc:  # noqa: BLE001 -- a member or the store gone meanwhile
             raise ExchangeError(f"the admission of joining processes at clock {self.clock} "
                                 f"failed ({type(exc).__name__}: {exc}): the group could not be "
@@ -406,10 +405,10 @@ class Averager:
                 f"{type(self).__name__} as the job's are, synchronous over the default group "
                 f"with on_failure='continue' (got mode={self.mode!r}, on_failure="
                 f"{self.on_failure!r}{', DTensor parameters' if self.sharded else ''})")
-        wait = self._spec.exchange_timeout or DEFAULT_EXCHANGE_TIMEOUT
-        admitted = elastic.admit_request(wait)
+        admitted = elastic.admit_request()
         if admitted is None:
-            raise ExchangeError(f"no running job admitted this process within {wait:.0f} s "
+            raise ExchangeError(f"no running job admitted this process within "
+                                f"{elastic.JOIN_WAIT_SECONDS:.0f} s "
                                 "(are its averagers built with on_failure='continue' on a group "
                                 "from init_process_group(elastic=True)? is it stepping?)",
                                 self.clock, None)

@@ -26,6 +26,9 @@ import torch.distributed as dist
 
 NAMESPACE = "easgd_ext/elastic/"
 JOIN_ENV = "EASGD_EXT_JOIN"
+JOIN_WAIT_SECONDS = 300.0   # a joiner's wait for an offer (two windows of the running job, at least)
+READY_SECONDS = 5.0         # the first member's wait for offered joiners to take their place
+KEY_WAIT_SECONDS = 60.0     # any member's wait for the others' keys in a reconfiguration
 
 
 @dataclass
@@ -109,10 +112,21 @@ def reconfigure(generation: int, position: int, size: int) -> None:
     store.set(f"{prefix}handle/{position}", dist._get_reconfigure_handle())
     if position == 0:
         store.set(prefix + "uuid", str(store.add("uuid", 1)))
-    handles = [store.get(f"{prefix}handle/{p}").decode() for p in range(size)]
-    uuid = int(store.get(prefix + "uuid").decode())
+    handles = [_wait_for(store, f"{prefix}handle/{p}", KEY_WAIT_SECONDS) for p in range(size)]
+    uuid = int(_wait_for(store, prefix + "uuid", KEY_WAIT_SECONDS))
     dist._reconfigure(uuid=uuid, handles=handles, timeout=_state.timeout).wait()
     _state.generation = generation
+
+
+def _wait_for(store: Any, key: str, seconds: float) -> str:
+    """``key``'s value once it is set; ``TimeoutError`` after ``seconds``. Polled, so the wait
+    is this call's and not the store client's own timeout (the group's, which may be short)."""
+    deadline = time.monotonic() + seconds
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{key!r} not set in the job's store within {seconds:.0f} s")
+        time.sleep(0.01)
+    return store.get(key).decode()
 
 
 def _alone(name: str) -> None:
@@ -156,16 +170,17 @@ def planned_admission() -> dict[str, Any] | None:
     return json.loads(_state.store.get(key).decode())
 
 
-def admit(tickets: list[int], clock: int, position: int, size: int, wait: float) -> list[int]:
+def admit(tickets: list[int], clock: int, position: int, size: int) -> list[int]:
     """Every member, at the planned clock: the first offers each ticket its place and waits up
-    to ``wait`` seconds for the joiners that take it; all then reconfigure into the next
-    generation with them (members first, in their order). Returns the tickets admitted."""
+    to :data:`READY_SECONDS` for the joiners that take it (a live one answers in milliseconds);
+    all then reconfigure into the next generation with them (members first, in their order).
+    Returns the tickets admitted."""
     assert _state is not None
     store, nxt = _state.store, _state.generation + 1
     if position == 0:
         for t in tickets:
             store.set(f"join/offer/{t}", json.dumps({"generation": nxt, "clock": clock}))
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + READY_SECONDS
         ready: list[int] = []
         while time.monotonic() < deadline:
             ready = [t for t in tickets if store.check([f"join/ready/{t}"])]
@@ -175,13 +190,13 @@ def admit(tickets: list[int], clock: int, position: int, size: int, wait: float)
         store.add("join/handled", max(tickets) - store.add("join/handled", 0))
         decision = {"joiners": ready, "size": size + len(ready)}
         store.set(f"gen/{nxt}/members", json.dumps(decision))
-    decision = json.loads(store.get(f"gen/{nxt}/members").decode())
+    decision = json.loads(_wait_for(store, f"gen/{nxt}/members", READY_SECONDS + KEY_WAIT_SECONDS))
     reconfigure(nxt, position, decision["size"])
     return decision["joiners"]
 
 
 # ---- admission: the joiner's side ------------------------------------------------------------------
-def admit_request(wait: float) -> tuple[int, int] | None:
+def admit_request(wait: float = JOIN_WAIT_SECONDS) -> tuple[int, int] | None:
     """A joining process: waits up to ``wait`` seconds for a running averager's offer, takes
     it and reconfigures into the members' next generation. Returns (clock the members admit
     it at, size of the group now), or ``None`` where no offer came or it came too late."""
@@ -193,9 +208,10 @@ def admit_request(wait: float) -> tuple[int, int] | None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
-    offer = json.loads(store.get(key).decode())
+    offer = json.loads(_wait_for(store, key, KEY_WAIT_SECONDS))
     store.set(f"join/ready/{ticket}", "1")
-    decision = json.loads(store.get(f"gen/{offer['generation']}/members").decode())
+    decision = json.loads(_wait_for(store, f"gen/{offer['generation']}/members",
+                                    READY_SECONDS + KEY_WAIT_SECONDS))
     if ticket not in decision["joiners"]:
         return None
     position = decision["size"] - len(decision["joiners"]) + decision["joiners"].index(ticket)

@@ -48,15 +48,15 @@ def rank_process(out: Path, tau: int, timeout: float, go: Path | None) -> None:
     import easgd_ext
     from easgd_ext import data, elastic
 
-    while go is not None and not go.exists():
-        time.sleep(0.02)
     torch.set_num_threads(1)
-    easgd_ext.init_process_group(elastic=True, join=go is not None,
-                                 timeout=timedelta(seconds=timeout))
     split = data.digits(0)
     torch.manual_seed(0)
     model = data.DigitsCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    while go is not None and not go.exists():  # a standby is ready but for the group
+        time.sleep(0.02)
+    easgd_ext.init_process_group(elastic=True, join=go is not None,
+                                 timeout=timedelta(seconds=timeout))
     warnings.simplefilter("ignore")  # the survivors' and the admissions' warnings: counted instead
     avg = easgd_ext.ElasticAverager(model.parameters(), tau=tau, on_failure="continue",
                                     exchange_timeout=timeout)
