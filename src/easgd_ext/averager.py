@@ -373,7 +373,10 @@ class Averager:
             return
         if plan["clock"] != self.clock:
             return
+        generation = elastic.state().generation
         self._run(self._center.flush)  # a joiner cannot complete the members' collectives
+        if elastic.state().generation != generation:
+            return  # a member failed meanwhile: the next generation plans the admission anew
         before = self._comm.world_size
         try:
             joined = elastic.admit(plan["tickets"], self.clock, self._comm.rank, before)
