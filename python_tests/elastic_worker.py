@@ -1,6 +1,7 @@
 """One process of an elastic job, run by test_elastic.py: ``python elastic_worker.py OUT
 [kill_rank kill_clock]``, with MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set (EASGD_EXT_JOIN=1 for
-a joiner). It trains a small model with EASGD, on_failure="continue", until the group has had a
+a joiner; WIRE, FRAGMENTS and DELAY: the exchange's settings). It trains a small model with
+EASGD, on_failure="continue", until the group has had a
 process join (its clock then: J) and 40 more steps, and writes its clock, world, stats and
 center to OUT/<pid>.json."""
 
@@ -24,7 +25,9 @@ torch.manual_seed(0)  # the joiner too: its start is overwritten by the center a
 model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 avg = easgd_ext.ElasticAverager(model.parameters(), tau=4, on_failure="continue",
-                                exchange_timeout=30, comm_dtype=os.environ.get("WIRE") or None)
+                                exchange_timeout=30, comm_dtype=os.environ.get("WIRE") or None,
+                                fragments=int(os.environ.get("FRAGMENTS", "1")),
+                                delay=int(os.environ.get("DELAY", "0")))
 start_rank = dist.get_rank()
 gen = torch.Generator().manual_seed(1000 + os.getpid())
 joined_at = avg.clock if joiner else None

@@ -26,9 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(out: Path, port: int, world: int, rank: int | None, *extra: str, wire: str = "") -> subprocess.Popen:
+def _start(out: Path, port: int, world: int, rank: int | None, *extra: str, wire: str = "",
+           streamed: bool = False) -> subprocess.Popen:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "WORLD_SIZE": str(world), "WIRE": wire, "OMP_NUM_THREADS": "1"}
+           "WORLD_SIZE": str(world), "WIRE": wire, "OMP_NUM_THREADS": "1",
+           "FRAGMENTS": "3" if streamed else "1", "DELAY": "1" if streamed else "0"}
     if rank is None:
         env["EASGD_EXT_JOIN"] = "1"
         env.pop("RANK", None)
@@ -39,14 +41,17 @@ def _start(out: Path, port: int, world: int, rank: int | None, *extra: str, wire
 
 
 def _run_job(tmp_path: Path, world: int, kill: tuple[int, int] | None = None, wire: str = "",
-             joiner_wire: str | None = None, joiner_code: int = 0) -> tuple[list[dict], str]:
+             joiner_wire: str | None = None, joiner_code: int = 0,
+             streamed: bool = False) -> tuple[list[dict], str]:
     port = _free_port()
     extra = tuple(map(str, kill)) if kill else ()
-    members = [_start(tmp_path, port, world, r, *extra, wire=wire) for r in range(world)]
+    members = [_start(tmp_path, port, world, r, *extra, wire=wire, streamed=streamed)
+               for r in range(world)]
     deadline = time.monotonic() + 60
     while len(list(tmp_path.glob("started-*"))) < world and time.monotonic() < deadline:
         time.sleep(0.1)  # the members are training: now a process joins
-    joiner = _start(tmp_path, port, world, None, wire=wire if joiner_wire is None else joiner_wire)
+    joiner = _start(tmp_path, port, world, None, wire=wire if joiner_wire is None else joiner_wire,
+                    streamed=streamed)
     logs = []
     for p in members + [joiner]:
         try:
@@ -69,9 +74,11 @@ def _check_one_center(results: list[dict], world: int) -> None:
     assert len({r["clock"] for r in results}) == 1 and all(r["finite"] for r in results)
 
 
-@pytest.mark.parametrize("wire", ["", "int8"])
-def test_a_process_that_joins_grows_the_group_and_takes_the_center(tmp_path, wire):
-    results, _ = _run_job(tmp_path, 3, wire=wire)
+@pytest.mark.parametrize("wire,streamed", [("", False), ("int8", False), ("int8", True)])
+def test_a_process_that_joins_grows_the_group_and_takes_the_center(tmp_path, wire, streamed):
+    """``streamed``: 3 fragments, each applied a step after its send (the admission lands the
+    ones in flight first)."""
+    results, _ = _run_job(tmp_path, 3, wire=wire, streamed=streamed)
     _check_one_center(results, 4)
     joiner = next(r for r in results if r["joiner"])
     members = [r for r in results if not r["joiner"]]
@@ -79,8 +86,10 @@ def test_a_process_that_joins_grows_the_group_and_takes_the_center(tmp_path, wir
     assert all(r["workers_joined"] == 1 and r["failures_survived"] == 0 for r in members)
     # admitted at a window's start, with the members (whose clock then was the same)
     assert joiner["joined_at"] % 4 == 0 and {r["joined_at"] for r in members} == {joiner["joined_at"]}
-    # it took part in every exchange since: the one at its admission and one per window after
-    assert joiner["exchanges"] == 1 + 40 // 4
+    # it took part in every exchange since: the one due at its admission (a window's start)
+    # and each fragment's once a window in the 40 steps after (the last landed by the flush)
+    fragments = 3 if streamed else 1
+    assert joiner["exchanges"] == 1 + fragments * 40 // 4
 
 
 def test_a_replacement_brings_the_group_back_after_a_death(tmp_path):
