@@ -140,7 +140,7 @@ class Averager:
         self._attached: AttachHandle | None = None
         self._in_center = False
         self._closed = False
-        if elastic.joining() and comm.group is not None and comm.group is torch.distributed.group.WORLD:
+        if elastic.joining() and elastic.covers(comm.group):
             self._join_running_job()
 
     # ---- what the loop sees -------------------------------------------------------------------------

@@ -187,7 +187,8 @@ def admit(tickets: list[int], clock: int, position: int, size: int) -> list[int]
             if len(ready) == len(tickets):
                 break
             time.sleep(0.02)
-        store.add("join/handled", max(tickets) - store.add("join/handled", 0))
+        handled = store.add("join/handled", 0)
+        store.add("join/handled", max(tickets) - handled)  # the later tickets wait for the next plan
         decision = {"joiners": ready, "size": size + len(ready)}
         store.set(f"gen/{nxt}/members", json.dumps(decision))
     decision = json.loads(_wait_for(store, f"gen/{nxt}/members", READY_SECONDS + KEY_WAIT_SECONDS))
@@ -202,13 +203,10 @@ def admit_request(wait: float = JOIN_WAIT_SECONDS) -> tuple[int, int] | None:
     it at, size of the group now), or ``None`` where no offer came or it came too late."""
     assert _state is not None and _state.ticket is not None
     store, ticket = _state.store, _state.ticket
-    key = f"join/offer/{ticket}"
-    deadline = time.monotonic() + wait
-    while not store.check([key]):
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
-    offer = json.loads(_wait_for(store, key, KEY_WAIT_SECONDS))
+    try:
+        offer = json.loads(_wait_for(store, f"join/offer/{ticket}", wait))
+    except TimeoutError:
+        return None
     store.set(f"join/ready/{ticket}", "1")
     decision = json.loads(_wait_for(store, f"gen/{offer['generation']}/members",
                                     READY_SECONDS + KEY_WAIT_SECONDS))

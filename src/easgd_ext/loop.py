@@ -164,10 +164,9 @@ class OneWorker:
         return stats.bytes_sent, stats.exchanges, stats.skipped_exchanges
 
     def totals(self) -> Totals:
-        if self.averager is None:
-            return Totals(self.gradients.comm_seconds, self.gradients.exchanges, 0)
-        stats = self.averager.stats
-        return Totals(stats.comm_seconds, stats.exchanges, stats.skipped_exchanges)
+        _, exchanges, skipped = self.counters()
+        exchanger = self.gradients if self.averager is None else self.averager.stats
+        return Totals(exchanger.comm_seconds, exchanges, skipped)
 
 
 class SimulatedWorkers:

@@ -34,8 +34,8 @@ from . import DiLoCoAverager, DownpourAverager, ElasticAverager, PeriodicAverage
 from ._launch import backend_for, join_group, launcher_rank_world, run_workers
 from .settings import QUANT_NAMES
 from .stats import ring_allreduce_bytes
-from .train_records import (DEFAULT_STEPS, Result, cross_entropy, load_split, run_curve, say, steps_for,
-                            test_error_of)
+from .train_records import (DEFAULT_STEPS, Result, cross_entropy, load_split, minibatches, run_curve,
+                            say, steps_for, test_error_of)
 
 # This tool's selection from the table of methods, by the names it has always taken.
 DEFAULT_ALGORITHMS = methods.names(("easgd", "eamsgd", "downpour", "average", "sync-sgd"))
@@ -266,7 +266,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, rank: int,
     model = data.make_model(args.dataset).to(device)
     opt = methods.method(algo).local_optimizer(model.parameters(), args.lr, args.momentum)
     averager = make_averager(algo, model, args)
-    stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
+    stream = minibatches(split, args, rank)
     job = loop.OneWorker(model, opt, stream.next, cross_entropy, test_error_of(split), averager=averager,
                          gradients=GradientAllReduce(model, world) if averager is None else None,
                          device=device)
@@ -280,8 +280,7 @@ def train_simulated(algo: str, args: argparse.Namespace, split: data.Split, worl
     memory every step."""
     torch.manual_seed(args.seed)
     chosen = methods.method(algo)
-    streams = [data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + k + 1)
-               for k in range(world)]
+    streams = [minibatches(split, args, k) for k in range(world)]
     job = loop.SimulatedWorkers(
         lambda: data.make_model(args.dataset), world, None if chosen.averager is None else algo,
         lambda params: chosen.local_optimizer(params, args.lr, args.momentum),

@@ -27,7 +27,8 @@ from . import data, loop, methods
 from ._launch import join_group, run_workers
 from .settings import QUANT_NAMES
 from .stats import ring_allreduce_bytes
-from .train_records import Result, cross_entropy, load_split, run_curve, say, steps_for, test_error_of
+from .train_records import (Result, cross_entropy, load_split, minibatches, run_curve, say, steps_for,
+                            test_error_of)
 
 SHARDS = 2
 FSDP_STEPS = 200  # the default of --fsdp (each step all-gathers every layer on 4 CPU processes)
@@ -91,7 +92,7 @@ def train_one(algo: str, args: argparse.Namespace, split: data.Split, mesh: Any,
     """This rank's run of ``algo`` on the mesh (the curve as rank 0 sees it)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     model, opt, averager = make_job(algo, args, mesh)
-    stream = data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + rank + 1)
+    stream = minibatches(split, args, rank)
     job = loop.OneWorker(model, opt, stream.next, cross_entropy, test_error_of(split), averager=averager,
                          gradients=HSDPGradients(model, world // SHARDS) if averager is None else None)
     return run_curve(algo, job, args.eval_every, world, steps, shown=rank == 0)

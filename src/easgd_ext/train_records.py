@@ -89,6 +89,11 @@ def run_curve(algo: str, job: loop.Job, eval_every: int, world: int, steps: int,
     return result
 
 
+def minibatches(split: data.Split, args: argparse.Namespace, worker: int) -> data.Stream:
+    """Worker ``worker``'s own shuffled stream of the training set (the same in every tool)."""
+    return data.Stream(split.train_x, split.train_y, args.batch, seed=args.seed * 1000 + worker + 1)
+
+
 def load_split(args: argparse.Namespace) -> data.Split:
     return data.digits(args.seed) if args.dataset == "digits" else data.cifar10(args.data_root)
 
